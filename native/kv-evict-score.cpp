@@ -1,0 +1,385 @@
+// Scoring graphs: window attention over a sequence's cells and projected-value norms, as ggml graphs run on the
+// backends that hold the cache, so every backend ggml supports computes them with its own kernels.
+#include "kv-evict-state.h"
+#include "kv-evict-select.h"
+
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+
+namespace kv_evict {
+
+namespace {
+
+// A scoring graph with its own small tensor context, inputs set after the scheduler allocated them.
+struct score_graph {
+    ggml_context_ptr ctx;
+    ggml_cgraph    * gf = nullptr;
+    std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
+
+    explicit score_graph(int32_t graph_size) {
+        ggml_init_params ip = {
+            /*.mem_size   =*/ ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false),
+            /*.mem_buffer =*/ nullptr,
+            /*.no_alloc   =*/ true,
+        };
+        ctx.reset(ggml_init(ip));
+        gf = ggml_new_graph_custom(ctx.get(), graph_size, false);
+    }
+
+    template <typename T>
+    ggml_tensor * input(ggml_type type, int64_t ne0, int64_t ne1, const std::vector<T> & data) {
+        ggml_tensor * t = ggml_new_tensor_2d(ctx.get(), type, ne0, ne1);
+        ggml_set_input(t);
+        GGML_ASSERT(ggml_nbytes(t) == data.size() * sizeof(T));
+        std::vector<uint8_t> bytes(ggml_nbytes(t));
+        memcpy(bytes.data(), data.data(), bytes.size());
+        inputs.emplace_back(t, std::move(bytes));
+        return t;
+    }
+
+    // inputs filled by llama.cpp itself (e.g. its Hadamard matrix), after allocation
+    std::vector<std::function<void()>> fillers;
+
+    // returns false if the scheduler cannot allocate or compute the graph
+    bool compute(llama_kv_evict_state & st) {
+        ggml_backend_sched_t sched = st.sched.get();
+        ggml_backend_sched_reset(sched);
+        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+            return false;
+        }
+        for (auto & [t, bytes] : inputs) {
+            ggml_backend_tensor_set(t, bytes.data(), 0, bytes.size());
+        }
+        for (auto & fill : fillers) {
+            fill();
+        }
+        return ggml_backend_sched_graph_compute(sched, gf) == GGML_STATUS_SUCCESS;
+    }
+};
+
+// The sequence's rows of a cache tensor stored per cell ([n_embd_gqa, kv_size, n_stream]), gathered as f32
+ggml_tensor * gather_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, ggml_tensor * cell_idx) {
+    ggml_tensor * rows = ggml_view_2d(ctx, cache, cache->ne[0], cache->ne[1], cache->nb[1], stream * cache->nb[2]);
+    return ggml_get_rows(ctx, rows, cell_idx);
+}
+
+// The same for a transposed V cache (element (cell i, dim j) at i + j*kv_size): transpose it back first
+ggml_tensor * gather_rows_transposed(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, ggml_tensor * cell_idx) {
+    const int64_t kv_size = cache->ne[1];
+    const int64_t n_embd  = cache->ne[0];
+    ggml_tensor * vt = ggml_view_2d(ctx, cache, kv_size, n_embd, ggml_row_size(cache->type, kv_size), stream * cache->nb[2]);
+    return ggml_get_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, vt)), cell_idx);
+}
+
+int32_t ensure_sched(llama_kv_evict_state & st, int32_t graph_size) {
+    if (st.sched && st.sched_graph_size >= graph_size) {
+        return 0;
+    }
+    ggml_backend_sched_t lsched = st.lctx->get_sched();
+    std::vector<ggml_backend_t> backends;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(lsched); ++i) {
+        backends.push_back(ggml_backend_sched_get_backend(lsched, i));
+    }
+    st.sched.reset(ggml_backend_sched_new(backends.data(), nullptr, backends.size(), graph_size, false, st.lctx->get_cparams().op_offload));
+    st.sched_graph_size = graph_size;
+    return st.sched ? 0 : set_error(ERR_COMPUTE, "cannot create the scoring scheduler");
+}
+
+// |V_i W_O^h|_1 for the given cells, per layer and query head, then averaged over each KV head's query group.
+// W_O is dequantised by a product with the identity: mul_mat is the one op every buffer type (also the CPU repacked
+// ones, which cannot be read back) supports for every weight type.
+int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const std::vector<uint32_t> & cells,
+        std::vector<std::vector<float>> & norms /* [layer_kv][cell * n_head_kv + g] */) {
+    const llama_model   & model   = st.lctx->get_model();
+    const llama_hparams & hparams = model.hparams;
+    const auto layer_ids = st.kv->get_layer_ids();
+    norms.assign(layer_ids.size(), std::vector<float>(cells.size() * hparams.n_head_kv(layer_ids[0]), 0.0f));
+    if (cells.empty()) {
+        return 0;
+    }
+
+    const int32_t graph_size = 64 * (int32_t) layer_ids.size() + 256;
+    if (int32_t err = ensure_sched(st, graph_size)) {
+        return err;
+    }
+
+    // bound the [n_embd, cells, n_head] product to ~64 MiB
+    const int64_t n_head_max = hparams.n_head(layer_ids[0]);
+    const int64_t chunk = std::clamp<int64_t>((64ll << 20) / (4 * (int64_t) hparams.n_embd * n_head_max), 1, 512);
+
+    for (size_t c0 = 0; c0 < cells.size(); c0 += chunk) {
+        const int64_t m = std::min<int64_t>(chunk, cells.size() - c0);
+        std::vector<int32_t> idx(cells.begin() + c0, cells.begin() + c0 + m);
+
+        score_graph g(graph_size);
+        ggml_context * ctx = g.ctx.get();
+        ggml_tensor * cell_idx = g.input(GGML_TYPE_I32, m, 1, idx);
+        ggml_tensor * v_rot = st.kv->build_input_v_rot(ctx);
+        if (v_rot) {
+            g.fillers.push_back([&st, v_rot]() { st.kv->set_input_v_rot(v_rot); });
+        }
+
+        std::vector<ggml_tensor *> outs;
+        for (size_t ikv = 0; ikv < layer_ids.size(); ++ikv) {
+            const int32_t il      = layer_ids[ikv];
+            const int64_t hd      = hparams.n_embd_head_v(il);
+            const int64_t n_head  = hparams.n_head(il);
+            const int64_t n_kv    = hparams.n_head_kv(il);
+            const int64_t k_in    = hd * n_head;
+            ggml_tensor * wo      = model.layers[il].wo;
+
+            std::vector<float> eye(k_in * k_in, 0.0f);
+            for (int64_t i = 0; i < k_in; ++i) {
+                eye[i * k_in + i] = 1.0f;
+            }
+            ggml_tensor * w = ggml_mul_mat(ctx, wo, g.input(GGML_TYPE_F32, k_in, k_in, eye)); // [n_embd, k_in]
+            w = ggml_cont(ctx, ggml_transpose(ctx, w));                                       // [k_in, n_embd]
+            w = ggml_reshape_3d(ctx, w, hd, n_head, w->ne[1]);
+            w = ggml_cont(ctx, ggml_permute(ctx, w, 0, 2, 1, 3));                             // [hd, n_embd, n_head]
+
+            ggml_tensor * vcache = st.kv->get_v_storage(il);
+            ggml_tensor * v = st.kv->get_v_trans() ? gather_rows_transposed(ctx, vcache, stream, cell_idx)
+                                                   : gather_rows(ctx, vcache, stream, cell_idx); // [n_embd_v_gqa, m]
+            if (v_rot) {
+                // the cache holds V Hadamard-rotated; the rotation is its own inverse
+                v = llama_mul_mat_hadamard(ctx, v, v_rot);
+            }
+            v = ggml_reshape_3d(ctx, v, hd, n_kv, m);
+            v = ggml_cont(ctx, ggml_permute(ctx, v, 0, 2, 1, 3));                 // [hd, m, n_kv]
+            v = ggml_reshape_4d(ctx, v, hd, m, 1, n_kv);
+            v = ggml_repeat_4d(ctx, v, hd, m, n_head / n_kv, n_kv);               // query head h reads KV head h / group
+            v = ggml_reshape_3d(ctx, v, hd, m, n_head);
+
+            ggml_tensor * y = ggml_mul_mat(ctx, w, v);                            // [n_embd, m, n_head]
+            if (model.layers[il].wo_s) {
+                y = ggml_mul(ctx, y, model.layers[il].wo_s);
+            }
+            ggml_tensor * n = ggml_sum_rows(ctx, ggml_abs(ctx, y));               // [1, m, n_head]
+            ggml_set_output(n);
+            ggml_build_forward_expand(g.gf, n);
+            outs.push_back(n);
+        }
+
+        if (!g.compute(st)) {
+            return set_error(ERR_COMPUTE, "value-norm graph failed to allocate or compute");
+        }
+        for (size_t ikv = 0; ikv < layer_ids.size(); ++ikv) {
+            const int32_t il     = layer_ids[ikv];
+            const int64_t n_head = hparams.n_head(il);
+            const int64_t n_kv   = hparams.n_head_kv(il);
+            const int64_t group  = n_head / n_kv;
+            std::vector<float> buf(m * n_head);
+            ggml_backend_tensor_get(outs[ikv], buf.data(), 0, buf.size() * sizeof(float));
+            for (int64_t i = 0; i < m; ++i) {
+                for (int64_t gk = 0; gk < n_kv; ++gk) {
+                    double sum = 0.0;
+                    for (int64_t j = 0; j < group; ++j) {
+                        sum += buf[(gk * group + j) * m + i];
+                    }
+                    norms[ikv][(c0 + i) * n_kv + gk] = (float) (sum / group);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+} // namespace
+
+int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out) {
+    const llama_model   & model   = st.lctx->get_model();
+    const llama_hparams & hparams = model.hparams;
+    const auto & p = st.params;
+    const auto layer_ids = st.kv->get_layer_ids();
+    const int64_t n_layer_kv = layer_ids.size();
+    const int64_t n_kv       = hparams.n_head_kv(layer_ids[0]);
+    const uint32_t stream    = st.kv->get_stream(seq_id);
+    const auto & cells       = st.kv->get_cells(seq_id);
+
+    out = seq_scores();
+    for (const auto & [pos, cell] : cells.seq_pos_get(seq_id)) {
+        out.pos.push_back(pos);
+        out.cells.push_back(cell);
+    }
+    const int64_t n = out.pos.size();
+    if (n == 0) {
+        return 0;
+    }
+    const llama_pos pos_max = out.pos.back();
+    for (int64_t i = n - 1; i >= 0 && out.pos[i] > pos_max - p.window; --i) {
+        out.n_window++;
+    }
+    const int64_t n_prefix = out.n_prefix();
+
+    // side data follows the cell: reset it for cells that hold new K/V since the last scoring
+    const uint32_t kv_size = st.kv->get_size();
+    std::vector<uint32_t> norm_todo;
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t c = out.cells[i];
+        if (st.side_pos[c] != out.pos[i] || out.pos[i] >= st.min_written) {
+            st.side_pos[c]   = out.pos[i];
+            st.norm_valid[c] = 0;
+            for (int64_t l = 0; l < n_layer_kv; ++l) {
+                std::fill_n(st.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
+            }
+        }
+        if (need_norms && i < n_prefix && !st.norm_valid[c]) {
+            norm_todo.push_back(c);
+        }
+    }
+    if (commit || need_norms) {
+        st.min_written = pos_max + 1;
+    }
+
+    if (!norm_todo.empty()) {
+        std::vector<std::vector<float>> norms;
+        if (int32_t err = compute_value_norms(st, stream, norm_todo, norms)) {
+            return err;
+        }
+        for (size_t j = 0; j < norm_todo.size(); ++j) {
+            const uint32_t c = norm_todo[j];
+            for (int64_t l = 0; l < n_layer_kv; ++l) {
+                std::copy_n(norms[l].begin() + j * n_kv, n_kv, st.value_norm.begin() + (l * kv_size + c) * n_kv);
+            }
+            st.norm_valid[c] = 1;
+        }
+    }
+    if (need_norms) {
+        out.value_norm.resize(n_layer_kv * n_kv * n_prefix);
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t gk = 0; gk < n_kv; ++gk) {
+                for (int64_t i = 0; i < n_prefix; ++i) {
+                    out.value_norm[(l * n_kv + gk) * n_prefix + i] = st.value_norm[(l * kv_size + out.cells[i]) * n_kv + gk];
+                }
+            }
+        }
+    }
+
+    if (p.policy == LLAMA_KV_EVICT_POLICY_STREAMING) {
+        return 0;
+    }
+
+    // the window's queries: ring slots holding positions inside the window, in position order
+    std::vector<int32_t>   q_slot;
+    std::vector<llama_pos> q_pos;
+    for (llama_pos qp = std::max<llama_pos>(0, pos_max - p.window + 1); qp <= pos_max; ++qp) {
+        const int32_t s = qp % p.window;
+        if (st.slot_pos[s] == qp) {
+            q_slot.push_back(s);
+            q_pos.push_back(qp);
+        }
+    }
+    const int64_t n_q = q_slot.size();
+    if (n_q == 0) {
+        return set_error(ERR_NO_QUERIES, "no queries were captured for this sequence: decode at least one token after llama_kv_evict_enable");
+    }
+
+    // how much each query counts: the window mean, the last query alone (TOVA), or the queries not yet accumulated (H2O)
+    std::vector<float> q_weight(n_q, 1.0f / n_q);
+    if (p.policy == LLAMA_KV_EVICT_POLICY_TOVA) {
+        std::fill(q_weight.begin(), q_weight.end(), 0.0f);
+        q_weight.back() = 1.0f;
+    } else if (p.policy == LLAMA_KV_EVICT_POLICY_H2O) {
+        for (int64_t j = 0; j < n_q; ++j) {
+            q_weight[j] = q_pos[j] > st.h2o_last ? 1.0f : 0.0f;
+        }
+    }
+
+    std::vector<float> mask(n * n_q);
+    for (int64_t j = 0; j < n_q; ++j) {
+        for (int64_t i = 0; i < n; ++i) {
+            mask[j * n + i] = out.pos[i] <= q_pos[j] ? 0.0f : -INFINITY;
+        }
+    }
+    std::vector<int32_t> cell_i32(out.cells.begin(), out.cells.end());
+
+    const int32_t graph_size = 64 * (int32_t) n_layer_kv + 256;
+    if (int32_t err = ensure_sched(st, graph_size)) {
+        return err;
+    }
+    score_graph g(graph_size);
+    ggml_context * ctx = g.ctx.get();
+    ggml_tensor * cell_idx = g.input(GGML_TYPE_I32, n, 1, cell_i32);
+    ggml_tensor * slot_idx = g.input(GGML_TYPE_I32, n_q, 1, q_slot);
+    ggml_tensor * kq_mask  = g.input(GGML_TYPE_F32, n, n_q, mask);
+    ggml_tensor * weight   = g.input(GGML_TYPE_F32, n_q, 1, q_weight);
+
+    std::vector<ggml_tensor *> outs;
+    for (int64_t l = 0; l < n_layer_kv; ++l) {
+        const int32_t il     = layer_ids[l];
+        const int64_t hd     = hparams.n_embd_head_k(il);
+        const int64_t n_head = hparams.n_head(il);
+
+        ggml_tensor * q = ggml_get_rows(ctx, st.ring[il], slot_idx);                     // [hd*n_head, n_q]
+        q = ggml_permute(ctx, ggml_reshape_3d(ctx, q, hd, n_head, n_q), 0, 2, 1, 3);     // [hd, n_q, n_head]
+        ggml_tensor * k = gather_rows(ctx, st.kv->get_k_storage(il), stream, cell_idx);  // [hd*n_kv, n]
+        k = ggml_permute(ctx, ggml_reshape_3d(ctx, k, hd, n_kv, n), 0, 2, 1, 3);         // [hd, n, n_kv]
+
+        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                                      // [n, n_q, n_head]
+        ggml_tensor * a  = ggml_soft_max_ext(ctx, kq, kq_mask, st.kq_scale[il], 0.0f);
+        a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                            // [n_q, n, n_head]
+        ggml_tensor * s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                  // [1, n, n_head]
+        ggml_set_output(s);
+        ggml_build_forward_expand(g.gf, s);
+        outs.push_back(s);
+    }
+    if (!g.compute(st)) {
+        return set_error(ERR_COMPUTE, "attention-score graph failed to allocate or compute");
+    }
+
+    const bool pooled = p.policy == LLAMA_KV_EVICT_POLICY_SNAPKV || p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    out.score.assign(n_layer_kv * n_kv * n_prefix, 0.0f);
+    std::vector<float> pool_buf(n_prefix);
+    for (int64_t l = 0; l < n_layer_kv; ++l) {
+        const int32_t il     = layer_ids[l];
+        const int64_t n_head = hparams.n_head(il);
+        const int64_t group  = n_head / n_kv;
+        std::vector<float> s(n * n_head);
+        ggml_backend_tensor_get(outs[l], s.data(), 0, s.size() * sizeof(float));
+
+        for (int64_t h = 0; h < n_head; ++h) {
+            const float * sh = s.data() + h * n;
+            const float * src = sh;
+            if (pooled && p.pool_kernel > 1) {
+                pool_avg(sh, n_prefix, p.pool_kernel, pool_buf.data());
+                src = pool_buf.data();
+            }
+            float * dst = out.score.data() + (l * n_kv + h / group) * n_prefix;
+            for (int64_t i = 0; i < n_prefix; ++i) {
+                dst[i] += src[i] / group;
+            }
+        }
+
+        if (p.policy == LLAMA_KV_EVICT_POLICY_H2O) {
+            // window cells accumulate too: they are scored once they leave the window
+            for (int64_t gk = 0; gk < n_kv; ++gk) {
+                for (int64_t i = 0; i < n; ++i) {
+                    float new_attn = 0.0f;
+                    for (int64_t j = 0; j < group; ++j) {
+                        new_attn += s[(gk * group + j) * n + i] / group;
+                    }
+                    float & acc = st.h2o_acc[(l * kv_size + out.cells[i]) * n_kv + gk];
+                    if (i < n_prefix) {
+                        out.score[(l * n_kv + gk) * n_prefix + i] = acc + new_attn;
+                    }
+                    if (commit) {
+                        acc += new_attn;
+                    }
+                }
+            }
+        }
+    }
+    if (commit && p.policy == LLAMA_KV_EVICT_POLICY_H2O) {
+        st.h2o_last = q_pos.back();
+    }
+    return 0;
+}
+
+} // namespace kv_evict

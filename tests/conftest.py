@@ -1,0 +1,39 @@
+"""Shared fixtures: llama_cpp bound to pyllmkv's patched library, the tiny random model, and the real test models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pyllmkv  # noqa: E402  (binds llama_cpp to the patched libllama before anything imports llama_cpp)
+from pyllmkv import models  # noqa: E402
+from tinymodel import write_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    return pyllmkv.llama_cpp
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> str:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return str(models.smollm2())
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    return str(models.gemma3_270m())
+
+
+def random_tokens(n: int, seed: int = 1, n_vocab: int = 256, low: int = 0) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(low, n_vocab, n)]

@@ -1,0 +1,87 @@
+"""Numpy reference of the scores and selections (DESIGN.md "The algorithm", steps 1-4), written from the paper and
+kvpress, independently of native/: the oracle the hook's scores are checked against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def window_attention(q_win, q_pos, k, k_pos, scale):
+    """A[h, w, i] = softmax_i(q_w . K_i * scale + causal mask). q_win [W, n_head, hd], k [N, n_kv, hd]."""
+    n_head, n_kv = q_win.shape[1], k.shape[1]
+    k_rep = np.repeat(k, n_head // n_kv, axis=1)  # query head h reads KV head h // group
+    logits = np.einsum("whd,nhd->hwn", q_win.astype(np.float64), k_rep.astype(np.float64)) * scale
+    logits = np.where(k_pos[None, None, :] > q_pos[None, :, None], -np.inf, logits)
+    logits -= logits.max(axis=-1, keepdims=True)
+    a = np.exp(logits)
+    return a / a.sum(axis=-1, keepdims=True)
+
+
+def avg_pool(x, kernel):
+    """torch avg_pool1d(kernel, stride 1, padding kernel//2, count_include_pad=True) along the last axis."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
+    return np.stack([xp[..., i : i + x.shape[-1]] for i in range(kernel)]).sum(axis=0) / kernel
+
+
+def group_mean(x, n_kv):
+    """[n_head, ...] -> [n_kv, ...], averaging the query heads of each KV head."""
+    return x.reshape(n_kv, x.shape[0] // n_kv, *x.shape[1:]).mean(axis=1)
+
+
+def head_scores(a, n_window, n_kv, policy, kernel=5):
+    """Per KV head scores of the prefix cells (all but the last n_window): [n_kv, N - n_window]."""
+    n_prefix = a.shape[-1] - n_window
+    if policy == "tova":
+        s = a[:, -1, :n_prefix]
+    elif policy == "h2o":
+        s = a.sum(axis=1)[:, :n_prefix]  # every captured query is new at the first eviction
+    else:
+        s = avg_pool(a.mean(axis=1)[:, :n_prefix], kernel)
+    return group_mean(s, n_kv)
+
+
+def value_norms(v, w_o, n_head):
+    """Group mean of |V_i W_O^h|_1: v [N, n_kv, hd], w_o [n_head*hd, n_embd] -> [n_kv, N]."""
+    n_kv, hd = v.shape[1], v.shape[2]
+    group = n_head // n_kv
+    norms = np.stack([
+        np.abs(v[:, h // group, :].astype(np.float64) @ w_o[h * hd : (h + 1) * hd]).sum(axis=-1)
+        for h in range(n_head)
+    ])
+    return group_mean(norms, n_kv)
+
+
+def _top(values, k, skip=None):
+    order = sorted(
+        (i for i in range(len(values)) if skip is None or not skip[i]),
+        key=lambda i: (-values[i], i),
+    )
+    return order[:k]
+
+
+def select_token(policy, scores, norms, budget, n_window, first_stage_ratio=0.5, epsilon=1e-4, n_sink=4):
+    """Token granularity: the kept prefix cells, from per-(layer, KV head) scores [L, n_kv, n_prefix].
+
+    One score per cell, the mean over layers and heads; CriticalKV's stage-2 products are normalised to sum to one
+    per head first, as the attention shares already do."""
+    n_prefix = scores.shape[-1] if scores is not None else norms
+    b = budget - n_window
+    keep = np.zeros(n_prefix, dtype=bool)
+    if policy == "streaming":
+        keep[: min(n_sink, b)] = True
+        keep[n_prefix - (b - min(n_sink, b)) :] = True
+        return keep
+    s = scores.reshape(-1, n_prefix).mean(axis=0)
+    if policy != "criticalkv":
+        keep[_top(s, b)] = True
+        return keep
+    c = (scores.astype(np.float64) + epsilon) * norms
+    c = c / c.sum(axis=-1, keepdims=True)
+    c = c.reshape(-1, n_prefix).mean(axis=0)
+    n_first = int(np.floor(b * first_stage_ratio))
+    keep[_top(s, n_first)] = True
+    keep[_top(c, b - n_first, keep)] = True
+    return keep

@@ -1,0 +1,250 @@
+"""The eviction hook inside llama.cpp, checked against independent oracles:
+1. scores equal the numpy reference computed from the tiny model's own Q/K/V/W_O (scoring_reference.py);
+2. within budget, logits are bit-identical to the same build with the hook disabled;
+3. after an eviction, logits equal a numpy forward pass that attends only to the kept cells;
+4. the cache never holds more than budget + n_batch cells (llama.cpp's own counts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import random_tokens
+from pyllmkv import _lib
+from pyllmkv._lib import EvictConfig, KVEvictError
+from pyllmkv.session import Session
+from scoring_reference import head_scores, select_token, value_norms, window_attention
+from tinymodel import TinyRef
+
+F32 = 0  # GGML_TYPE_F32
+
+# Attention shares are O(1/n). The reference rounds cached K/V to f16 as llama.cpp stores them; llama.cpp also rounds
+# Q to f16 for the product with an f16 K cache, which the reference does not: hence the looser f16 tolerance.
+SCORE_TOL = {"f32": dict(rtol=0, atol=1e-6), "f16": dict(rtol=3e-3, atol=2e-5)}
+NORM_RTOL = {"f32": 1e-5, "f16": 1e-3}
+
+
+def _llama(llama_cpp, path, cache="f32", n_ctx=512, n_batch=256, flash_attn=False, **kw):
+    types = dict(type_k=F32, type_v=F32) if cache == "f32" else {}
+    return llama_cpp.Llama(
+        model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, verbose=False, flash_attn=flash_attn,
+        n_threads=2, n_threads_batch=2, **types, **kw,
+    )
+
+
+def _decode_in_parts(sess, tokens):
+    # the window's queries come from two batches and single-token decodes, as in a chat
+    sess.decode(tokens[:-3])
+    for t in tokens[-3:]:
+        sess.decode([t])
+
+
+def _reference_scores(ref, tokens, window, policy):
+    trace = ref.trace(tokens)
+    pos = np.arange(len(tokens))
+    scores, norms = [], []
+    for il, layer in enumerate(trace.layers):
+        a = window_attention(layer.q[-window:], pos[-window:], layer.k, pos, 1.0 / math.sqrt(ref.head_dim))
+        scores.append(head_scores(a, window, ref.n_head_kv, policy))
+        norms.append(value_norms(layer.v, ref.w_o(il), ref.n_head)[:, : len(tokens) - window])
+    return np.stack(scores), np.stack(norms)
+
+
+@pytest.mark.parametrize("cache", ["f32", "f16"])
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "tova", "h2o"])
+def test_scores_match_numpy_reference(llama_cpp, tiny_path, cache, policy):
+    ref = TinyRef(tiny_path, kv_cache_dtype=cache)
+    llm = _llama(llama_cpp, tiny_path, cache)
+    window = 8
+    sess = Session(llm, EvictConfig(budget=40, window=window, policy=policy))
+    tokens = random_tokens(100)
+    _decode_in_parts(sess, tokens)
+
+    exp_scores, exp_norms = _reference_scores(ref, tokens, window, policy)
+    for il in range(ref.n_layer):
+        pos, score, norm = _lib.scores(llm, il, ref.n_head_kv)
+        np.testing.assert_array_equal(pos, np.arange(len(tokens) - window))
+        np.testing.assert_allclose(score, exp_scores[il], **SCORE_TOL[cache])
+        np.testing.assert_allclose(norm, exp_norms[il], rtol=NORM_RTOL[cache])
+
+
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "tova", "h2o", "streaming"])
+def test_eviction_keeps_the_cells_the_reference_selects(llama_cpp, tiny_path, policy):
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    llm = _llama(llama_cpp, tiny_path)
+    window, budget = 8, 40
+    sess = Session(llm, EvictConfig(budget=budget, window=window, policy=policy))
+    tokens = random_tokens(100, seed=2)
+    _decode_in_parts(sess, tokens)
+
+    exp_scores, exp_norms = _reference_scores(ref, tokens, window, policy)
+    keep = select_token(policy, exp_scores, exp_norms, budget, window)
+    expected = np.concatenate([np.flatnonzero(keep), np.arange(len(tokens) - window, len(tokens))])
+
+    assert sess.evict() == len(tokens) - budget
+    np.testing.assert_array_equal(_lib.positions(llm), expected)
+
+
+@pytest.mark.parametrize("policy", ["criticalkv", "streaming"])
+def test_logits_after_eviction_match_numpy_forward_on_kept_cells(llama_cpp, tiny_path, policy):
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=48, window=8, policy=policy))
+    prefix = random_tokens(120, seed=3)
+    sess.decode(prefix)
+    sess.evict()
+    kept = _lib.positions(llm)
+    assert len(kept) == 48
+
+    new = random_tokens(6, seed=4)
+    got = np.stack([sess.decode([t]) for t in new])
+    keep = np.zeros(len(prefix), dtype=bool)
+    keep[kept] = True
+    expected = ref.decode_with_cache(prefix, keep=keep, new_tokens=new)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-5)
+
+
+def _logits_run(llama_cpp, path, tokens, config, n_ctx, n_batch, **kw):
+    llm = _llama(llama_cpp, path, "f16", n_ctx=n_ctx, n_batch=n_batch, **kw)
+    sess = Session(llm, config)
+    out = [sess.decode(tokens[:-8], all_logits=True)]
+    out += [sess.decode([t])[None] for t in tokens[-8:]]
+    if config is not None:
+        assert _lib.stats(llm)["n_evictions"] == 0
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_logits_bit_identical_to_hook_disabled_within_budget_tiny(llama_cpp, tiny_path, flash_attn):
+    tokens = random_tokens(200, seed=5)
+    base = _logits_run(llama_cpp, tiny_path, tokens, None, 512, 64, flash_attn=flash_attn)
+    hooked = _logits_run(llama_cpp, tiny_path, tokens, EvictConfig(budget=448, window=16), 512, 64, flash_attn=flash_attn)
+    np.testing.assert_array_equal(hooked, base)
+
+
+def test_logits_bit_identical_to_hook_disabled_within_budget_smollm2(llama_cpp, smollm2_path):
+    llm = llama_cpp.Llama(model_path=smollm2_path, n_ctx=512, verbose=False, vocab_only=True)
+    tokens = llm.tokenize(b"The KV cache of a transformer grows with every token it reads. " * 12)[:300]
+    base = _logits_run(llama_cpp, smollm2_path, tokens, None, 1024, 128)
+    hooked = _logits_run(llama_cpp, smollm2_path, tokens, EvictConfig(budget=512, window=32), 1024, 128)
+    np.testing.assert_array_equal(hooked, base)
+
+
+def _long_text(n_repeat=40):
+    # real English, varied enough that attention is not uniform
+    import this  # noqa: F401  (prints the Zen of Python to stdout once)
+    import codecs
+
+    zen = codecs.decode(this.s, "rot13")
+    return (zen + "\n") * n_repeat
+
+
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "h2o", "tova", "streaming"])
+def test_cells_stay_within_budget_plus_batch_smollm2(llama_cpp, smollm2_path, policy):
+    budget, n_batch = 256, 128
+    llm = _llama(llama_cpp, smollm2_path, "f16", n_ctx=budget + n_batch, n_batch=n_batch)
+    sess = Session(llm, EvictConfig(budget=budget, window=32, policy=policy))
+    tokens = llm.tokenize(_long_text().encode())[:1500]
+    seen = []
+    logits = sess.decode(tokens, on_batch=lambda n, total: seen.append(_lib.stats(llm)))
+    for st in seen:
+        assert st["n_seq_cells"] <= budget + n_batch
+        assert st["n_cells_used"] <= budget + n_batch
+    assert seen[-1]["n_evictions"] >= (len(tokens) - budget - n_batch) // n_batch
+    assert np.isfinite(logits).all()
+    # what stays: the window (the last 32 positions) in full
+    kept = _lib.positions(llm)
+    assert set(range(sess.n_past - 32, sess.n_past)) <= set(kept.tolist())
+
+
+def test_gemma3_evicts_full_attention_cache_only(llama_cpp, gemma3_path):
+    budget, n_batch = 256, 128
+    llm = _llama(llama_cpp, gemma3_path, "f16", n_ctx=budget + n_batch, n_batch=n_batch)
+    sess = Session(llm, EvictConfig(budget=budget, window=32))
+    tokens = llm.tokenize(_long_text().encode())[:1200]
+    seen = []
+    logits = sess.decode(tokens, on_batch=lambda n, total: seen.append(_lib.stats(llm)))
+    assert all(st["n_seq_cells"] <= budget + n_batch for st in seen)
+    assert seen[-1]["n_evicted"] > 0
+    assert np.isfinite(logits).all()
+
+    # Gemma 3: every 6th layer attends globally; the others are sliding-window layers llama.cpp bounds itself
+    pos, score, norm = _lib.scores(llm, 5, 1)
+    np.testing.assert_array_equal(pos, _lib.positions(llm)[:-32])
+    assert np.isfinite(score).all() and (norm > 0).all()
+    with pytest.raises(KVEvictError, match="not a layer of the evicted"):
+        _lib.scores(llm, 0, 1)
+
+
+# bad input: a clear error naming the problem, never a crash
+
+def test_budget_not_larger_than_window_is_refused(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    with pytest.raises(KVEvictError, match="larger than window"):
+        _lib.enable(llm, EvictConfig(budget=32, window=32))
+    with pytest.raises(KVEvictError, match="window must be at least 1"):
+        _lib.enable(llm, EvictConfig(budget=32, window=0))
+
+
+def test_budget_larger_than_cache_is_refused(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path, n_ctx=256)
+    with pytest.raises(KVEvictError, match="exceeds the cache size"):
+        _lib.enable(llm, EvictConfig(budget=1000, window=8))
+
+
+def test_unknown_policy_is_refused(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    with pytest.raises(ValueError, match="unknown policy 'lru'"):
+        _lib.enable(llm, EvictConfig(budget=64, policy="lru"))
+    params = EvictConfig(budget=64, window=8).to_c()
+    params.policy = 99
+    import ctypes
+
+    rc = _lib._enable(_lib._ctx(llm), ctypes.byref(params))
+    assert rc == -1 and "unknown policy 99" in _lib._last_error().decode()
+
+
+def test_even_pool_kernel_is_refused(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    with pytest.raises(KVEvictError, match="pool_kernel must be odd"):
+        _lib.enable(llm, EvictConfig(budget=64, window=8, pool_kernel=4))
+
+
+def test_several_sequences_are_refused(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path, embedding=True)  # llama-cpp-python's way to n_seq_max > 1
+    with pytest.raises(KVEvictError, match="one sequence per context"):
+        _lib.enable(llm, EvictConfig(budget=64, window=8))
+
+
+def test_recurrent_architecture_is_refused(llama_cpp, tmp_path):
+    from tinymodel import write_tiny_mamba
+
+    llm = llama_cpp.Llama(model_path=write_tiny_mamba(tmp_path / "mamba.gguf"), n_ctx=256, verbose=False)
+    with pytest.raises(KVEvictError, match="recurrent"):
+        _lib.enable(llm, EvictConfig(budget=64, window=8))
+
+
+def test_evict_without_enable_is_an_error(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    with pytest.raises(KVEvictError, match="not enabled"):
+        _lib.evict(llm)
+
+
+def test_evict_on_empty_sequence_removes_nothing(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    _lib.enable(llm, EvictConfig(budget=64, window=8))
+    assert _lib.evict(llm) == 0
+    with pytest.raises(KVEvictError, match="out of range"):
+        _lib.evict(llm, seq_id=3)
+
+
+def test_evict_without_captured_queries_says_why(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm)
+    sess.decode(random_tokens(100))
+    _lib.enable(llm, EvictConfig(budget=64, window=8))
+    with pytest.raises(KVEvictError, match="no queries were captured"):
+        _lib.evict(llm)
