@@ -1,0 +1,78 @@
+"""`pyllmkv.Llama`: llama-cpp-python's `Llama` with a KV cache of fixed size.
+
+Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_chat_completion`, streaming,
+`tokenize`/`detokenize`, the OpenAI-shaped results) works unchanged. What differs:
+- the cache holds `kv_budget + n_batch` cells; before a batch that would not fit, the sequence is evicted down to
+  `kv_budget` cells by the chosen policy;
+- `n_ctx` is the logical context (positions and prompt length), by default the model's training context, no longer
+  the cache size;
+- `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
+  the conversation reuse the cache as before; a prompt that diverges where the cache no longer holds the preceding
+  token is decoded again from the last kept token.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import _lib
+from ._lib import EvictConfig, llama_cpp
+
+
+class Llama(llama_cpp.Llama):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        kv_budget: int = 1024,
+        policy: str = "criticalkv",
+        granularity: str = "token",
+        window: int = 32,
+        n_ctx: int = 0,
+        n_batch: int = 512,
+        **kwargs,
+    ):
+        """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: cells kept per sequence;
+        `policy`: one of pyllmkv.POLICIES; `window`: recent queries that score the cache (always kept);
+        `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`."""
+        self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window)
+        self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
+        kwargs.setdefault("n_ubatch", n_batch)
+        super().__init__(model_path, n_ctx=kv_budget + n_batch, n_batch=n_batch, **kwargs)
+        _lib.enable(self._ctx.ctx, self.evict_config)
+
+        self._n_ctx = n_ctx or self._model.n_ctx_train()
+        self.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
+        if self._logits_all:
+            self.scores = np.ndarray((self._n_ctx, self._n_vocab), dtype=np.single)
+
+    def close(self) -> None:
+        if hasattr(self, "_stack"):  # __init__ may have failed before llama_cpp.Llama set it up
+            super().close()
+
+    def n_ctx(self) -> int:
+        """The logical context: the longest prompt + answer, independent of the cache size."""
+        return getattr(self, "_n_ctx", None) or super().n_ctx()
+
+    def kv_stats(self) -> dict:
+        """Cells used and allocated, KV bytes, evictions, as llama.cpp counts them."""
+        stats = _lib.stats(self._ctx.ctx)
+        stats["budget"] = self.evict_config.budget
+        return stats
+
+    def eval(self, tokens: Sequence[int]):
+        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, -1, self.n_tokens, -1)
+        resume = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        if resume < self.n_tokens:
+            # the cell before n_tokens was evicted: llama.cpp continues a sequence only at its last position + 1
+            tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
+            self.n_tokens = resume
+        budget = self.evict_config.budget
+        for start in range(0, len(tokens), self.n_batch):
+            batch = tokens[start : start + self.n_batch]
+            if _lib.stats(self._ctx.ctx)["n_seq_cells"] + len(batch) > budget + self.n_batch:
+                _lib.evict(self._ctx.ctx)
+            super().eval(batch)

@@ -1,0 +1,87 @@
+"""pyllmkv.Llama behaves as llama_cpp.Llama, with the cache bounded by the budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyllmkv
+from pyllmkv import KVEvictError
+
+
+def _stock(llama_cpp, path, n_ctx):
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=128, n_ubatch=128, n_threads=2, verbose=False, seed=7)
+
+
+def _budgeted(path, budget, **kw):
+    return pyllmkv.Llama(path, kv_budget=budget, n_batch=128, n_threads=2, verbose=False, seed=7, **kw)
+
+
+def test_completion_identical_to_llama_cpp_python_within_budget(llama_cpp, smollm2_path):
+    prompt = "Q: Name three colours of the rainbow.\nA:"
+    stock = _stock(llama_cpp, smollm2_path, 1024)
+    ours = _budgeted(smollm2_path, 896)
+    for temp in (0.0, 0.8):
+        a = stock(prompt, max_tokens=40, temperature=temp, seed=11)["choices"][0]["text"]
+        b = ours(prompt, max_tokens=40, temperature=temp, seed=11)["choices"][0]["text"]
+        assert a == b and a.strip()
+    assert ours.kv_stats()["n_evictions"] == 0
+
+
+def test_chat_longer_than_budget_keeps_answering_in_bounded_cache(smollm2_path):
+    budget, n_batch = 128, 128
+    llm = _budgeted(smollm2_path, budget)
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer in one sentence."}]
+    cells = []
+    for question in ["What is the capital of France?", "What is water made of?", "Why is the sky blue?",
+                     "What do bees make?", "How many legs does a spider have?", "What is the largest planet?"]:
+        messages.append({"role": "user", "content": question})
+        out = llm.create_chat_completion(messages=messages, max_tokens=48, temperature=0.0)
+        answer = out["choices"][0]["message"]["content"]
+        assert answer.strip()
+        messages.append({"role": "assistant", "content": answer})
+        cells.append(llm.kv_stats()["n_seq_cells"])
+    stats = llm.kv_stats()
+    assert stats["n_evictions"] > 0
+    assert max(cells) <= budget + n_batch
+    assert llm.n_tokens > budget + n_batch  # the conversation outgrew the cache
+
+
+def test_streaming_chat_completion(smollm2_path):
+    llm = _budgeted(smollm2_path, 256)
+    chunks = list(llm.create_chat_completion(
+        messages=[{"role": "user", "content": "Count from one to five."}], max_tokens=24, temperature=0.0, stream=True,
+    ))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip()
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_prompt_longer_than_cache_is_prefilled_in_chunks(smollm2_path):
+    budget = 256
+    llm = _budgeted(smollm2_path, budget)
+    text = "The river flows past the old mill and under the stone bridge. " * 60
+    prompt = text + "\nQuestion: what flows under the bridge?\nAnswer:"
+    n_prompt = len(llm.tokenize(prompt.encode()))
+    assert n_prompt > 3 * budget
+    out = llm(prompt, max_tokens=8, temperature=0.0)
+    assert out["usage"]["prompt_tokens"] == n_prompt
+    assert llm.kv_stats()["n_seq_cells"] <= budget + 128
+
+
+def test_tokenize_detokenize_unchanged(llama_cpp, smollm2_path):
+    ours = _budgeted(smollm2_path, 256)
+    stock = llama_cpp.Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
+    text = "Hello, wörld! 123"
+    assert ours.tokenize(text.encode()) == stock.tokenize(text.encode())
+    assert ours.detokenize(ours.tokenize(text.encode(), add_bos=False)).decode() == text
+
+
+def test_unknown_policy_fails_before_loading(smollm2_path):
+    with pytest.raises(ValueError, match="unknown policy 'lru'"):
+        pyllmkv.Llama(smollm2_path, kv_budget=256, policy="lru", verbose=False)
+
+
+def test_budget_below_window_is_refused(smollm2_path):
+    with pytest.raises(KVEvictError, match="larger than window"):
+        pyllmkv.Llama(smollm2_path, kv_budget=16, window=32, verbose=False)
