@@ -173,6 +173,38 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
         answer(text)
 
 
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence")
+@click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True)
+@click.option("--window", type=int, default=32, show_default=True)
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="logical context: longest prompt + answer [default: the model's]")
+@click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True)
+@click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, port):
+    """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
+    from .server import create_app, port_in_use
+
+    if budget <= window:
+        raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
+    if model is None:
+        model = models.DEFAULT_MODEL()
+    _check_gguf(model)
+    if port_in_use(host, port):
+        raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
+    try:
+        app = create_app(str(model), kv_budget=budget, policy=policy, window=window, n_ctx=n_ctx, n_batch=n_batch,
+                         n_gpu_layers=n_gpu_layers)
+    except (RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e))
+    import uvicorn
+
+    click.echo(f"pyllmkv: serving {model.name} on http://{host}:{port}/v1 (KV budget {budget} cells, {policy})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 class _PrefillProgress:
     """A progress bar on stderr for prefills that take more than a second."""
 

@@ -1,0 +1,145 @@
+"""`pyllmkv chat` driven as a user would: one-shot runs through click's CliRunner, the interactive chat through a
+real pseudo-terminal; bad input gets a clear message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from pyllmkv.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, ["chat", *args], catch_exceptions=False)
+
+
+def test_one_shot_answer_equals_llama_cpp_python_chat_completion(llama_cpp, smollm2_path):
+    question = "Write one sentence about the sea."
+    r = _run(smollm2_path, "-p", question, "--temp", "0", "-n", "24", "--kv-budget", "256", "-b", "128")
+    assert r.exit_code == 0, r.output
+    stock = llama_cpp.Llama(model_path=smollm2_path, n_ctx=1024, verbose=False)
+    expected = stock.create_chat_completion(messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0)
+    assert r.stdout.strip() == expected["choices"][0]["message"]["content"].strip() != ""
+
+
+def test_long_prompt_file_goes_through_a_small_budget(smollm2_path, tmp_path):
+    story = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 120
+    f = tmp_path / "long.txt"
+    f.write_text(story + "\nIn one sentence, what did the keeper count?")
+    r = _run(smollm2_path, "-f", str(f), "--temp", "0", "-n", "16", "--kv-budget", "256", "-b", "128", "--kv-stats")
+    assert r.exit_code == 0, r.output
+    m = re.search(r"\[kv\] cells (\d+) \(budget 256, allocated (\d+)\).*evictions (\d+)", r.stderr)
+    assert m, r.stderr
+    cells, allocated, evictions = map(int, m.groups())
+    assert cells <= 256 + 128 and allocated <= 512 and evictions > 0
+
+
+def _fails_with(args, message, code=None):
+    r = _run(*args)
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    if code is not None:
+        assert r.exit_code == code
+
+
+def test_missing_model_file(tmp_path):
+    _fails_with([str(tmp_path / "nope.gguf"), "-p", "hi"], "does not exist")
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"PK\x03\x04 not a model")
+    _fails_with([str(f), "-p", "hi"], "is not a GGUF file")
+
+
+def test_truncated_gguf(smollm2_path, tmp_path):
+    f = tmp_path / "truncated.gguf"
+    with open(smollm2_path, "rb") as src:
+        f.write_bytes(src.read(1 << 20))
+    _fails_with([str(f), "-p", "hi"], "could not load")
+
+
+@pytest.mark.parametrize("budget, message", [("0", "must be positive"), ("-5", "must be positive"), ("16", "must be larger than --window")])
+def test_bad_budget(smollm2_path, budget, message):
+    _fails_with([smollm2_path, "-p", "hi", "--kv-budget", budget], message)
+
+
+def test_unknown_policy(smollm2_path):
+    _fails_with([smollm2_path, "-p", "hi", "--policy", "lru"], "'lru' is not one of")
+
+
+def test_prompt_file_not_utf8(smollm2_path, tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    _fails_with([smollm2_path, "-f", str(f)], "is not UTF-8 text")
+
+
+def test_unsupported_architecture(tmp_path):
+    from tinymodel import write_tiny_mamba
+
+    _fails_with([write_tiny_mamba(tmp_path / "mamba.gguf"), "-p", "hi", "--kv-budget", "64", "-b", "64"], "recurrent")
+
+
+class _Terminal:
+    """The chat in a pseudo-terminal, as a person at a terminal sees it."""
+
+    def __init__(self, args):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyllmkv", *args], stdin=slave, stdout=slave, stderr=slave,
+                                     env=os.environ.copy(), close_fds=True)
+        os.close(slave)
+        self.screen = ""
+
+    def read_until(self, pattern, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.screen, re.S)
+            if m:
+                out, self.screen = self.screen[: m.end()], self.screen[m.end():]
+                return out
+            r, _, _ = select.select([self.master], [], [], 0.5)
+            if r:
+                try:
+                    self.screen += os.read(self.master, 4096).decode("utf-8", "replace")
+                except OSError:
+                    break
+        raise AssertionError(f"did not see {pattern!r}; screen: {self.screen!r}")
+
+    def type(self, text):
+        os.write(self.master, text.encode())
+
+
+def test_interactive_chat_two_turns_and_stats(smollm2_path):
+    term = _Terminal(["chat", smollm2_path, "--kv-budget", "64", "-b", "32", "--temp", "0", "-n", "400"])
+    try:
+        term.read_until(r"> ")
+        term.type("Tell me a short story about a cat.\n")
+        first = term.read_until(r"\n> ")
+        term.type("Now tell me one about a dog.\n")
+        second = term.read_until(r"\n> ")
+        assert len(first.strip()) > 20 and len(second.strip()) > 20
+        term.type("/stats\n")
+        stats = term.read_until(r"\n> ")
+        m = re.search(r"evictions (\d+)", stats)
+        assert m and int(m.group(1)) > 0, stats
+        # Ctrl-C stops the answer, not the program
+        term.type("Write a very long essay about the history of ships.\n")
+        term.read_until(r"\w+ \w+ \w+")
+        term.proc.send_signal(signal.SIGINT)
+        term.read_until(r"\[stopped\]\s*\n> ")
+        term.type("\x04")  # Ctrl-D
+        assert term.proc.wait(timeout=30) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+        os.close(term.master)
