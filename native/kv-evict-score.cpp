@@ -270,7 +270,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     std::vector<int32_t>   q_slot;
     std::vector<llama_pos> q_pos;
     for (llama_pos qp = std::max<llama_pos>(0, pos_max - p.window + 1); qp <= pos_max; ++qp) {
-        const int32_t s = qp % p.window;
+        const int32_t s = st.slot(qp);
         if (st.slot_pos[s] == qp) {
             q_slot.push_back(s);
             q_pos.push_back(qp);

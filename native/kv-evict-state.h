@@ -17,10 +17,12 @@ struct llama_kv_evict_state {
     llama_kv_evict_params params{};
 
     // query ring per model layer (nullptr for layers outside `kv`): [n_embd_head_k * n_head, window] f32, on the
-    // backend of that layer's K cache; slot = pos % window
+    // backend of that layer's K cache; the query of position pos is in slot(pos)
     std::vector<ggml_tensor *> ring;
     std::vector<float>         kq_scale;  // per model layer, as build_attn passed it
     std::vector<llama_pos>     slot_pos;  // position whose query each slot holds, -1 = none
+    int32_t slot_offset = 0;              // changes when positions are compacted, so the window's slots stay put
+    int32_t slot(llama_pos pos) const { return ((pos + slot_offset) % params.window + params.window) % params.window; }
     std::vector<ggml_context_ptr>        ring_ctxs;
     std::vector<ggml_backend_buffer_ptr> ring_bufs;
 

@@ -34,7 +34,7 @@ public:
         std::vector<int64_t> idx(n_capture);
         for (int64_t t = 0; t < n_capture; ++t) {
             const llama_pos pos = ubatch->pos[n_tokens - n_capture + t];
-            idx[t] = pos % st->params.window;
+            idx[t] = st->slot(pos);
             st->slot_pos[idx[t]] = pos;
         }
         for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
@@ -169,14 +169,30 @@ llama_kv_evict_state * enabled_state(llama_context * ctx) {
     return ctx ? ctx->get_cparams().kv_evict : nullptr;
 }
 
+int32_t check_seq_id(const llama_context * ctx, llama_seq_id seq_id) {
+    if (seq_id < 0 || (uint32_t) seq_id >= ctx->get_cparams().n_seq_max) {
+        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    }
+    return 0;
+}
+
 int32_t check_seq(llama_kv_evict_state * st, llama_seq_id seq_id) {
     if (!st) {
         return set_error(ERR_DISABLED, "eviction is not enabled on this context: call llama_kv_evict_enable first");
     }
-    if (seq_id < 0 || (uint32_t) seq_id >= st->lctx->get_cparams().n_seq_max) {
-        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    return check_seq_id(st->lctx, seq_id);
+}
+
+// The cache of seq_id whether or not eviction is enabled (read-only queries)
+int32_t seq_cache(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv) {
+    if (!ctx) {
+        return set_error(ERR_INVALID, "ctx must not be NULL");
     }
-    return 0;
+    kv = full_attention_cache(ctx->get_memory());
+    if (!kv) {
+        return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
+    }
+    return check_seq_id(ctx, seq_id);
 }
 
 } // namespace
@@ -376,16 +392,63 @@ int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t 
     return (int32_t) n;
 }
 
+int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    llama_memory_t mem = ctx->get_memory();
+    if (!llama_memory_can_shift(mem)) {
+        return set_error(ERR_UNSUPPORTED, "this model's cache cannot shift positions (no RoPE shift), so they cannot be compacted");
+    }
+    ctx->synchronize();
+
+    std::map<llama_pos, llama_pos> new_pos;
+    for (const auto & pc : st->kv->get_cells(seq_id).seq_pos_get(seq_id)) {
+        new_pos.emplace(pc.first, (llama_pos) new_pos.size());
+    }
+    // one seq_add per run of cells that move by the same amount; runs move down in ascending order, so a moved run
+    // never lands in the range of one still to move
+    for (auto it = new_pos.begin(); it != new_pos.end();) {
+        const llama_pos delta = it->second - it->first;
+        auto end = it;
+        while (end != new_pos.end() && end->second - end->first == delta) {
+            ++end;
+        }
+        if (delta != 0) {
+            llama_memory_seq_add(mem, seq_id, it->first, std::prev(end)->first + 1, delta);
+        }
+        it = end;
+    }
+
+    // side data follows its cell; the window's queries moved with the last run, so offsetting the ring's slot
+    // numbering by that run's shift keeps them readable (older captured queries are dropped: they are never read)
+    auto moved = [&](llama_pos p) {
+        const auto it = new_pos.find(p);
+        return it == new_pos.end() ? -1 : it->second;
+    };
+    for (llama_pos & p : st->side_pos) {
+        if (p >= 0) {
+            p = moved(p);
+        }
+    }
+    if (!new_pos.empty()) {
+        const llama_pos delta_last = new_pos.rbegin()->second - new_pos.rbegin()->first;
+        for (llama_pos & p : st->slot_pos) {
+            const llama_pos q = p >= 0 ? moved(p) : -1;
+            p = q >= 0 && q - p == delta_last ? q : -1;
+        }
+        st->slot_offset = ((st->slot_offset - delta_last) % st->params.window + st->params.window) % st->params.window;
+        st->min_written = std::min<llama_pos>(st->min_written + delta_last, new_pos.size());
+        st->h2o_last    = st->h2o_last < 0 ? -1 : st->h2o_last + delta_last;
+    }
+    return (int32_t) new_pos.size();
+}
+
 int32_t llama_kv_evict_positions(llama_context * ctx, llama_seq_id seq_id, llama_pos * pos, int32_t n_max) {
-    if (!ctx) {
-        return set_error(ERR_INVALID, "ctx must not be NULL");
-    }
-    llama_kv_cache * kv = full_attention_cache(ctx->get_memory());
-    if (!kv) {
-        return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= ctx->get_cparams().n_seq_max) {
-        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    llama_kv_cache * kv = nullptr;
+    if (int32_t err = seq_cache(ctx, seq_id, kv)) {
+        return err;
     }
     int32_t n = 0;
     for (const auto & pc : kv->get_cells(seq_id).seq_pos_get(seq_id)) {
@@ -398,15 +461,12 @@ int32_t llama_kv_evict_positions(llama_context * ctx, llama_seq_id seq_id, llama
 }
 
 int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama_kv_evict_stats * stats) {
-    if (!ctx || !stats) {
-        return set_error(ERR_INVALID, "ctx and stats must not be NULL");
+    llama_kv_cache * kv = nullptr;
+    if (!stats) {
+        return set_error(ERR_INVALID, "stats must not be NULL");
     }
-    llama_kv_cache * kv = full_attention_cache(ctx->get_memory());
-    if (!kv) {
-        return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= ctx->get_cparams().n_seq_max) {
-        return set_error(ERR_INVALID, "sequence id " + std::to_string(seq_id) + " is out of range");
+    if (int32_t err = seq_cache(ctx, seq_id, kv)) {
+        return err;
     }
     *stats = {};
     const auto & cells   = kv->get_cells(seq_id);

@@ -97,6 +97,7 @@ _enable = _bind("llama_kv_evict_enable", [_ctx_p, ctypes.POINTER(EvictParams)], 
 _disable = _bind("llama_kv_evict_disable", [_ctx_p], None)
 _evict = _bind("llama_kv_evict", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 _scores = _bind("llama_kv_evict_scores", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, _f_p, ctypes.c_int32], ctypes.c_int32)
+_compact_positions = _bind("llama_kv_evict_compact_positions", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
@@ -166,6 +167,11 @@ def disable(ctx) -> None:
 def evict(ctx, seq_id: int = 0) -> int:
     """Evicts seq_id down to the budget if it holds more; returns the number of cells removed."""
     return _check(_evict(_ctx(ctx), seq_id))
+
+
+def compact_positions(ctx, seq_id: int = 0) -> int:
+    """Renumbers the sequence's cells to 0..n-1 (llama.cpp shifts RoPE in K); returns n, the next position."""
+    return _check(_compact_positions(_ctx(ctx), seq_id))
 
 
 def positions(ctx, seq_id: int = 0) -> np.ndarray:

@@ -1,8 +1,9 @@
 """One sequence decoded through llama.cpp with a bounded KV cache.
 
 llama-cpp-python's `Llama.eval` numbers positions by its own token count and stores every token in an array of
-n_ctx entries, which no longer holds once cells are evicted: the session numbers positions itself and keeps the
-cache within budget + n_batch cells by evicting before a batch that would not fit.
+n_ctx entries, which no longer holds once cells are evicted: the session numbers positions itself, keeps the
+cache within budget + n_batch cells by evicting before a batch that would not fit, and keeps positions within the
+model's trained context by renumbering the kept cells when they would pass it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from ._lib import EvictConfig, llama_cpp
 class Session:
     """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.budget` cells."""
 
-    def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None):
+    def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None, max_position: int = 0):
+        """`max_position`: positions stay below it (default: the model's training context); when a batch would
+        pass it, the kept cells are renumbered from 0 (StreamingLLM keeps positions within its cache the same way),
+        so a conversation can go on past the context the model was trained for."""
         self.llm = llm
+        self.max_position = max_position or llm._model.n_ctx_train()
         self.ctx = llm._ctx.ctx
         self.config = config
         self.n_batch = llm.n_batch
@@ -70,8 +75,12 @@ class Session:
         out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
-            if self.config is not None and self.n_cells() + len(chunk) > self.config.budget + self.n_batch:
-                self.evict()
+            if self.config is not None:
+                if self.n_cells() + len(chunk) > self.config.budget + self.n_batch:
+                    self.evict()
+                if self.n_past + len(chunk) > self.max_position:
+                    self.evict()
+                    self.n_past = _lib.compact_positions(self.ctx)
             b = self._batch
             b.n_tokens = len(chunk)
             for i, tok in enumerate(chunk):

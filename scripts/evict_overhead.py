@@ -24,11 +24,17 @@ def text() -> str:
     raise SystemExit("no licence text found in /usr/share/common-licenses")
 
 
-def run(model: str, n_tokens: int, budget: int, n_batch: int, policy: str):
+def session(model: str, budget: int, n_batch: int, policy: str) -> Session:
+    """A 2-thread context holding budget + n_batch cells, eviction enabled."""
     llm = pyllmkv.llama_cpp.Llama(model_path=model, n_ctx=budget + n_batch, n_batch=n_batch, n_ubatch=n_batch,
                                   verbose=False, n_threads=2, n_threads_batch=2)
+    return Session(llm, pyllmkv.EvictConfig(budget=budget, policy=policy))
+
+
+def run(model: str, n_tokens: int, budget: int, n_batch: int, policy: str):
+    sess = session(model, budget, n_batch, policy)
+    llm = sess.llm
     tokens = llm.tokenize(text().encode())[:n_tokens]
-    sess = Session(llm, pyllmkv.EvictConfig(budget=budget, policy=policy))
     t0 = time.perf_counter()
     sess.decode(tokens)
     total = time.perf_counter() - t0

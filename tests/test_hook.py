@@ -248,3 +248,35 @@ def test_evict_without_captured_queries_says_why(llama_cpp, tiny_path):
     _lib.enable(llm, EvictConfig(budget=64, window=8))
     with pytest.raises(KVEvictError, match="no queries were captured"):
         _lib.evict(llm)
+
+
+def test_positions_are_compacted_below_the_trained_context(llama_cpp, tmp_path):
+    from tinymodel import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "short.gguf", seed=1, n_ctx_train=256)
+    llm = _llama(llama_cpp, path, n_ctx=128, n_batch=32)
+    sess = Session(llm, EvictConfig(budget=64, window=8))
+    assert sess.max_position == 256
+    highest = []
+    tokens = random_tokens(1500, seed=6)
+    logits = sess.decode(tokens, on_batch=lambda n, total: highest.append(int(_lib.positions(llm)[-1])))
+    for t in random_tokens(40, seed=7):  # single-token decodes after a compaction keep scoring and evicting
+        logits = sess.decode([t])
+        highest.append(int(_lib.positions(llm)[-1]))
+    assert max(highest) < 256
+    assert sess.n_past < 256 and _lib.stats(llm)["n_seq_cells"] <= 64 + 32
+    assert np.isfinite(logits).all()
+
+
+def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=40, window=8))
+    sess.decode(random_tokens(100, seed=8))
+    sess.evict()
+    before = _lib.positions(llm)
+    assert _lib.compact_positions(llm) == len(before) == 40
+    np.testing.assert_array_equal(_lib.positions(llm), np.arange(40))
+    # the window's queries moved with their cells: scoring still sees all of them
+    pos, score, _ = _lib.scores(llm, 0, 2)
+    np.testing.assert_array_equal(pos, np.arange(32))
+    assert np.isfinite(score).all() and score.sum() > 0

@@ -66,6 +66,30 @@ def _vocab(n_vocab: int):
     return tokens, [0.0] * n_vocab, [int(t) for t in types]
 
 
+def _finish(w, n_vocab: int, tensors, path) -> str:
+    """Writes the vocabulary and the tensors, closes the file; returns its path as str (llama_cpp wants str)."""
+    tokens, scores, types = _vocab(n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(UNK_ID)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    # No implicit leading space: tokenize(b"ab") is exactly [<s>, a, b].
+    w.add_add_space_prefix(False)
+
+    for name, arr in tensors:
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
 def write_tiny_llama(
     path,
     seed: int = 0,
@@ -154,26 +178,7 @@ def write_tiny_llama(
     w.add_rope_freq_base(float(rope_freq_base))
     w.add_layer_norm_rms_eps(float(rms_eps))
 
-    tokens, scores, types = _vocab(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(UNK_ID)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    # No implicit leading space: tokenize(b"ab") is exactly [<s>, a, b].
-    w.add_add_space_prefix(False)
-
-    for name, arr in tensors:
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, n_vocab, tensors, path)
 
 
 def write_tiny_mamba(path, seed: int = 0, n_layer: int = 2, n_embd: int = 64) -> str:
@@ -235,25 +240,7 @@ def write_tiny_mamba(path, seed: int = 0, n_layer: int = 2, n_embd: int = 64) ->
     w.add_ssm_time_step_rank(dt_rank)
     w.add_layer_norm_rms_eps(1e-5)
 
-    tokens, scores, types = _vocab(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(UNK_ID)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
-
-    for name, arr in tensors:
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return _finish(w, n_vocab, tensors, path)
 
 
 # --------------------------------------------------------------------------
