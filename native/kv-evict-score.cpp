@@ -1,6 +1,7 @@
 // Scoring graphs: window attention over a sequence's cells and projected-value norms, as ggml graphs run on the
 // backends that hold the cache, so every backend ggml supports computes them with its own kernels.
 #include "kv-evict-state.h"
+#include "kv-evict-graph.h"
 #include "kv-evict-select.h"
 
 #include "llama-context.h"
@@ -10,59 +11,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <functional>
 
 namespace kv_evict {
 
 namespace {
-
-// A scoring graph with its own small tensor context, inputs set after the scheduler allocated them.
-struct score_graph {
-    ggml_context_ptr ctx;
-    ggml_cgraph    * gf = nullptr;
-    std::vector<std::pair<ggml_tensor *, std::vector<uint8_t>>> inputs;
-
-    explicit score_graph(int32_t graph_size) {
-        ggml_init_params ip = {
-            /*.mem_size   =*/ ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false),
-            /*.mem_buffer =*/ nullptr,
-            /*.no_alloc   =*/ true,
-        };
-        ctx.reset(ggml_init(ip));
-        gf = ggml_new_graph_custom(ctx.get(), graph_size, false);
-    }
-
-    template <typename T>
-    ggml_tensor * input(ggml_type type, int64_t ne0, int64_t ne1, const std::vector<T> & data) {
-        ggml_tensor * t = ggml_new_tensor_2d(ctx.get(), type, ne0, ne1);
-        ggml_set_input(t);
-        GGML_ASSERT(ggml_nbytes(t) == data.size() * sizeof(T));
-        std::vector<uint8_t> bytes(ggml_nbytes(t));
-        memcpy(bytes.data(), data.data(), bytes.size());
-        inputs.emplace_back(t, std::move(bytes));
-        return t;
-    }
-
-    // inputs filled by llama.cpp itself (e.g. its Hadamard matrix), after allocation
-    std::vector<std::function<void()>> fillers;
-
-    // returns false if the scheduler cannot allocate or compute the graph
-    bool compute(llama_kv_evict_state & st) {
-        ggml_backend_sched_t sched = st.sched.get();
-        ggml_backend_sched_reset(sched);
-        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-            return false;
-        }
-        for (auto & [t, bytes] : inputs) {
-            ggml_backend_tensor_set(t, bytes.data(), 0, bytes.size());
-        }
-        for (auto & fill : fillers) {
-            fill();
-        }
-        return ggml_backend_sched_graph_compute(sched, gf) == GGML_STATUS_SUCCESS;
-    }
-};
 
 // The sequence's rows of a cache tensor stored per cell ([n_embd_gqa, kv_size, n_stream]), gathered as f32
 ggml_tensor * gather_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, ggml_tensor * cell_idx) {
@@ -76,20 +28,6 @@ ggml_tensor * gather_rows_transposed(ggml_context * ctx, ggml_tensor * cache, ui
     const int64_t n_embd  = cache->ne[0];
     ggml_tensor * vt = ggml_view_2d(ctx, cache, kv_size, n_embd, ggml_row_size(cache->type, kv_size), stream * cache->nb[2]);
     return ggml_get_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, vt)), cell_idx);
-}
-
-int32_t ensure_sched(llama_kv_evict_state & st, int32_t graph_size) {
-    if (st.sched && st.sched_graph_size >= graph_size) {
-        return 0;
-    }
-    ggml_backend_sched_t lsched = st.lctx->get_sched();
-    std::vector<ggml_backend_t> backends;
-    for (int i = 0; i < ggml_backend_sched_get_n_backends(lsched); ++i) {
-        backends.push_back(ggml_backend_sched_get_backend(lsched, i));
-    }
-    st.sched.reset(ggml_backend_sched_new(backends.data(), nullptr, backends.size(), graph_size, false, st.lctx->get_cparams().op_offload));
-    st.sched_graph_size = graph_size;
-    return st.sched ? 0 : set_error(ERR_COMPUTE, "cannot create the scoring scheduler");
 }
 
 // |V_i W_O^h|_1 for the given cells, per layer and query head, then averaged over each KV head's query group.
@@ -118,7 +56,7 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
         const int64_t m = std::min<int64_t>(chunk, cells.size() - c0);
         std::vector<int32_t> idx(cells.begin() + c0, cells.begin() + c0 + m);
 
-        score_graph g(graph_size);
+        evict_graph g(graph_size);
         ggml_context * ctx = g.ctx.get();
         ggml_tensor * cell_idx = g.input(GGML_TYPE_I32, m, 1, idx);
         ggml_tensor * v_rot = st.kv->build_input_v_rot(ctx);
@@ -193,6 +131,20 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
 
 } // namespace
 
+int32_t ensure_sched(llama_kv_evict_state & st, int32_t graph_size) {
+    if (st.sched && st.sched_graph_size >= graph_size) {
+        return 0;
+    }
+    ggml_backend_sched_t lsched = st.lctx->get_sched();
+    std::vector<ggml_backend_t> backends;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(lsched); ++i) {
+        backends.push_back(ggml_backend_sched_get_backend(lsched, i));
+    }
+    st.sched.reset(ggml_backend_sched_new(backends.data(), nullptr, backends.size(), graph_size, false, st.lctx->get_cparams().op_offload));
+    st.sched_graph_size = graph_size;
+    return st.sched ? 0 : set_error(ERR_COMPUTE, "cannot create the scoring scheduler");
+}
+
 int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out) {
     const llama_model   & model   = st.lctx->get_model();
     const llama_hparams & hparams = model.hparams;
@@ -228,6 +180,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             st.norm_valid[c] = 0;
             for (int64_t l = 0; l < n_layer_kv; ++l) {
                 std::fill_n(st.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
+                std::fill_n(st.head_pos.begin() + (l * kv_size + c) * n_kv, n_kv, out.pos[i]);
             }
         }
         if (need_norms && i < n_prefix && !st.norm_valid[c]) {
@@ -304,7 +257,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     if (int32_t err = ensure_sched(st, graph_size)) {
         return err;
     }
-    score_graph g(graph_size);
+    evict_graph g(graph_size);
     ggml_context * ctx = g.ctx.get();
     ggml_tensor * cell_idx = g.input(GGML_TYPE_I32, n, 1, cell_i32);
     ggml_tensor * slot_idx = g.input(GGML_TYPE_I32, n_q, 1, q_slot);

@@ -32,6 +32,7 @@ struct llama_kv_evict_state {
     // per-cell side data, [n_layer_kv][kv_size][n_head_kv]; valid while side_pos[cell] is the cell's position
     std::vector<float>     value_norm;
     std::vector<float>     h2o_acc;
+    std::vector<llama_pos> head_pos;    // position the token of each head had when decoded (moves with compaction)
     std::vector<llama_pos> side_pos;
     std::vector<uint8_t>   norm_valid;  // [kv_size]
     llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
@@ -66,6 +67,13 @@ struct seq_scores {
 int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out);
 
 int32_t set_error(int32_t code, const std::string & msg);
+
+// Head granularity: "" if the cache can be compacted head-wise, else why not
+std::string head_granularity_unsupported(llama_kv_cache & kv);
+
+// Moves, for every layer l and KV head h, the rows of cells src[l*n_head_kv + h][j] into cells dst[j]
+int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vector<uint32_t> & dst,
+        const std::vector<std::vector<uint32_t>> & src);
 
 enum error_code : int32_t {
     ERR_INVALID     = -1,

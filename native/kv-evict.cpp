@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <memory>
 
 namespace kv_evict {
@@ -77,7 +78,7 @@ std::string validate(const llama_kv_evict_params & p, uint32_t kv_size) {
     if (p.policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || p.policy > LLAMA_KV_EVICT_POLICY_STREAMING) {
         return "unknown policy " + std::to_string((int) p.policy);
     }
-    if (p.granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN) {
+    if (p.granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN && p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
         return "unknown granularity " + std::to_string((int) p.granularity);
     }
     if (p.pool_kernel < 1 || p.pool_kernel % 2 == 0) {
@@ -163,6 +164,71 @@ std::vector<uint8_t> select_token(const llama_kv_evict_params & p, const seq_sco
         }
     }
     return select_two_stage(s, c, budget, p.first_stage_ratio);
+}
+
+// Head granularity: each (layer, KV head) keeps its own best cells by the policy's per-head rule; their rows are
+// compacted into the sequence's first cells (kv-evict-compact.cpp) and the remaining prefix cells are freed.
+int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
+    const auto & p = st.params;
+    const int64_t n_prefix = sc.n_prefix();
+    const int64_t budget   = p.budget - sc.n_window;
+    const uint32_t kv_size = st.kv->get_size();
+    if (n_prefix <= budget) {
+        return 0;
+    }
+
+    std::vector<std::vector<uint32_t>> src(n_layer_kv * n_kv);
+    for (int64_t hh = 0; hh < n_layer_kv * n_kv; ++hh) {
+        std::vector<float> s(sc.score.begin() + hh * n_prefix, sc.score.begin() + (hh + 1) * n_prefix);
+        std::vector<uint8_t> keep;
+        if (p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV) {
+            std::vector<float> c(n_prefix);
+            for (int64_t i = 0; i < n_prefix; ++i) {
+                c[i] = (s[i] + p.epsilon) * sc.value_norm[hh * n_prefix + i];
+            }
+            keep = select_two_stage(s, c, budget, p.first_stage_ratio);
+        } else {
+            keep = select_top(s, budget);
+        }
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            if (keep[i]) {
+                src[hh].push_back(sc.cells[i]);
+            }
+        }
+    }
+    const std::vector<uint32_t> dst(sc.cells.begin(), sc.cells.begin() + budget);
+    if (int32_t err = compact_heads(st, st.kv->get_stream(seq_id), dst, src)) {
+        return err;
+    }
+
+    // side data moves with the rows
+    std::vector<float>     norm(budget), acc(budget);
+    std::vector<llama_pos> hpos(budget);
+    for (int64_t l = 0; l < n_layer_kv; ++l) {
+        for (int64_t g = 0; g < n_kv; ++g) {
+            auto at = [&](uint32_t cell) { return (l * kv_size + cell) * n_kv + g; };
+            for (int64_t j = 0; j < budget; ++j) {
+                norm[j] = st.value_norm[at(src[l * n_kv + g][j])];
+                acc[j]  = st.h2o_acc[at(src[l * n_kv + g][j])];
+                hpos[j] = st.head_pos[at(src[l * n_kv + g][j])];
+            }
+            for (int64_t j = 0; j < budget; ++j) {
+                st.value_norm[at(dst[j])] = norm[j];
+                st.h2o_acc[at(dst[j])]    = acc[j];
+                st.head_pos[at(dst[j])]   = hpos[j];
+            }
+        }
+    }
+    for (uint32_t cell : dst) {
+        // criticalkv computed every prefix cell's norms; other policies did not, and recompute them from the rows
+        st.norm_valid[cell] = p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    }
+
+    // the destination cells are the first `budget` prefix positions: the rest of the prefix is one position range
+    if (!st.kv->seq_rm(seq_id, sc.pos[budget], sc.pos[n_prefix])) {
+        return set_error(ERR_COMPUTE, "the cache refused to remove the compacted prefix");
+    }
+    return (int32_t) (n_prefix - budget);
 }
 
 llama_kv_evict_state * enabled_state(llama_context * ctx) {
@@ -255,6 +321,12 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
     if (!why.empty()) {
         return set_error(ERR_INVALID, why);
     }
+    if (params->granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD) {
+        why = head_granularity_unsupported(*kv);
+        if (!why.empty()) {
+            return set_error(ERR_UNSUPPORTED, why);
+        }
+    }
 
     const llama_model & model = ctx->get_model();
     const auto & hp = model.hparams;
@@ -292,6 +364,7 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
     const size_t side = (size_t) layer_ids.size() * kv->get_size() * hp.n_head_kv(layer_ids[0]);
     st->value_norm.assign(side, 0.0f);
     st->h2o_acc.assign(side, 0.0f);
+    st->head_pos.assign(side, -1);
     st->side_pos.assign(kv->get_size(), -1);
     st->norm_valid.assign(kv->get_size(), 0);
 
@@ -328,10 +401,22 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/true, sc)) {
         return err;
     }
+    const bool head_wise = st->params.granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD &&
+                           st->params.policy != LLAMA_KV_EVICT_POLICY_STREAMING; // streaming keeps the same cells in every head
+    if (head_wise) {
+        const int32_t n_removed = evict_heads(*st, seq_id, sc, n_layer_kv, n_kv);
+        if (n_removed < 0) {
+            return n_removed;
+        }
+        st->n_evictions += n_removed > 0;
+        st->n_evicted   += n_removed;
+        st->t_evict_us  += ggml_time_us() - t_start;
+        return n_removed;
+    }
     const std::vector<uint8_t> keep = select_token(st->params, sc, n_layer_kv, n_kv);
 
-    // remove runs of evicted positions: seq_rm scans every cell, so one call per run rather than per cell
-    llama_memory_t mem = ctx->get_memory();
+    // remove runs of evicted positions: seq_rm scans every cell, so one call per run rather than per cell. Only from
+    // the full-attention cache: an iSWA model's sliding-window cache keeps its window as llama.cpp manages it
     int32_t n_removed = 0;
     for (int64_t i = 0; i < sc.n_prefix();) {
         if (keep[i]) {
@@ -342,7 +427,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
         while (j < sc.n_prefix() && !keep[j]) {
             ++j;
         }
-        if (!llama_memory_seq_rm(mem, seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
+        if (!st->kv->seq_rm(seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
             return set_error(ERR_COMPUTE, "the cache refused to remove positions " + std::to_string(sc.pos[i]) + ".." + std::to_string(sc.pos[j - 1]));
         }
         n_removed += j - i;
@@ -403,9 +488,20 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     }
     ctx->synchronize();
 
-    std::map<llama_pos, llama_pos> new_pos;
+    // the numbering covers an iSWA model's sliding-window cache too, which may hold positions evicted from the
+    // full-attention cache: both caches must keep one order
+    std::set<llama_pos> held;
     for (const auto & pc : st->kv->get_cells(seq_id).seq_pos_get(seq_id)) {
-        new_pos.emplace(pc.first, (llama_pos) new_pos.size());
+        held.insert(pc.first);
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        for (const auto & pc : iswa->get_swa()->get_cells(seq_id).seq_pos_get(seq_id)) {
+            held.insert(pc.first);
+        }
+    }
+    std::map<llama_pos, llama_pos> new_pos;
+    for (llama_pos p : held) {
+        new_pos.emplace(p, (llama_pos) new_pos.size());
     }
     // one seq_add per run of cells that move by the same amount; runs move down in ascending order, so a moved run
     // never lands in the range of one still to move
@@ -430,6 +526,11 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     for (llama_pos & p : st->side_pos) {
         if (p >= 0) {
             p = moved(p);
+        }
+    }
+    for (llama_pos & p : st->head_pos) {
+        if (p >= 0) {
+            p = moved(p);  // a head's token whose own cell was freed by head-wise compaction has no number any more
         }
     }
     if (!new_pos.empty()) {
@@ -458,6 +559,73 @@ int32_t llama_kv_evict_positions(llama_context * ctx, llama_seq_id seq_id, llama
         ++n;
     }
     return n;
+}
+
+int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * out, int32_t n_max) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    const auto layer_ids = st->kv->get_layer_ids();
+    const auto it = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il);
+    if (it == layer_ids.end()) {
+        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    }
+    const int64_t l    = it - layer_ids.begin();
+    const int64_t n_kv = ctx->get_model().hparams.n_head_kv(il);
+    const uint32_t kv_size = st->kv->get_size();
+    const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
+    const int64_t n = pcs.size();
+    const int64_t m = std::min<int64_t>(n, n_max);
+    int64_t i = 0;
+    for (const auto & [pos, cell] : pcs) {
+        if (i >= m) {
+            break;
+        }
+        // a cell decoded since the last scoring holds its own token in every head
+        const bool fresh = st->side_pos[cell] != pos || pos >= st->min_written;
+        for (int64_t g = 0; g < n_kv; ++g) {
+            out[g * m + i] = fresh ? pos : st->head_pos[(l * kv_size + cell) * n_kv + g];
+        }
+        ++i;
+    }
+    return (int32_t) n;
+}
+
+int64_t llama_kv_evict_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, bool is_v, void * out, size_t size) {
+    llama_kv_cache * kv = nullptr;
+    if (int32_t err = seq_cache(ctx, seq_id, kv)) {
+        return err;
+    }
+    const auto layer_ids = kv->get_layer_ids();
+    if (std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il) == layer_ids.end()) {
+        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    }
+    ctx->synchronize();
+    ggml_tensor * t = is_v ? kv->get_v_storage(il) : kv->get_k_storage(il);
+    const bool transposed = is_v && kv->get_v_trans();
+    const uint32_t stream = kv->get_stream(seq_id);
+    const size_t row = ggml_row_size(t->type, t->ne[0]);
+    const auto & pcs = kv->get_cells(seq_id).seq_pos_get(seq_id);
+    const int64_t need = (int64_t) (pcs.size() * row);
+    if (!out || size < (size_t) need) {
+        return need;
+    }
+    uint8_t * dst = (uint8_t *) out;
+    for (const auto & pc : pcs) {
+        const size_t cell = pc.second;
+        if (!transposed) {
+            ggml_backend_tensor_get(t, dst, stream * t->nb[2] + cell * t->nb[1], row);
+        } else {
+            // debug only: one element at a time (element (cell, dim j) is at cell + j*kv_size)
+            const size_t es = ggml_type_size(t->type);
+            for (int64_t j = 0; j < t->ne[0]; ++j) {
+                ggml_backend_tensor_get(t, dst + j * es, stream * t->nb[2] + (cell + j * t->ne[1]) * es, es);
+            }
+        }
+        dst += row;
+    }
+    return need;
 }
 
 int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama_kv_evict_stats * stats) {

@@ -44,7 +44,7 @@ def _load_llama_cpp():
 llama_cpp, _lib = _load_llama_cpp()
 
 POLICIES = {"criticalkv": 0, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4}
-GRANULARITIES = {"token": 0}
+GRANULARITIES = {"token": 0, "head": 1}
 
 
 class KVEvictError(RuntimeError):
@@ -98,6 +98,8 @@ _disable = _bind("llama_kv_evict_disable", [_ctx_p], None)
 _evict = _bind("llama_kv_evict", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 _scores = _bind("llama_kv_evict_scores", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, _f_p, ctypes.c_int32], ctypes.c_int32)
 _compact_positions = _bind("llama_kv_evict_compact_positions", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
+_head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
+_read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
@@ -192,6 +194,22 @@ def scores(ctx, layer: int, n_head_kv: int, seq_id: int = 0, value_norms: bool =
         norm.ctypes.data_as(_f_p) if value_norms else None, n,
     ))
     return pos, score, norm
+
+
+def head_positions(ctx, layer: int, n_head_kv: int, seq_id: int = 0) -> np.ndarray:
+    """[n_head_kv, n_cells]: the position each KV head's token had when decoded (debug; moves with compaction)."""
+    n = _check(_head_positions(_ctx(ctx), seq_id, layer, None, 0))
+    out = np.zeros((n_head_kv, n), dtype=np.int32)
+    _check(_head_positions(_ctx(ctx), seq_id, layer, out.ctypes.data_as(_i32_p), n))
+    return out
+
+
+def read_rows(ctx, layer: int, is_v: bool, n_cells: int, seq_id: int = 0) -> np.ndarray:
+    """[n_cells, row bytes]: the raw bytes of layer's K or V rows of the sequence's cells in position order (debug)."""
+    need = _check(_read_rows(_ctx(ctx), seq_id, layer, is_v, None, 0))
+    out = np.zeros(need, dtype=np.uint8)
+    _check(_read_rows(_ctx(ctx), seq_id, layer, is_v, out.ctypes.data, need))
+    return out.reshape(n_cells, -1)
 
 
 def stats(ctx, seq_id: int = 0) -> dict:

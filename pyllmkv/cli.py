@@ -68,9 +68,16 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     if model is None:
         model = models.DEFAULT_MODEL()
     _check_gguf(model)
-    n_ctx = n_ctx or budget + n_batch
-    if n_ctx < budget + n_batch:
-        raise click.BadParameter(f"({n_ctx}) must hold --kv-budget + --batch-size ({budget} + {n_batch})", param_hint="--ctx-size")
+    from .session import context_size, sliding_window
+
+    try:
+        need = context_size(sliding_window(str(model)), budget, n_batch)
+    except (ValueError, KeyError, IndexError) as e:
+        raise click.ClickException(f"{model} is not a readable GGUF file ({e}): the file may be truncated")
+    n_ctx = n_ctx or need
+    if n_ctx < need:
+        raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget + --batch-size, and for a "
+                                 "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
     fa = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
           "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]

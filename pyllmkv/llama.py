@@ -2,7 +2,7 @@
 
 Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_chat_completion`, streaming,
 `tokenize`/`detokenize`, the OpenAI-shaped results) works unchanged. What differs:
-- the cache holds `kv_budget + n_batch` cells; before a batch that would not fit, the sequence is evicted down to
+- the cache holds `kv_budget + n_batch` cells (a sliding-window model's at least its window + n_batch); before a batch that would not fit, the sequence is evicted down to
   `kv_budget` cells by the chosen policy;
 - `n_ctx` is the logical context (positions and prompt length), by default the model's training context, no longer
   the cache size;
@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
+from .session import context_size, sliding_window
 
 
 class Llama(llama_cpp.Llama):
@@ -40,7 +41,8 @@ class Llama(llama_cpp.Llama):
         self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window)
         self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
         kwargs.setdefault("n_ubatch", n_batch)
-        super().__init__(model_path, n_ctx=kv_budget + n_batch, n_batch=n_batch, **kwargs)
+        cells = context_size(sliding_window(model_path), kv_budget, n_batch)
+        super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
         _lib.enable(self._ctx.ctx, self.evict_config)
 
         self._n_ctx = n_ctx or self._model.n_ctx_train()

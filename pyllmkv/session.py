@@ -16,6 +16,24 @@ from . import _lib
 from ._lib import EvictConfig, llama_cpp
 
 
+def context_size(n_swa: int, budget: int, n_batch: int) -> int:
+    """Cells a context needs: budget + n_batch, and for a sliding-window model (Gemma 3, window n_swa) at least
+    n_swa + n_batch, since its sliding-window cache keeps the whole window as llama.cpp manages it (eviction acts on
+    the full-attention cache only) and llama.cpp sizes both caches from n_ctx."""
+    return max(budget + n_batch, n_swa + n_batch if n_swa > 0 else 0)
+
+
+def sliding_window(model_path: str) -> int:
+    """The model's attention sliding window from its GGUF metadata (0 if none), read before loading it."""
+    import gguf
+
+    reader = gguf.GGUFReader(model_path)
+    arch = reader.fields["general.architecture"]
+    arch = bytes(arch.parts[arch.data[0]]).decode()
+    field = reader.fields.get(f"{arch}.attention.sliding_window")
+    return int(field.parts[field.data[0]][0]) if field is not None else 0
+
+
 class Session:
     """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.budget` cells."""
 
@@ -31,9 +49,11 @@ class Session:
         self.n_vocab = llm.n_vocab()
         self.n_past = 0  # position of the next token
         if config is not None:
-            if config.budget + self.n_batch > llm.n_ctx():
+            need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.budget, self.n_batch)
+            if llm.n_ctx() < need:
                 raise ValueError(
-                    f"n_ctx ({llm.n_ctx()}) must hold budget + n_batch ({config.budget} + {self.n_batch}) cells"
+                    f"n_ctx ({llm.n_ctx()}) must be at least {need}: budget + n_batch, and for a sliding-window "
+                    "model its window + n_batch (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)

@@ -85,3 +85,19 @@ def test_unknown_policy_fails_before_loading(smollm2_path):
 def test_budget_below_window_is_refused(smollm2_path):
     with pytest.raises(KVEvictError, match="larger than window"):
         pyllmkv.Llama(smollm2_path, kv_budget=16, window=32, verbose=False)
+
+
+def test_prompt_diverging_inside_the_evicted_part_is_answered(smollm2_path):
+    budget = 128
+    llm = _budgeted(smollm2_path, budget)
+    story = "The baker opened the shop at dawn and sold bread to the fishermen. " * 20
+    first = llm(story + "Question: who bought the bread? Answer:", max_tokens=8, temperature=0.0)
+    assert llm.kv_stats()["n_evictions"] > 0
+    # shares the first ~100 tokens, most of them evicted by now, then goes elsewhere
+    second_prompt = story[:400] + "Then the baker closed the shop.\nQuestion: what did the baker do last? Answer:"
+    second = llm(second_prompt, max_tokens=8, temperature=0.0)
+    assert first["usage"]["completion_tokens"] > 0 and second["usage"]["completion_tokens"] > 0
+    n_prompt = len(llm.tokenize(second_prompt.encode()))
+    assert second["usage"]["prompt_tokens"] == n_prompt
+    assert list(llm.input_ids[:n_prompt]) == llm.tokenize(second_prompt.encode())
+    assert llm.kv_stats()["n_seq_cells"] <= budget + 128

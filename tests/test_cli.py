@@ -66,7 +66,7 @@ def test_truncated_gguf(smollm2_path, tmp_path):
     f = tmp_path / "truncated.gguf"
     with open(smollm2_path, "rb") as src:
         f.write_bytes(src.read(1 << 20))
-    _fails_with([str(f), "-p", "hi"], "could not load")
+    _fails_with([str(f), "-p", "hi"], "truncated")
 
 
 @pytest.mark.parametrize("budget, message", [("0", "must be positive"), ("-5", "must be positive"), ("16", "must be larger than --window")])

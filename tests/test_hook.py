@@ -162,7 +162,8 @@ def test_cells_stay_within_budget_plus_batch_smollm2(llama_cpp, smollm2_path, po
 
 def test_gemma3_evicts_full_attention_cache_only(llama_cpp, gemma3_path):
     budget, n_batch = 256, 128
-    llm = _llama(llama_cpp, gemma3_path, "f16", n_ctx=budget + n_batch, n_batch=n_batch)
+    # the sliding-window cache (window 512) is sized from n_ctx too and keeps its window: 512 + n_batch cells
+    llm = _llama(llama_cpp, gemma3_path, "f16", n_ctx=512 + n_batch, n_batch=n_batch)
     sess = Session(llm, EvictConfig(budget=budget, window=32))
     tokens = llm.tokenize(_long_text().encode())[:1200]
     seen = []
