@@ -231,6 +231,16 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
     return (int32_t) (n_prefix - budget);
 }
 
+// Index of model layer il among the cache's layers, or an error code
+int32_t layer_index(llama_kv_cache & kv, int32_t il) {
+    const auto layer_ids = kv.get_layer_ids();
+    const auto it = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il);
+    if (it == layer_ids.end()) {
+        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    }
+    return (int32_t) (it - layer_ids.begin());
+}
+
 llama_kv_evict_state * enabled_state(llama_context * ctx) {
     return ctx ? ctx->get_cparams().kv_evict : nullptr;
 }
@@ -446,12 +456,10 @@ int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t 
     if (int32_t err = check_seq(st, seq_id)) {
         return err;
     }
-    const auto layer_ids = st->kv->get_layer_ids();
-    const auto it = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il);
-    if (it == layer_ids.end()) {
-        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    const int32_t l = layer_index(*st->kv, il);
+    if (l < 0) {
+        return l;
     }
-    const int64_t l = it - layer_ids.begin();
     ctx->synchronize();
 
     seq_scores sc;
@@ -566,12 +574,10 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
     if (int32_t err = check_seq(st, seq_id)) {
         return err;
     }
-    const auto layer_ids = st->kv->get_layer_ids();
-    const auto it = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il);
-    if (it == layer_ids.end()) {
-        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    const int32_t l = layer_index(*st->kv, il);
+    if (l < 0) {
+        return l;
     }
-    const int64_t l    = it - layer_ids.begin();
     const int64_t n_kv = ctx->get_model().hparams.n_head_kv(il);
     const uint32_t kv_size = st->kv->get_size();
     const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
@@ -597,9 +603,8 @@ int64_t llama_kv_evict_read_rows(llama_context * ctx, llama_seq_id seq_id, int32
     if (int32_t err = seq_cache(ctx, seq_id, kv)) {
         return err;
     }
-    const auto layer_ids = kv->get_layer_ids();
-    if (std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il) == layer_ids.end()) {
-        return set_error(ERR_INVALID, "layer " + std::to_string(il) + " is not a layer of the evicted (full-attention) cache");
+    if (int32_t err = layer_index(*kv, il); err < 0) {
+        return err;
     }
     ctx->synchronize();
     ggml_tensor * t = is_v ? kv->get_v_storage(il) : kv->get_k_storage(il);
