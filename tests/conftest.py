@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,10 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def gemma3_path() -> str:
     return str(models.gemma3_270m())
+
+
+# `python -m pyllmkv` from outside the checkout, so the installed package (with its library) is the one imported
+SUBPROCESS_CWD = tempfile.gettempdir()
 
 
 def random_tokens(n: int, seed: int = 1, n_vocab: int = 256, low: int = 0) -> list[int]:

@@ -15,6 +15,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from conftest import SUBPROCESS_CWD
 from pyllmkv.cli import main
 
 
@@ -96,7 +97,7 @@ class _Terminal:
     def __init__(self, args):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen([sys.executable, "-m", "pyllmkv", *args], stdin=slave, stdout=slave, stderr=slave,
-                                     env=os.environ.copy(), close_fds=True)
+                                     env=os.environ.copy(), close_fds=True, cwd=SUBPROCESS_CWD)
         os.close(slave)
         self.screen = ""
 

@@ -13,6 +13,8 @@ import urllib.request
 
 import pytest
 
+from conftest import SUBPROCESS_CWD
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -33,7 +35,7 @@ def server(smollm2_path):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "--kv-budget", "128", "-b", "128", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=SUBPROCESS_CWD,
     )
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -88,7 +90,7 @@ def test_port_in_use_is_a_clear_error(smollm2_path):
         s.listen(1)
         port = s.getsockname()[1]
         r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "--port", str(port)],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
     assert r.returncode != 0
     assert f"port {port} on 127.0.0.1 is in use" in r.stderr
     assert "Traceback" not in r.stderr
