@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -137,15 +138,30 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
         raise click.ClickException(str(e))
 
     def answer(text: str) -> None:
+        # Ctrl-C only raises a flag, checked between tokens and batches: a KeyboardInterrupt raised while llama.cpp
+        # calls back into Python (its log callback) would be swallowed by ctypes
+        stop = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
         bar = _PrefillProgress()
+
+        def on_prefill(done, total):
+            bar.update(done, total)
+            if stop:
+                raise KeyboardInterrupt
+
+        answer_pieces = conversation.send(text, max_tokens=n_predict, on_prefill=on_prefill)
         try:
-            for piece in conversation.send(text, max_tokens=n_predict, on_prefill=bar.update):
+            for piece in answer_pieces:
                 bar.close()
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
+                if stop:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
+            answer_pieces.close()  # keeps the partial answer in the conversation
             click.echo(" [stopped]", nl=False)
         finally:
+            signal.signal(signal.SIGINT, previous)
             bar.close()
         click.echo()
         if kv_stats:
