@@ -175,7 +175,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     std::vector<uint32_t> norm_todo;
     for (int64_t i = 0; i < n; ++i) {
         const uint32_t c = out.cells[i];
-        if (st.side_pos[c] != out.pos[i] || out.pos[i] >= st.min_written) {
+        if (st.holds_new_token(c, out.pos[i])) {
             st.side_pos[c]   = out.pos[i];
             st.norm_valid[c] = 0;
             for (int64_t l = 0; l < n_layer_kv; ++l) {

@@ -37,6 +37,9 @@ struct llama_kv_evict_state {
     std::vector<uint8_t>   norm_valid;  // [kv_size]
     llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
 
+    // whether the cell at pos holds K/V decoded since its side data was last set (reused cell, or a new write)
+    bool holds_new_token(uint32_t cell, llama_pos pos) const { return side_pos[cell] != pos || pos >= min_written; }
+
     // scoring graphs run on their own scheduler over the context's backends, so the context's graphs stay reusable
     ggml_backend_sched_ptr sched;
     int32_t sched_graph_size = 0;

@@ -166,6 +166,31 @@ std::vector<uint8_t> select_token(const llama_kv_evict_params & p, const seq_sco
     return select_two_stage(s, c, budget, p.first_stage_ratio);
 }
 
+// Token granularity: the cells select_token drops leave the full-attention cache. Only that cache: an iSWA model's
+// sliding-window cache keeps its window as llama.cpp manages it
+int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
+    const std::vector<uint8_t> keep = select_token(st.params, sc, n_layer_kv, n_kv);
+
+    // runs of evicted positions: seq_rm scans every cell, so one call per run rather than per cell
+    int32_t n_removed = 0;
+    for (int64_t i = 0; i < sc.n_prefix();) {
+        if (keep[i]) {
+            ++i;
+            continue;
+        }
+        int64_t j = i;
+        while (j < sc.n_prefix() && !keep[j]) {
+            ++j;
+        }
+        if (!st.kv->seq_rm(seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
+            return set_error(ERR_COMPUTE, "the cache refused to remove positions " + std::to_string(sc.pos[i]) + ".." + std::to_string(sc.pos[j - 1]));
+        }
+        n_removed += j - i;
+        i = j;
+    }
+    return n_removed;
+}
+
 // Head granularity: each (layer, KV head) keeps its own best cells by the policy's per-head rule; their rows are
 // compacted into the sequence's first cells (kv-evict-compact.cpp) and the remaining prefix cells are freed.
 int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
@@ -269,6 +294,15 @@ int32_t seq_cache(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv
         return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
     }
     return check_seq_id(ctx, seq_id);
+}
+
+// The enabled state and the index of layer il among the evicted cache's layers, or an error code
+int32_t enabled_layer(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_kv_evict_state *& st) {
+    st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    return layer_index(*st->kv, il);
 }
 
 } // namespace
@@ -413,37 +447,11 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     }
     const bool head_wise = st->params.granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD &&
                            st->params.policy != LLAMA_KV_EVICT_POLICY_STREAMING; // streaming keeps the same cells in every head
-    if (head_wise) {
-        const int32_t n_removed = evict_heads(*st, seq_id, sc, n_layer_kv, n_kv);
-        if (n_removed < 0) {
-            return n_removed;
-        }
-        st->n_evictions += n_removed > 0;
-        st->n_evicted   += n_removed;
-        st->t_evict_us  += ggml_time_us() - t_start;
+    const int32_t n_removed = head_wise ? evict_heads(*st, seq_id, sc, n_layer_kv, n_kv)
+                                        : evict_tokens(*st, seq_id, sc, n_layer_kv, n_kv);
+    if (n_removed < 0) {
         return n_removed;
     }
-    const std::vector<uint8_t> keep = select_token(st->params, sc, n_layer_kv, n_kv);
-
-    // remove runs of evicted positions: seq_rm scans every cell, so one call per run rather than per cell. Only from
-    // the full-attention cache: an iSWA model's sliding-window cache keeps its window as llama.cpp manages it
-    int32_t n_removed = 0;
-    for (int64_t i = 0; i < sc.n_prefix();) {
-        if (keep[i]) {
-            ++i;
-            continue;
-        }
-        int64_t j = i;
-        while (j < sc.n_prefix() && !keep[j]) {
-            ++j;
-        }
-        if (!st->kv->seq_rm(seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
-            return set_error(ERR_COMPUTE, "the cache refused to remove positions " + std::to_string(sc.pos[i]) + ".." + std::to_string(sc.pos[j - 1]));
-        }
-        n_removed += j - i;
-        i = j;
-    }
-
     st->n_evictions += n_removed > 0;
     st->n_evicted   += n_removed;
     st->t_evict_us  += ggml_time_us() - t_start;
@@ -452,11 +460,8 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
 
 int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * pos, float * score,
         float * value_norm, int32_t n_max) {
-    llama_kv_evict_state * st = enabled_state(ctx);
-    if (int32_t err = check_seq(st, seq_id)) {
-        return err;
-    }
-    const int32_t l = layer_index(*st->kv, il);
+    llama_kv_evict_state * st = nullptr;
+    const int32_t l = enabled_layer(ctx, seq_id, il, st);
     if (l < 0) {
         return l;
     }
@@ -570,11 +575,8 @@ int32_t llama_kv_evict_positions(llama_context * ctx, llama_seq_id seq_id, llama
 }
 
 int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * out, int32_t n_max) {
-    llama_kv_evict_state * st = enabled_state(ctx);
-    if (int32_t err = check_seq(st, seq_id)) {
-        return err;
-    }
-    const int32_t l = layer_index(*st->kv, il);
+    llama_kv_evict_state * st = nullptr;
+    const int32_t l = enabled_layer(ctx, seq_id, il, st);
     if (l < 0) {
         return l;
     }
@@ -589,7 +591,7 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
             break;
         }
         // a cell decoded since the last scoring holds its own token in every head
-        const bool fresh = st->side_pos[cell] != pos || pos >= st->min_written;
+        const bool fresh = st->holds_new_token(cell, pos);
         for (int64_t g = 0; g < n_kv; ++g) {
             out[g * m + i] = fresh ? pos : st->head_pos[(l * kv_size + cell) * n_kv + g];
         }

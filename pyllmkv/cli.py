@@ -33,6 +33,23 @@ def _check_gguf(path: Path) -> None:
         raise click.BadParameter(f"{path} is not a GGUF file (it does not start with 'GGUF'): convert it with llama.cpp's convert_hf_to_gguf.py", param_hint="MODEL")
 
 
+def _model_path(model: Optional[Path]) -> Path:
+    """MODEL, or the default model (fetched once) when none is given; checked to be a GGUF file."""
+    if model is None:
+        model = models.DEFAULT_MODEL()
+    _check_gguf(model)
+    return model
+
+
+def _check_budget(budget: int, window: int) -> None:
+    if budget <= 0:
+        raise click.BadParameter(f"must be positive (got {budget})", param_hint="--kv-budget")
+    if window < 1:
+        raise click.BadParameter(f"must be at least 1 (got {window})", param_hint="--window")
+    if budget <= window:
+        raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
+
+
 def model_options(fn):
     opts = [
         click.argument("model", required=False, type=click.Path(path_type=Path)),
@@ -60,15 +77,8 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     from ._lib import EvictConfig, KVEvictError, llama_cpp
     from .session import Session
 
-    if budget <= 0:
-        raise click.BadParameter(f"must be positive (got {budget})", param_hint="--kv-budget")
-    if window < 1:
-        raise click.BadParameter(f"must be at least 1 (got {window})", param_hint="--window")
-    if budget <= window:
-        raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
-    if model is None:
-        model = models.DEFAULT_MODEL()
-    _check_gguf(model)
+    _check_budget(budget, window)
+    model = _model_path(model)
     from .session import context_size, sliding_window
 
     try:
@@ -210,11 +220,8 @@ def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, por
     """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
     from .server import create_app, port_in_use
 
-    if budget <= window:
-        raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
-    if model is None:
-        model = models.DEFAULT_MODEL()
-    _check_gguf(model)
+    _check_budget(budget, window)
+    model = _model_path(model)
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
     try:

@@ -2,8 +2,8 @@
 
 Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_chat_completion`, streaming,
 `tokenize`/`detokenize`, the OpenAI-shaped results) works unchanged. What differs:
-- the cache holds `kv_budget + n_batch` cells (a sliding-window model's at least its window + n_batch); before a batch that would not fit, the sequence is evicted down to
-  `kv_budget` cells by the chosen policy;
+- the cache holds `kv_budget + n_batch` cells (a sliding-window model's at least its window + n_batch); before a
+  batch that would not fit, the sequence is evicted down to `kv_budget` cells by the chosen policy;
 - `n_ctx` is the logical context (positions and prompt length), by default the model's training context, no longer
   the cache size;
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
-from .session import context_size, sliding_window
+from .session import context_size, evict_to_fit, sliding_window
 
 
 class Llama(llama_cpp.Llama):
@@ -72,9 +72,7 @@ class Llama(llama_cpp.Llama):
             # the cell before n_tokens was evicted: llama.cpp continues a sequence only at its last position + 1
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
-        budget = self.evict_config.budget
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start : start + self.n_batch]
-            if _lib.stats(self._ctx.ctx)["n_seq_cells"] + len(batch) > budget + self.n_batch:
-                _lib.evict(self._ctx.ctx)
+            evict_to_fit(self._ctx.ctx, self.evict_config.budget, self.n_batch, len(batch))
             super().eval(batch)

@@ -34,6 +34,12 @@ def sliding_window(model_path: str) -> int:
     return int(field.parts[field.data[0]][0]) if field is not None else 0
 
 
+def evict_to_fit(ctx, budget: int, n_batch: int, n_new: int) -> None:
+    """Evicts sequence 0 down to `budget` cells if `n_new` more tokens would take it past budget + n_batch."""
+    if _lib.stats(ctx)["n_seq_cells"] + n_new > budget + n_batch:
+        _lib.evict(ctx)
+
+
 class Session:
     """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.budget` cells."""
 
@@ -78,9 +84,6 @@ class Session:
         self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
         return self.n_past
 
-    def n_cells(self) -> int:
-        return _lib.stats(self.ctx)["n_seq_cells"]
-
     def evict(self) -> int:
         return _lib.evict(self.ctx) if self.config is not None else 0
 
@@ -96,8 +99,7 @@ class Session:
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             if self.config is not None:
-                if self.n_cells() + len(chunk) > self.config.budget + self.n_batch:
-                    self.evict()
+                evict_to_fit(self.ctx, self.config.budget, self.n_batch, len(chunk))
                 if self.n_past + len(chunk) > self.max_position:
                     self.evict()
                     self.n_past = _lib.compact_positions(self.ctx)
