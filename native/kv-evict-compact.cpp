@@ -14,22 +14,39 @@ namespace kv_evict {
 
 namespace {
 
-// rows of head g of a cache tensor stored per cell: [hd, kv_size], row stride one cell
-ggml_tensor * head_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, int64_t hd, int64_t g) {
-    return ggml_view_2d(ctx, cache, hd, cache->ne[1], cache->nb[1], stream * cache->nb[2] + g * ggml_row_size(cache->type, hd));
+// The rows of head g of a cache tensor stored per cell, [head bytes / 4, kv_size] seen as 32-bit words: get_rows and
+// set_rows copy them bit for bit whatever the cache type (f16, bf16, q8_0, q4_0 ...), where a round trip through f32
+// values would requantize. The words are moved as f32, which both ops copy without arithmetic.
+ggml_tensor * head_words(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, int64_t hd, int64_t g) {
+    const size_t head_bytes = ggml_row_size(cache->type, hd);
+    ggml_tensor * t = ggml_view_2d(ctx, cache, hd, cache->ne[1], cache->nb[1], stream * cache->nb[2] + g * head_bytes);
+    t->type  = GGML_TYPE_F32;
+    t->ne[0] = head_bytes / sizeof(float);
+    t->nb[0] = sizeof(float);
+    t->nb[2] = t->nb[3] = t->nb[1] * t->ne[1];
+    return t;
 }
 
-// get_rows/set_rows go through f32, which is exact for the float cache types and only for those
-bool float_type(ggml_type t) {
-    return t == GGML_TYPE_F32 || t == GGML_TYPE_F16 || t == GGML_TYPE_BF16;
+// "" if head hd of a per-cell tensor of this type is whole blocks of whole 32-bit words, else why not
+std::string head_slice_unsupported(const char * what, ggml_type type, int64_t hd) {
+    if (hd % ggml_blck_size(type) != 0 || ggml_row_size(type, hd) % sizeof(float) != 0) {
+        return std::string("head granularity cannot move ") + what + " rows of type " + ggml_type_name(type) +
+               ": head_dim " + std::to_string(hd) + " is not a whole number of its 4-byte-aligned blocks; use granularity token";
+    }
+    return "";
 }
 
 } // namespace
 
-std::string head_granularity_unsupported(llama_kv_cache & kv) {
-    if (!float_type(kv.type_k()) || !float_type(kv.type_v())) {
-        return std::string("head granularity needs an f32, f16 or bf16 K/V cache for now (got K ") +
-               ggml_type_name(kv.type_k()) + ", V " + ggml_type_name(kv.type_v()) + "): use granularity token with quantized caches";
+std::string head_granularity_unsupported(llama_kv_cache & kv, const llama_hparams & hparams) {
+    for (uint32_t il : kv.get_layer_ids()) {
+        std::string why = head_slice_unsupported("K", kv.type_k(), hparams.n_embd_head_k(il));
+        if (why.empty() && !kv.get_v_trans()) {
+            why = head_slice_unsupported("V", kv.type_v(), hparams.n_embd_head_v(il));
+        }
+        if (!why.empty()) {
+            return why;
+        }
     }
     return "";
 }
@@ -39,7 +56,6 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
     const llama_hparams & hparams = st.lctx->get_model().hparams;
     const auto layer_ids = st.kv->get_layer_ids();
     const int64_t n_kv = hparams.n_head_kv(layer_ids[0]);
-    const int64_t n    = dst.size();
 
     const int32_t graph_size = 16 * (int32_t) (layer_ids.size() * n_kv) + 256;
     if (int32_t err = ensure_sched(st, graph_size)) {
@@ -49,25 +65,29 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
     ggml_context * ctx = g.ctx.get();
 
     std::vector<int64_t> dst64(dst.begin(), dst.end());
-    ggml_tensor * dst_idx = g.input(GGML_TYPE_I64, n, 1, dst64);
+    ggml_tensor * dst_all = g.input(GGML_TYPE_I64, dst64.size(), 1, dst64);
 
     for (size_t l = 0; l < layer_ids.size(); ++l) {
         const int32_t il = layer_ids[l];
         ggml_tensor * k = st.kv->get_k_storage(il);
         ggml_tensor * v = st.kv->get_v_storage(il);
         for (int64_t h = 0; h < n_kv; ++h) {
-            std::vector<int32_t> s(src[l * n_kv + h].begin(), src[l * n_kv + h].end());
+            const std::vector<int32_t> s(src[l * n_kv + h].begin(), src[l * n_kv + h].end());
+            const int64_t n = s.size();
             ggml_tensor * src_idx = g.input(GGML_TYPE_I32, n, 1, s);
+            ggml_tensor * dst_idx = ggml_view_1d(ctx, dst_all, n, 0); // a head's share fills the first of the cells
 
-            ggml_tensor * kh = head_rows(ctx, k, stream, hparams.n_embd_head_k(il), h);
+            ggml_tensor * kh = head_words(ctx, k, stream, hparams.n_embd_head_k(il), h);
             ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, kh, ggml_get_rows(ctx, kh, src_idx), dst_idx));
 
             const int64_t hd_v = hparams.n_embd_head_v(il);
             if (!st.kv->get_v_trans()) {
-                ggml_tensor * vh = head_rows(ctx, v, stream, hd_v, h);
+                ggml_tensor * vh = head_words(ctx, v, stream, hd_v, h);
                 ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, vh, ggml_get_rows(ctx, vh, src_idx), dst_idx));
             } else {
-                // transposed V: the head's dims are hd_v rows of kv_size cells; permute its columns through a copy
+                // transposed V (f32/f16/bf16 only: llama.cpp quantizes V with flash attention only, which stores it
+                // per cell): the head's dims are hd_v rows of kv_size cells; permute its columns through a copy, exact
+                // through f32 for these types
                 const int64_t kv_size = v->ne[1];
                 const size_t  row     = ggml_row_size(v->type, kv_size);
                 ggml_tensor * slab = ggml_view_2d(ctx, v, kv_size, hd_v, row, stream * v->nb[2] + h * hd_v * row);
@@ -79,6 +99,47 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
     }
     if (!g.compute(st)) {
         return set_error(ERR_COMPUTE, "compaction graph failed to allocate or compute");
+    }
+    return 0;
+}
+
+int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift) {
+    const llama_hparams & hparams = st.lctx->get_model().hparams;
+    const auto layer_ids = st.kv->get_layer_ids();
+    const int64_t n_kv = st.n_head_kv;
+
+    const int32_t graph_size = 16 * (int32_t) (layer_ids.size() * n_kv) + 256;
+    if (int32_t err = ensure_sched(st, graph_size)) {
+        return err;
+    }
+    evict_graph g(graph_size);
+    ggml_context * ctx = g.ctx.get();
+    ggml_tensor * rot = st.kv->build_input_k_rot(ctx);
+    if (rot) {
+        g.fillers.push_back([&st, rot]() { st.kv->set_input_k_rot(rot); });
+    }
+    bool any = false;
+    for (size_t l = 0; l < layer_ids.size(); ++l) {
+        const int32_t il = layer_ids[l];
+        if (!hparams.has_rope(il)) {
+            continue;
+        }
+        ggml_tensor * k  = st.kv->get_k_storage(il);
+        const int64_t hd = hparams.n_embd_head_k(il);
+        for (int64_t h = 0; h < n_kv; ++h) {
+            if (shift[l * n_kv + h].empty()) {
+                continue;
+            }
+            // head h of every cell: [hd, 1, kv_size], as llama.cpp's K-shift views all heads
+            ggml_tensor * rows = ggml_view_3d(ctx, k, hd, 1, k->ne[1], ggml_row_size(k->type, hd), k->nb[1],
+                                              stream * k->nb[2] + h * ggml_row_size(k->type, hd));
+            ggml_tensor * by = g.input(GGML_TYPE_I32, k->ne[1], 1, shift[l * n_kv + h]);
+            ggml_build_forward_expand(g.gf, st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rows, by, rot, il));
+            any = true;
+        }
+    }
+    if (any && !g.compute(st)) {
+        return set_error(ERR_COMPUTE, "head-row shift graph failed to allocate or compute");
     }
     return 0;
 }

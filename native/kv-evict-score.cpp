@@ -73,6 +73,14 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
             const int64_t k_in    = hd * n_head;
             ggml_tensor * wo      = model.layers[il].wo;
 
+            ggml_tensor * vcache = st.kv->get_v_storage(il);
+            ggml_tensor * v = st.kv->get_v_trans() ? gather_rows_transposed(ctx, vcache, stream, cell_idx)
+                                                   : gather_rows(ctx, vcache, stream, cell_idx); // [n_embd_v_gqa, m]
+            if (v_rot) {
+                // the cache holds V Hadamard-rotated; the rotation is its own inverse
+                v = llama_mul_mat_hadamard(ctx, v, v_rot);
+            }
+
             std::vector<float> eye(k_in * k_in, 0.0f);
             for (int64_t i = 0; i < k_in; ++i) {
                 eye[i * k_in + i] = 1.0f;
@@ -82,13 +90,6 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
             w = ggml_reshape_3d(ctx, w, hd, n_head, w->ne[1]);
             w = ggml_cont(ctx, ggml_permute(ctx, w, 0, 2, 1, 3));                             // [hd, n_embd, n_head]
 
-            ggml_tensor * vcache = st.kv->get_v_storage(il);
-            ggml_tensor * v = st.kv->get_v_trans() ? gather_rows_transposed(ctx, vcache, stream, cell_idx)
-                                                   : gather_rows(ctx, vcache, stream, cell_idx); // [n_embd_v_gqa, m]
-            if (v_rot) {
-                // the cache holds V Hadamard-rotated; the rotation is its own inverse
-                v = llama_mul_mat_hadamard(ctx, v, v_rot);
-            }
             v = ggml_reshape_3d(ctx, v, hd, n_kv, m);
             v = ggml_cont(ctx, ggml_permute(ctx, v, 0, 2, 1, 3));                 // [hd, m, n_kv]
             v = ggml_reshape_4d(ctx, v, hd, m, 1, n_kv);
@@ -181,10 +182,27 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             for (int64_t l = 0; l < n_layer_kv; ++l) {
                 std::fill_n(st.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
                 std::fill_n(st.head_pos.begin() + (l * kv_size + c) * n_kv, n_kv, out.pos[i]);
+                std::fill_n(st.head_absent.begin() + (l * kv_size + c) * n_kv, n_kv, 0);
             }
         }
         if (need_norms && i < n_prefix && !st.norm_valid[c]) {
             norm_todo.push_back(c);
+        }
+    }
+    // AdaKV: the (head, cell) pairs that hold no token, for the whole sequence (the window holds every head)
+    std::vector<uint8_t> absent_all;
+    if (st.any_absent) {
+        absent_all.assign(n_layer_kv * n_kv * n, 0);
+        out.absent.assign(n_layer_kv * n_kv * n_prefix, 0);
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t g = 0; g < n_kv; ++g) {
+                for (int64_t i = 0; i < n; ++i) {
+                    absent_all[(l * n_kv + g) * n + i] = st.absent(l, out.cells[i], out.pos[i], g);
+                    if (i < n_prefix) {
+                        out.absent[(l * n_kv + g) * n_prefix + i] = absent_all[(l * n_kv + g) * n + i];
+                    }
+                }
+            }
         }
     }
     if (commit || need_norms) {
@@ -276,7 +294,20 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         k = ggml_permute(ctx, ggml_reshape_3d(ctx, k, hd, n_kv, n), 0, 2, 1, 3);         // [hd, n, n_kv]
 
         ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                                      // [n, n_q, n_head]
-        ggml_tensor * a  = ggml_soft_max_ext(ctx, kq, kq_mask, st.kq_scale[il], 0.0f);
+        ggml_tensor * mask = kq_mask;
+        if (!absent_all.empty()) {
+            // the cells a head holds no token in, as the model's own attention masks them (llama_kv_evict_attn)
+            const int64_t group = n_head / n_kv;
+            std::vector<float> head_mask(n * n_head, 0.0f);
+            for (int64_t h = 0; h < n_head; ++h) {
+                for (int64_t i = 0; i < n; ++i) {
+                    head_mask[h * n + i] = absent_all[(l * n_kv + h / group) * n + i] ? -INFINITY : 0.0f;
+                }
+            }
+            ggml_tensor * hm = ggml_reshape_3d(ctx, g.input(GGML_TYPE_F32, n, n_head, head_mask), n, 1, n_head);
+            mask = ggml_add(ctx, ggml_repeat_4d(ctx, kq_mask, n, n_q, n_head, 1), hm);
+        }
+        ggml_tensor * a  = ggml_soft_max_ext(ctx, kq, mask, st.kq_scale[il], 0.0f);
         a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                            // [n_q, n, n_head]
         ggml_tensor * s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                  // [1, n, n_head]
         ggml_set_output(s);
@@ -287,7 +318,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         return set_error(ERR_COMPUTE, "attention-score graph failed to allocate or compute");
     }
 
-    const bool pooled = p.policy == LLAMA_KV_EVICT_POLICY_SNAPKV || p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    const bool pooled = p.policy != LLAMA_KV_EVICT_POLICY_H2O && p.policy != LLAMA_KV_EVICT_POLICY_TOVA;
     out.score.assign(n_layer_kv * n_kv * n_prefix, 0.0f);
     std::vector<float> pool_buf(n_prefix);
     for (int64_t l = 0; l < n_layer_kv; ++l) {

@@ -40,27 +40,74 @@ std::vector<uint8_t> select_two_stage(
         const std::vector<float> & s,
         const std::vector<float> & c,
         int64_t budget,
-        float   first_stage_ratio) {
+        float   first_stage_ratio,
+        const std::vector<uint8_t> * skip) {
     const int64_t n = s.size();
     std::vector<uint8_t> keep(n, 0);
-    budget = std::min(budget, n);
-
-    const int64_t n_first = (int64_t) std::floor(budget * (double) first_stage_ratio);
-    for (int64_t i : top_k(s, n_first)) {
+    const int64_t n_first = (int64_t) std::floor(std::min(budget, n) * (double) first_stage_ratio);
+    for (int64_t i : top_k(s, n_first, skip)) {
         keep[i] = 1;
     }
-    for (int64_t i : top_k(c, budget - n_first, &keep)) {
+    std::vector<uint8_t> taken = keep;
+    for (int64_t i = 0; skip && i < n; ++i) {
+        taken[i] |= (*skip)[i];
+    }
+    for (int64_t i : top_k(c, budget - n_first, &taken)) {
         keep[i] = 1;
     }
     return keep;
 }
 
-std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget) {
+std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, const std::vector<uint8_t> * skip) {
     std::vector<uint8_t> keep(s.size(), 0);
-    for (int64_t i : top_k(s, budget)) {
+    for (int64_t i : top_k(s, budget, skip)) {
         keep[i] = 1;
     }
     return keep;
+}
+
+std::vector<int64_t> adakv_shares(
+        const std::vector<std::vector<float>> & s,
+        const std::vector<std::vector<uint8_t>> * skip,
+        int64_t budget,
+        float   alpha,
+        int64_t cap) {
+    const int64_t n_head = s.size();
+    const int64_t n_safe = std::min<int64_t>(std::max<int64_t>(1, (int64_t) std::floor(alpha * budget)), cap);
+
+    std::vector<int64_t> share(n_head, 0);
+    std::vector<std::vector<uint8_t>> taken(n_head);
+    int64_t left = n_head * budget;
+    for (int64_t h = 0; h < n_head; ++h) {
+        taken[h] = skip ? (*skip)[h] : std::vector<uint8_t>(s[h].size(), 0);
+        for (int64_t i : top_k(s[h], n_safe, &taken[h])) {
+            taken[h][i] = 1;
+            share[h]++;
+            left--;
+        }
+    }
+
+    // the remaining pairs of all heads, best first (head-major flat index breaks ties)
+    std::vector<float>   flat;
+    std::vector<uint8_t> flat_skip;
+    for (int64_t h = 0; h < n_head; ++h) {
+        flat.insert(flat.end(), s[h].begin(), s[h].end());
+        flat_skip.insert(flat_skip.end(), taken[h].begin(), taken[h].end());
+    }
+    std::vector<int64_t> order = top_k(flat, flat.size(), &flat_skip);
+    for (size_t j = 0; j < order.size() && left > 0; ++j) {
+        int64_t h = 0;
+        int64_t i = order[j];
+        while (i >= (int64_t) s[h].size()) {
+            i -= s[h].size();
+            ++h;
+        }
+        if (share[h] < cap) {
+            share[h]++;
+            left--;
+        }
+    }
+    return share;
 }
 
 } // namespace kv_evict

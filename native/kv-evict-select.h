@@ -17,13 +17,26 @@ std::vector<int64_t> top_k(const std::vector<float> & value, int64_t k, const st
 // CriticalKV two-stage selection (Feng et al. 2025, Alg. 1): the first floor(budget * first_stage_ratio) cells by
 // attention `s`, the rest of the budget by `c` = (s + epsilon) * |V W_O|_1 among the cells not yet chosen.
 // Returns keep[i] (1 = kept); exactly min(budget, n) cells are kept.
+// Cells with skip[i] set are never kept.
 std::vector<uint8_t> select_two_stage(
         const std::vector<float> & s,
         const std::vector<float> & c,
         int64_t budget,
-        float   first_stage_ratio);
+        float   first_stage_ratio,
+        const std::vector<uint8_t> * skip = nullptr);
 
 // One-stage selection: the `budget` cells of largest `s`.
-std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget);
+std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, const std::vector<uint8_t> * skip = nullptr);
+
+// AdaKV (Feng et al. 2024): how many cells each of a layer's heads keeps, out of a pool of n_head * budget. Every
+// head first gets its top max(1, floor(alpha * budget)) cells by s[h]; the rest of the pool goes to the best
+// (head, cell) pairs of all heads, ties to the lower head, then the lower cell. No head gets more than `cap` cells
+// (its surplus goes to the next pairs of the others). skip[h][i] (optional) marks pairs that cannot be chosen.
+std::vector<int64_t> adakv_shares(
+        const std::vector<std::vector<float>> & s,
+        const std::vector<std::vector<uint8_t>> * skip,
+        int64_t budget,
+        float   alpha,
+        int64_t cap);
 
 } // namespace kv_evict

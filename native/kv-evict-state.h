@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+struct llama_hparams;
+
 struct llama_context;
 class  llama_kv_cache;
 
@@ -35,10 +37,27 @@ struct llama_kv_evict_state {
     std::vector<llama_pos> head_pos;    // position the token of each head had when decoded (moves with compaction)
     std::vector<llama_pos> side_pos;
     std::vector<uint8_t>   norm_valid;  // [kv_size]
+    // the head holds no token in this cell: its AdaKV share is shorter than the cells kept, and the layer's attention
+    // masks the cell for that head (valid while the cell holds no new token)
+    std::vector<uint8_t>   head_absent;
+    bool any_absent = false;
     llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
 
     // whether the cell at pos holds K/V decoded since its side data was last set (reused cell, or a new write)
     bool holds_new_token(uint32_t cell, llama_pos pos) const { return side_pos[cell] != pos || pos >= min_written; }
+
+    // index of (layer l of the evicted cache, cell, KV head g) in the side data
+    uint32_t kv_size   = 0;
+    int64_t  n_head_kv = 0;
+    size_t side(int64_t l, uint32_t cell, int64_t g) const { return ((size_t) l * kv_size + cell) * n_head_kv + g; }
+
+    bool absent(int64_t l, uint32_t cell, llama_pos pos, int64_t g) const {
+        return any_absent && head_absent[side(l, cell, g)] && !holds_new_token(cell, pos);
+    }
+
+    bool ada() const {
+        return params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || params.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA;
+    }
 
     // scoring graphs run on their own scheduler over the context's backends, so the context's graphs stay reusable
     ggml_backend_sched_ptr sched;
@@ -62,6 +81,7 @@ struct seq_scores {
     // [n_layer_kv][n_head_kv][n_prefix]
     std::vector<float> score;      // policy attention score (pooled and group-averaged for snapkv/criticalkv)
     std::vector<float> value_norm; // group mean of |V_i W_O^h|_1 (criticalkv, or when asked for)
+    std::vector<uint8_t> absent;   // the head holds no token in the cell (AdaKV); empty when every head holds every cell
 };
 
 // Collects the sequence's cells and scores them with ggml graphs on the cache's backends.
@@ -72,11 +92,15 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
 int32_t set_error(int32_t code, const std::string & msg);
 
 // Head granularity: "" if the cache can be compacted head-wise, else why not
-std::string head_granularity_unsupported(llama_kv_cache & kv);
+std::string head_granularity_unsupported(llama_kv_cache & kv, const llama_hparams & hparams);
 
 // Moves, for every layer l and KV head h, the rows of cells src[l*n_head_kv + h][j] into cells dst[j]
 int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vector<uint32_t> & dst,
         const std::vector<std::vector<uint32_t>> & src);
+
+// RoPE-shifts, for every layer l and KV head h with a non-empty shift[l*n_head_kv + h] (one entry per cell), that
+// head's K row of each cell by the cell's entry: a row compaction moved keeps its own token's position
+int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift);
 
 enum error_code : int32_t {
     ERR_INVALID     = -1,

@@ -10,6 +10,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <set>
 #include <memory>
@@ -56,6 +57,53 @@ private:
     const int64_t n_capture;
 };
 
+// The -ada policies' per-head mask of layer l: -inf where a KV head holds no token in the cell, for each query head,
+// added to llama.cpp's own mask (llama.cpp's mask is one per cell, shared by the heads)
+class graph_input_head_mask : public llm_graph_input_i {
+public:
+    graph_input_head_mask(llama_kv_evict_state * st, int64_t l, int64_t n_tokens) : st(st), l(l), n_tokens(n_tokens) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        // cells this ubatch writes hold new tokens in every head, whichever input is set first
+        for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
+            st->min_written = std::min(st->min_written, ubatch->pos[t]);
+        }
+        const auto & cells = st->kv->get_cells(0);
+        const int64_t n_cells = mask->ne[0];
+        const int64_t n_head  = mask->ne[2];
+        const int64_t group   = n_head / st->n_head_kv;
+        std::vector<float> m(n_cells * n_head, 0.0f);
+        for (int64_t c = 0; c < n_cells; ++c) {
+            if (cells.is_empty(c)) {
+                continue;
+            }
+            for (int64_t h = 0; h < n_head; ++h) {
+                if (st->absent(l, c, cells.pos_get(c), h / group)) {
+                    m[h * n_cells + c] = -INFINITY;
+                }
+            }
+        }
+        if (mask->type == GGML_TYPE_F16) {
+            std::vector<ggml_fp16_t> m16(m.size());
+            ggml_fp32_to_fp16_row(m.data(), m16.data(), m.size());
+            ggml_backend_tensor_set(mask, m16.data(), 0, ggml_nbytes(mask));
+        } else {
+            ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+        }
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.ubatch.n_tokens == n_tokens && params.cparams.kv_evict == st;
+    }
+
+    ggml_tensor * mask = nullptr; // [n_kv cells, 1, n_head], the type of llama.cpp's mask
+
+private:
+    llama_kv_evict_state * st;
+    const int64_t l;
+    const int64_t n_tokens;
+};
+
 llama_kv_cache * full_attention_cache(llama_memory_i * mem) {
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
         return iswa->get_base();
@@ -75,11 +123,18 @@ std::string validate(const llama_kv_evict_params & p, uint32_t kv_size) {
         return "budget (" + std::to_string(p.budget) + ") exceeds the cache size (" + std::to_string(kv_size) +
                " cells): the cache would fill before anything is evicted; create the context with n_ctx >= budget + n_batch";
     }
-    if (p.policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || p.policy > LLAMA_KV_EVICT_POLICY_STREAMING) {
+    if (p.policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || p.policy > LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) {
         return "unknown policy " + std::to_string((int) p.policy);
     }
     if (p.granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN && p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
         return "unknown granularity " + std::to_string((int) p.granularity);
+    }
+    if ((p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || p.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) &&
+        p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
+        return "the -ada policies give each KV head its own share of cells: use granularity head";
+    }
+    if (!(p.ada_alpha >= 0.0f && p.ada_alpha <= 1.0f)) {
+        return "ada_alpha must lie in [0, 1]";
     }
     if (p.pool_kernel < 1 || p.pool_kernel % 2 == 0) {
         return "pool_kernel must be odd and at least 1 (got " + std::to_string(p.pool_kernel) + ")";
@@ -191,29 +246,57 @@ int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_s
     return n_removed;
 }
 
-// Head granularity: each (layer, KV head) keeps its own best cells by the policy's per-head rule; their rows are
-// compacted into the sequence's first cells (kv-evict-compact.cpp) and the remaining prefix cells are freed.
+// Head granularity: each (layer, KV head) keeps its own best cells by the policy's per-head rule, all heads the same
+// number, or with an -ada policy its AdaKV share; their rows are compacted into the sequence's first cells
+// (kv-evict-compact.cpp) and the remaining prefix cells are freed. A head whose share is shorter than the cells kept
+// holds no token in the last ones: the layer's attention masks them for that head (llama_kv_evict_attn).
 int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
     const auto & p = st.params;
     const int64_t n_prefix = sc.n_prefix();
     const int64_t budget   = p.budget - sc.n_window;
-    const uint32_t kv_size = st.kv->get_size();
-    if (n_prefix <= budget) {
+    const bool critical = p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV || p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA;
+
+    std::vector<int64_t> share(n_layer_kv * n_kv, budget);
+    std::vector<std::vector<uint8_t>> skip(n_layer_kv * n_kv);
+    for (int64_t hh = 0; hh < n_layer_kv * n_kv; ++hh) {
+        if (!sc.absent.empty()) {
+            skip[hh].assign(sc.absent.begin() + hh * n_prefix, sc.absent.begin() + (hh + 1) * n_prefix);
+        }
+    }
+    auto head_scores = [&](int64_t hh) {
+        return std::vector<float>(sc.score.begin() + hh * n_prefix, sc.score.begin() + (hh + 1) * n_prefix);
+    };
+    if (st.ada()) {
+        // a head holds at most twice the per-head budget: every cell a share adds is a cell of every head and layer
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            std::vector<std::vector<float>>   s(n_kv);
+            std::vector<std::vector<uint8_t>> sk(n_kv);
+            for (int64_t g = 0; g < n_kv; ++g) {
+                s[g]  = head_scores(l * n_kv + g);
+                sk[g] = skip[l * n_kv + g].empty() ? std::vector<uint8_t>(n_prefix, 0) : skip[l * n_kv + g];
+            }
+            const auto sh = adakv_shares(s, &sk, budget, p.ada_alpha, 2 * budget);
+            std::copy(sh.begin(), sh.end(), share.begin() + l * n_kv);
+        }
+    }
+    const int64_t n_keep = *std::max_element(share.begin(), share.end());
+    if (n_prefix <= n_keep && !st.ada()) {
         return 0;
     }
 
     std::vector<std::vector<uint32_t>> src(n_layer_kv * n_kv);
     for (int64_t hh = 0; hh < n_layer_kv * n_kv; ++hh) {
-        std::vector<float> s(sc.score.begin() + hh * n_prefix, sc.score.begin() + (hh + 1) * n_prefix);
+        const std::vector<float> s = head_scores(hh);
+        const std::vector<uint8_t> * sk = skip[hh].empty() ? nullptr : &skip[hh];
         std::vector<uint8_t> keep;
-        if (p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV) {
+        if (critical) {
             std::vector<float> c(n_prefix);
             for (int64_t i = 0; i < n_prefix; ++i) {
                 c[i] = (s[i] + p.epsilon) * sc.value_norm[hh * n_prefix + i];
             }
-            keep = select_two_stage(s, c, budget, p.first_stage_ratio);
+            keep = select_two_stage(s, c, share[hh], p.first_stage_ratio, sk);
         } else {
-            keep = select_top(s, budget);
+            keep = select_top(s, share[hh], sk);
         }
         for (int64_t i = 0; i < n_prefix; ++i) {
             if (keep[i]) {
@@ -221,39 +304,41 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
             }
         }
     }
-    const std::vector<uint32_t> dst(sc.cells.begin(), sc.cells.begin() + budget);
+    const std::vector<uint32_t> dst(sc.cells.begin(), sc.cells.begin() + n_keep);
     if (int32_t err = compact_heads(st, st.kv->get_stream(seq_id), dst, src)) {
         return err;
     }
 
     // side data moves with the rows
-    std::vector<float>     norm(budget), acc(budget);
-    std::vector<llama_pos> hpos(budget);
-    for (int64_t l = 0; l < n_layer_kv; ++l) {
-        for (int64_t g = 0; g < n_kv; ++g) {
-            auto at = [&](uint32_t cell) { return (l * kv_size + cell) * n_kv + g; };
-            for (int64_t j = 0; j < budget; ++j) {
-                norm[j] = st.value_norm[at(src[l * n_kv + g][j])];
-                acc[j]  = st.h2o_acc[at(src[l * n_kv + g][j])];
-                hpos[j] = st.head_pos[at(src[l * n_kv + g][j])];
-            }
-            for (int64_t j = 0; j < budget; ++j) {
-                st.value_norm[at(dst[j])] = norm[j];
-                st.h2o_acc[at(dst[j])]    = acc[j];
-                st.head_pos[at(dst[j])]   = hpos[j];
-            }
+    std::vector<float>     norm(n_keep), acc(n_keep);
+    std::vector<llama_pos> hpos(n_keep);
+    for (int64_t hh = 0; hh < n_layer_kv * n_kv; ++hh) {
+        const int64_t l = hh / n_kv, g = hh % n_kv;
+        const int64_t k = src[hh].size();
+        for (int64_t j = 0; j < k; ++j) {
+            norm[j] = st.value_norm[st.side(l, src[hh][j], g)];
+            acc[j]  = st.h2o_acc[st.side(l, src[hh][j], g)];
+            hpos[j] = st.head_pos[st.side(l, src[hh][j], g)];
+        }
+        for (int64_t j = 0; j < n_keep; ++j) {
+            const size_t at = st.side(l, dst[j], g);
+            st.value_norm[at]  = j < k ? norm[j] : 0.0f;
+            st.h2o_acc[at]     = j < k ? acc[j] : 0.0f;
+            st.head_pos[at]    = j < k ? hpos[j] : -1;
+            st.head_absent[at] = j >= k;
+            st.any_absent     |= j >= k;
         }
     }
     for (uint32_t cell : dst) {
         // criticalkv computed every prefix cell's norms; other policies did not, and recompute them from the rows
-        st.norm_valid[cell] = p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV;
+        st.norm_valid[cell] = critical;
     }
 
-    // the destination cells are the first `budget` prefix positions: the rest of the prefix is one position range
-    if (!st.kv->seq_rm(seq_id, sc.pos[budget], sc.pos[n_prefix])) {
+    // the destination cells are the first n_keep prefix positions: the rest of the prefix is one position range
+    if (n_keep < n_prefix && !st.kv->seq_rm(seq_id, sc.pos[n_keep], sc.pos[n_prefix])) {
         return set_error(ERR_COMPUTE, "the cache refused to remove the compacted prefix");
     }
-    return (int32_t) (n_prefix - budget);
+    return (int32_t) (n_prefix - n_keep);
 }
 
 // Index of model layer il among the cache's layers, or an error code
@@ -305,15 +390,59 @@ int32_t enabled_layer(llama_context * ctx, llama_seq_id seq_id, int32_t il, llam
     return layer_index(*st->kv, il);
 }
 
+// The per-head mask lives in the hook: before the hook goes, the cells where a head holds no token leave the cache,
+// or that head would attend whatever row the cell holds
+void drop_absent_cells(llama_kv_evict_state & st) {
+    if (!st.any_absent) {
+        return;
+    }
+    st.lctx->synchronize();
+    const int64_t n_layer_kv = st.kv->get_layer_ids().size();
+    std::vector<llama_pos> drop;
+    for (const auto & [pos, cell] : st.kv->get_cells(0).seq_pos_get(0)) {
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t g = 0; g < st.n_head_kv; ++g) {
+                if (st.absent(l, cell, pos, g) && (drop.empty() || drop.back() != pos)) {
+                    drop.push_back(pos);
+                }
+            }
+        }
+    }
+    for (llama_pos pos : drop) {
+        st.kv->seq_rm(0, pos, pos + 1);
+    }
+    st.any_absent = false;
+}
+
+// Cells the sequence would hold if every head kept only the cells it holds a token in: the -ada policies are within
+// budget while their (head, cell) pairs are, whatever their largest share
+int64_t held_cells(const llama_kv_evict_state & st, llama_seq_id seq_id) {
+    const auto & pcs = st.kv->get_cells(seq_id).seq_pos_get(seq_id);
+    if (!st.any_absent) {
+        return pcs.size();
+    }
+    int64_t most = 0;
+    for (int64_t l = 0; l < (int64_t) st.kv->get_layer_ids().size(); ++l) {
+        int64_t pairs = 0;
+        for (const auto & [pos, cell] : pcs) {
+            for (int64_t g = 0; g < st.n_head_kv; ++g) {
+                pairs += !st.absent(l, cell, pos, g);
+            }
+        }
+        most = std::max(most, (pairs + st.n_head_kv - 1) / st.n_head_kv);
+    }
+    return most;
+}
+
 } // namespace
 } // namespace kv_evict
 
 using namespace kv_evict;
 
-void llama_kv_evict_capture(llama_kv_evict_state * st, ggml_context * ctx0, ggml_cgraph * gf, llm_graph_result * res,
-        ggml_tensor * q_cur, float kq_scale, int il) {
+ggml_tensor * llama_kv_evict_attn(llama_kv_evict_state * st, ggml_context * ctx0, ggml_cgraph * gf, llm_graph_result * res,
+        ggml_tensor * q_cur, ggml_tensor * kq_mask, float kq_scale, int il) {
     if (il < 0 || (size_t) il >= st->ring.size() || !st->ring[il]) {
-        return;
+        return kq_mask;
     }
     st->kq_scale[il] = kq_scale;
 
@@ -331,8 +460,20 @@ void llama_kv_evict_capture(llama_kv_evict_state * st, ggml_context * ctx0, ggml
     q = ggml_reshape_2d(ctx0, q, q->ne[0] * q->ne[1], n_tokens);
     q = ggml_view_2d(ctx0, q, q->ne[0], n_capture, q->nb[1], (n_tokens - n_capture) * q->nb[1]);
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, st->ring[il], q, inp->slots));
-
     res->add_input(std::move(inp));
+
+    if (!st->ada()) {
+        return kq_mask;
+    }
+    const auto layer_ids = st->kv->get_layer_ids();
+    const int64_t l = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il) - layer_ids.begin();
+    const int64_t n_head = q_cur->ne[1];
+    auto head = std::make_unique<graph_input_head_mask>(st, l, n_tokens);
+    head->mask = ggml_new_tensor_4d(ctx0, kq_mask->type, kq_mask->ne[0], 1, n_head, 1);
+    ggml_set_input(head->mask);
+    ggml_tensor * mask = ggml_add(ctx0, ggml_repeat_4d(ctx0, kq_mask, kq_mask->ne[0], kq_mask->ne[1], n_head, kq_mask->ne[3]), head->mask);
+    res->add_input(std::move(head));
+    return mask;
 }
 
 void llama_kv_evict_state_free(llama_kv_evict_state * st) {
@@ -342,13 +483,14 @@ void llama_kv_evict_state_free(llama_kv_evict_state * st) {
 llama_kv_evict_params llama_kv_evict_default_params(void) {
     llama_kv_evict_params p{};
     p.policy            = LLAMA_KV_EVICT_POLICY_CRITICALKV;
-    p.granularity       = LLAMA_KV_EVICT_GRANULARITY_TOKEN;
+    p.granularity       = LLAMA_KV_EVICT_GRANULARITY_HEAD; // the paper's: every head keeps the cells it needs
     p.budget            = 1024;
     p.window            = 32;   // the CriticalKV authors' observation window
     p.pool_kernel       = 5;    // SnapKV / kvpress
     p.first_stage_ratio = 0.5f; // CriticalKV default
     p.epsilon           = 1e-4f;
     p.n_sink            = 4;    // StreamingLLM's attention sinks
+    p.ada_alpha         = 0.2f; // AdaKV's safeguard
     return p;
 }
 
@@ -366,7 +508,7 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
         return set_error(ERR_INVALID, why);
     }
     if (params->granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD) {
-        why = head_granularity_unsupported(*kv);
+        why = head_granularity_unsupported(*kv, ctx->get_model().hparams);
         if (!why.empty()) {
             return set_error(ERR_UNSUPPORTED, why);
         }
@@ -405,13 +547,19 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
         st->ring_bufs.emplace_back(buf);
     }
 
-    const size_t side = (size_t) layer_ids.size() * kv->get_size() * hp.n_head_kv(layer_ids[0]);
+    st->kv_size   = kv->get_size();
+    st->n_head_kv = hp.n_head_kv(layer_ids[0]);
+    const size_t side = (size_t) layer_ids.size() * st->kv_size * st->n_head_kv;
+    st->head_absent.assign(side, 0);
     st->value_norm.assign(side, 0.0f);
     st->h2o_acc.assign(side, 0.0f);
     st->head_pos.assign(side, -1);
     st->side_pos.assign(kv->get_size(), -1);
     st->norm_valid.assign(kv->get_size(), 0);
 
+    if (llama_kv_evict_state * old = ctx->get_cparams().kv_evict) {
+        drop_absent_cells(*old);
+    }
     ctx->set_kv_evict(st.release());
     g_last_error.clear();
     return 0;
@@ -419,6 +567,7 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
 
 void llama_kv_evict_disable(llama_context * ctx) {
     if (ctx && ctx->get_cparams().kv_evict) {
+        drop_absent_cells(*ctx->get_cparams().kv_evict);
         ctx->set_kv_evict(nullptr);
     }
 }
@@ -431,8 +580,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     const int64_t t_start = ggml_time_us();
     ctx->synchronize();
 
-    const auto & cells = st->kv->get_cells(seq_id);
-    if ((int64_t) cells.seq_pos_get(seq_id).size() <= st->params.budget) {
+    if (held_cells(*st, seq_id) <= st->params.budget) {
         return 0;
     }
 
@@ -441,7 +589,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     const int64_t n_kv       = hp.n_head_kv(st->kv->get_layer_ids()[0]);
 
     seq_scores sc;
-    const bool need_norms = st->params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    const bool need_norms = st->params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV || st->params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA;
     if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/true, sc)) {
         return err;
     }
@@ -502,10 +650,23 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     ctx->synchronize();
 
     // the numbering covers an iSWA model's sliding-window cache too, which may hold positions evicted from the
-    // full-attention cache: both caches must keep one order
+    // full-attention cache, and the tokens whose rows head-wise compaction moved into other cells: one order for all
+    const int64_t n_layer_kv = st->kv->get_layer_ids().size();
+    const std::vector<std::pair<llama_pos, uint32_t>> pcs(st->kv->get_cells(seq_id).seq_pos_get(seq_id).begin(),
+                                                         st->kv->get_cells(seq_id).seq_pos_get(seq_id).end());
+    auto moved_row = [&](int64_t l, uint32_t cell, llama_pos pos, int64_t g) {
+        return !st->holds_new_token(cell, pos) && !st->absent(l, cell, pos, g) && st->head_pos[st->side(l, cell, g)] != pos;
+    };
     std::set<llama_pos> held;
-    for (const auto & pc : st->kv->get_cells(seq_id).seq_pos_get(seq_id)) {
-        held.insert(pc.first);
+    for (const auto & [pos, cell] : pcs) {
+        held.insert(pos);
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t g = 0; g < st->n_head_kv; ++g) {
+                if (moved_row(l, cell, pos, g)) {
+                    held.insert(st->head_pos[st->side(l, cell, g)]);
+                }
+            }
+        }
     }
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
         for (const auto & pc : iswa->get_swa()->get_cells(seq_id).seq_pos_get(seq_id)) {
@@ -516,6 +677,28 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     for (llama_pos p : held) {
         new_pos.emplace(p, (llama_pos) new_pos.size());
     }
+
+    // a moved row turns with its cell (below) and by the difference between its token's move and the cell's
+    std::vector<std::vector<int32_t>> row_shift(n_layer_kv * st->n_head_kv);
+    for (const auto & [pos, cell] : pcs) {
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t g = 0; g < st->n_head_kv; ++g) {
+                llama_pos & e = st->head_pos[st->side(l, cell, g)];
+                if (moved_row(l, cell, pos, g)) {
+                    auto & shift = row_shift[l * st->n_head_kv + g];
+                    shift.resize(st->kv_size, 0);
+                    shift[cell] = (new_pos.at(e) - e) - (new_pos.at(pos) - pos);
+                    e = new_pos.at(e);
+                } else if (e == pos) {
+                    e = new_pos.at(pos);
+                }
+            }
+        }
+    }
+    if (int32_t err = shift_head_rows(*st, st->kv->get_stream(seq_id), row_shift)) {
+        return err;
+    }
+
     // one seq_add per run of cells that move by the same amount; runs move down in ascending order, so a moved run
     // never lands in the range of one still to move
     for (auto it = new_pos.begin(); it != new_pos.end();) {
@@ -539,11 +722,6 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     for (llama_pos & p : st->side_pos) {
         if (p >= 0) {
             p = moved(p);
-        }
-    }
-    for (llama_pos & p : st->head_pos) {
-        if (p >= 0) {
-            p = moved(p);  // a head's token whose own cell was freed by head-wise compaction has no number any more
         }
     }
     if (!new_pos.empty()) {
@@ -581,7 +759,6 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
         return l;
     }
     const int64_t n_kv = ctx->get_model().hparams.n_head_kv(il);
-    const uint32_t kv_size = st->kv->get_size();
     const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
     const int64_t n = pcs.size();
     const int64_t m = std::min<int64_t>(n, n_max);
@@ -593,7 +770,7 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
         // a cell decoded since the last scoring holds its own token in every head
         const bool fresh = st->holds_new_token(cell, pos);
         for (int64_t g = 0; g < n_kv; ++g) {
-            out[g * m + i] = fresh ? pos : st->head_pos[(l * kv_size + cell) * n_kv + g];
+            out[g * m + i] = fresh ? pos : st->absent(l, cell, pos, g) ? -1 : st->head_pos[st->side(l, cell, g)];
         }
         ++i;
     }
@@ -661,4 +838,60 @@ int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama
 
 const char * llama_kv_evict_last_error(void) {
     return g_last_error.c_str();
+}
+
+int32_t llama_kv_evict_adakv_shares(const float * scores, int32_t n_head, int32_t n, int32_t budget, float alpha, int32_t cap, int32_t * share) {
+    if (!scores || !share || n_head < 1 || n < 0 || budget < 0 || cap < 1 || (int64_t) n_head * budget > (int64_t) n_head * n) {
+        return set_error(ERR_INVALID, "adakv_shares: scores and share must not be NULL, n_head >= 1, cap >= 1, 0 <= budget <= n");
+    }
+    std::vector<std::vector<float>> s(n_head);
+    for (int32_t h = 0; h < n_head; ++h) {
+        s[h].assign(scores + (int64_t) h * n, scores + (int64_t) (h + 1) * n);
+    }
+    const std::vector<int64_t> sh = adakv_shares(s, nullptr, budget, alpha, cap);
+    std::copy(sh.begin(), sh.end(), share);
+    return 0;
+}
+
+int32_t llama_kv_evict_seq_rm(llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    llama_kv_cache * kv = nullptr;
+    if (int32_t err = seq_cache(ctx, seq_id, kv)) {
+        return err;
+    }
+    p0 = p0 < 0 ? 0 : p0;
+    p1 = p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1;
+    ctx->synchronize();
+    llama_memory_t mem = ctx->get_memory();
+    if (!llama_memory_seq_rm(mem, seq_id, p0, p1)) {
+        return set_error(ERR_INVALID, "the cache refused to remove positions " + std::to_string(p0) + ".." + std::to_string(p1));
+    }
+    const llama_kv_evict_state * st = enabled_state(ctx);
+    if (!st) {
+        return llama_memory_seq_pos_max(mem, seq_id) + 1;
+    }
+
+    // a cell goes too if a head holds a moved row of a removed token in it, or of a token past the last cell: the
+    // sequence continues after its last cell, and a row there would have a RoPE position past the next queries
+    const int64_t n_layer_kv = st->kv->get_layer_ids().size();
+    for (bool again = true; again;) {
+        const llama_pos last = kv->seq_pos_max(seq_id);
+        std::vector<llama_pos> drop;
+        for (const auto & [pos, cell] : kv->get_cells(seq_id).seq_pos_get(seq_id)) {
+            bool go = false;
+            for (int64_t l = 0; l < n_layer_kv && !go && !st->holds_new_token(cell, pos); ++l) {
+                for (int64_t g = 0; g < st->n_head_kv && !go; ++g) {
+                    const llama_pos e = st->absent(l, cell, pos, g) ? -1 : st->head_pos[st->side(l, cell, g)];
+                    go = (e >= p0 && e < p1) || e > last;
+                }
+            }
+            if (go) {
+                drop.push_back(pos);
+            }
+        }
+        for (llama_pos pos : drop) {
+            llama_memory_seq_rm(mem, seq_id, pos, pos + 1);
+        }
+        again = !drop.empty();
+    }
+    return llama_memory_seq_pos_max(mem, seq_id) + 1;
 }

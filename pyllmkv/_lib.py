@@ -43,7 +43,7 @@ def _load_llama_cpp():
 
 llama_cpp, _lib = _load_llama_cpp()
 
-POLICIES = {"criticalkv": 0, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4}
+POLICIES = {"criticalkv-ada": 5, "criticalkv": 0, "snapkv-ada": 6, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4}
 GRANULARITIES = {"token": 0, "head": 1}
 
 
@@ -65,6 +65,7 @@ class EvictParams(ctypes.Structure):
         ("first_stage_ratio", ctypes.c_float),
         ("epsilon", ctypes.c_float),
         ("n_sink", ctypes.c_int32),
+        ("ada_alpha", ctypes.c_float),
     ]
 
 
@@ -102,7 +103,9 @@ _head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32
 _read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
+_seq_rm = _bind("llama_kv_evict_seq_rm", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
+_adakv_shares = _bind("llama_kv_evict_adakv_shares", [_f_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, _i32_p], ctypes.c_int32)
 
 
 def _check(rc: int) -> int:
@@ -128,12 +131,19 @@ class EvictConfig:
 
     budget: int = 1024
     policy: str = "criticalkv"
-    granularity: str = "token"
+    granularity: str = "head"
     window: int = 32
     pool_kernel: int = 5
     first_stage_ratio: float = 0.5
     epsilon: float = 1e-4
     n_sink: int = 4
+    ada_alpha: float = 0.2
+
+    @property
+    def cells(self) -> int:
+        """Most cells the sequence holds after an eviction: the budget; with an -ada policy the window plus the largest
+        AdaKV head share, which the hook caps at twice the per-head budget."""
+        return 2 * self.budget - self.window if self.policy.endswith("-ada") else self.budget
 
     def to_c(self) -> EvictParams:
         if self.policy not in POLICIES:
@@ -143,7 +153,7 @@ class EvictConfig:
         p = _default_params()
         p.policy = POLICIES[self.policy]
         p.granularity = GRANULARITIES[self.granularity]
-        for name in ("budget", "window", "pool_kernel", "first_stage_ratio", "epsilon", "n_sink"):
+        for name in ("budget", "window", "pool_kernel", "first_stage_ratio", "epsilon", "n_sink", "ada_alpha"):
             setattr(p, name, getattr(self, name))
         return p
 
@@ -152,8 +162,9 @@ def default_config() -> EvictConfig:
     p = _default_params()
     names = {v: k for k, v in POLICIES.items()}
     return EvictConfig(
-        budget=p.budget, policy=names[p.policy], window=p.window, pool_kernel=p.pool_kernel,
-        first_stage_ratio=p.first_stage_ratio, epsilon=p.epsilon, n_sink=p.n_sink,
+        budget=p.budget, policy=names[p.policy], granularity={v: k for k, v in GRANULARITIES.items()}[p.granularity],
+        window=p.window, pool_kernel=p.pool_kernel, first_stage_ratio=p.first_stage_ratio, epsilon=p.epsilon,
+        n_sink=p.n_sink, ada_alpha=p.ada_alpha,
     )
 
 
@@ -174,6 +185,12 @@ def evict(ctx, seq_id: int = 0) -> int:
 def compact_positions(ctx, seq_id: int = 0) -> int:
     """Renumbers the sequence's cells to 0..n-1 (llama.cpp shifts RoPE in K); returns n, the next position."""
     return _check(_compact_positions(_ctx(ctx), seq_id))
+
+
+def seq_rm(ctx, p0: int, p1: int = -1, seq_id: int = 0) -> int:
+    """Removes the tokens at positions [p0, p1) from every head (llama_memory_seq_rm, plus the cells where head-wise
+    compaction moved rows of those tokens); returns the position the sequence continues at."""
+    return _check(_seq_rm(_ctx(ctx), seq_id, p0, p1))
 
 
 def positions(ctx, seq_id: int = 0) -> np.ndarray:
@@ -210,6 +227,14 @@ def read_rows(ctx, layer: int, is_v: bool, n_cells: int, seq_id: int = 0) -> np.
     out = np.zeros(need, dtype=np.uint8)
     _check(_read_rows(_ctx(ctx), seq_id, layer, is_v, out.ctypes.data, need))
     return out.reshape(n_cells, -1)
+
+
+def adakv_shares(scores: np.ndarray, budget: int, alpha: float, cap: int) -> np.ndarray:
+    """AdaKV's allocation as the -ada policies compute it: cells each head keeps, given scores [n_head, n]."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    share = np.zeros(scores.shape[0], dtype=np.int32)
+    _check(_adakv_shares(scores.ctypes.data_as(_f_p), scores.shape[0], scores.shape[1], budget, alpha, cap, share.ctypes.data_as(_i32_p)))
+    return share
 
 
 def stats(ctx, seq_id: int = 0) -> dict:

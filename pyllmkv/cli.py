@@ -55,7 +55,8 @@ def model_options(fn):
         click.argument("model", required=False, type=click.Path(path_type=Path)),
         click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence"),
         click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True, help="which cells to evict"),
-        click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="token", show_default=True),
+        click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="head", show_default=True,
+                     help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
         click.option("--window", type=int, default=32, show_default=True, help="observation window: recent queries that score the cache"),
         click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]"),
         click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
@@ -81,13 +82,14 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     model = _model_path(model)
     from .session import context_size, sliding_window
 
+    config = EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window)
     try:
-        need = context_size(sliding_window(str(model)), budget, n_batch)
+        need = context_size(sliding_window(str(model)), config.cells, n_batch)
     except (ValueError, KeyError, IndexError) as e:
         raise click.ClickException(f"{model} is not a readable GGUF file ({e}): the file may be truncated")
     n_ctx = n_ctx or need
     if n_ctx < need:
-        raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget + --batch-size, and for a "
+        raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget (twice it less --window with an -ada policy) + --batch-size, and for a "
                                  "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
     fa = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -102,7 +104,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     except ValueError as e:
         raise click.ClickException(f"llama.cpp could not load {model}: {e} (a truncated or unsupported GGUF?)")
     try:
-        return Session(llm, EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window))
+        return Session(llm, config)
     except KVEvictError as e:
         raise click.ClickException(str(e))
 

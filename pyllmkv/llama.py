@@ -2,8 +2,9 @@
 
 Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_chat_completion`, streaming,
 `tokenize`/`detokenize`, the OpenAI-shaped results) works unchanged. What differs:
-- the cache holds `kv_budget + n_batch` cells (a sliding-window model's at least its window + n_batch); before a
-  batch that would not fit, the sequence is evicted down to `kv_budget` cells by the chosen policy;
+- the cache holds `kv_budget + n_batch` cells (with an -ada policy `2 * kv_budget - window + n_batch`; a
+  sliding-window model's at least its window + n_batch); before a batch that would not fit, the sequence is evicted
+  down to `kv_budget` cells by the chosen policy;
 - `n_ctx` is the logical context (positions and prompt length), by default the model's training context, no longer
   the cache size;
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
@@ -29,19 +30,19 @@ class Llama(llama_cpp.Llama):
         *,
         kv_budget: int = 1024,
         policy: str = "criticalkv",
-        granularity: str = "token",
+        granularity: str = "head",
         window: int = 32,
         n_ctx: int = 0,
         n_batch: int = 512,
         **kwargs,
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: cells kept per sequence;
-        `policy`: one of pyllmkv.POLICIES; `window`: recent queries that score the cache (always kept);
+        `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or "token"; `window`: recent queries that score the cache (always kept);
         `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`."""
         self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window)
         self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
         kwargs.setdefault("n_ubatch", n_batch)
-        cells = context_size(sliding_window(model_path), kv_budget, n_batch)
+        cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
         _lib.enable(self._ctx.ctx, self.evict_config)
 
@@ -65,14 +66,13 @@ class Llama(llama_cpp.Llama):
         return stats
 
     def eval(self, tokens: Sequence[int]):
-        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
-        llama_cpp.llama_memory_seq_rm(mem, -1, self.n_tokens, -1)
-        resume = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        # head-wise compaction may have put rows of tokens past n_tokens into earlier cells: those go too
+        resume = _lib.seq_rm(self._ctx.ctx, self.n_tokens)
         if resume < self.n_tokens:
             # the cell before n_tokens was evicted: llama.cpp continues a sequence only at its last position + 1
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start : start + self.n_batch]
-            evict_to_fit(self._ctx.ctx, self.evict_config.budget, self.n_batch, len(batch))
+            evict_to_fit(self._ctx.ctx, self.evict_config.cells, self.n_batch, len(batch))
             super().eval(batch)

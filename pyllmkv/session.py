@@ -16,11 +16,12 @@ from . import _lib
 from ._lib import EvictConfig, llama_cpp
 
 
-def context_size(n_swa: int, budget: int, n_batch: int) -> int:
-    """Cells a context needs: budget + n_batch, and for a sliding-window model (Gemma 3, window n_swa) at least
+def context_size(n_swa: int, cells: int, n_batch: int) -> int:
+    """Cells a context needs: the cells a sequence keeps after an eviction (EvictConfig.cells: the budget, more with
+    an -ada policy) + n_batch, and for a sliding-window model (Gemma 3, window n_swa) at least
     n_swa + n_batch, since its sliding-window cache keeps the whole window as llama.cpp manages it (eviction acts on
     the full-attention cache only) and llama.cpp sizes both caches from n_ctx."""
-    return max(budget + n_batch, n_swa + n_batch if n_swa > 0 else 0)
+    return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0)
 
 
 def sliding_window(model_path: str) -> int:
@@ -34,9 +35,9 @@ def sliding_window(model_path: str) -> int:
     return int(field.parts[field.data[0]][0]) if field is not None else 0
 
 
-def evict_to_fit(ctx, budget: int, n_batch: int, n_new: int) -> None:
-    """Evicts sequence 0 down to `budget` cells if `n_new` more tokens would take it past budget + n_batch."""
-    if _lib.stats(ctx)["n_seq_cells"] + n_new > budget + n_batch:
+def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int) -> None:
+    """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells."""
+    if _lib.stats(ctx)["n_seq_cells"] + n_new > cells + n_batch:
         _lib.evict(ctx)
 
 
@@ -55,10 +56,10 @@ class Session:
         self.n_vocab = llm.n_vocab()
         self.n_past = 0  # position of the next token
         if config is not None:
-            need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.budget, self.n_batch)
+            need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
             if llm.n_ctx() < need:
                 raise ValueError(
-                    f"n_ctx ({llm.n_ctx()}) must be at least {need}: budget + n_batch, and for a sliding-window "
+                    f"n_ctx ({llm.n_ctx()}) must be at least {need}: the cells kept (budget) + n_batch, and for a sliding-window "
                     "model its window + n_batch (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
@@ -76,12 +77,10 @@ class Session:
         self.n_past = 0
 
     def truncate(self, n: int) -> int:
-        """Drops positions >= n so decoding can resume at n. If the cell before n was evicted, resumes after the
-        last kept cell instead (llama.cpp needs a sequence to continue at its highest position + 1); returns the
-        position decoding resumes at."""
-        mem = llama_cpp.llama_get_memory(self.ctx)
-        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
-        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        """Drops positions >= n (from every head: see _lib.seq_rm) so decoding can resume at n. If the cell before n
+        was evicted, resumes after the last kept cell instead (llama.cpp needs a sequence to continue at its highest
+        position + 1); returns the position decoding resumes at."""
+        self.n_past = _lib.seq_rm(self.ctx, n)
         return self.n_past
 
     def evict(self) -> int:
@@ -99,7 +98,7 @@ class Session:
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             if self.config is not None:
-                evict_to_fit(self.ctx, self.config.budget, self.n_batch, len(chunk))
+                evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk))
                 if self.n_past + len(chunk) > self.max_position:
                     self.evict()
                     self.n_past = _lib.compact_positions(self.ctx)

@@ -11,8 +11,9 @@ import argparse
 import resource
 import time
 
+import pyllmkv
 from pyllmkv import _lib, models
-from evict_overhead import session, text
+from eviction_table import session, text
 
 
 def main():
@@ -24,7 +25,7 @@ def main():
     ap.add_argument("--policy", default="criticalkv")
     a = ap.parse_args()
     model = a.model or str(models.smollm2())
-    sess = session(model, a.budget, a.batch, a.policy)
+    sess = session(model, a.batch, pyllmkv.EvictConfig(budget=a.budget, policy=a.policy))
     llm = sess.llm
     piece = llm.tokenize(text().encode(), add_bos=False)
     tokens = (piece * (a.tokens // len(piece) + 1))[: a.tokens]

@@ -27,6 +27,12 @@ def tiny_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny64_path(tmp_path_factory) -> str:
+    # head_dim 64, as real models: a head's slice of a q4_0/q5_0/q8_0 row is whole blocks of whole 4-byte words
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny64") / "tiny64.gguf", seed=3, head_dim=64)
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> str:
     return str(models.smollm2())
 

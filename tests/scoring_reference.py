@@ -85,3 +85,35 @@ def select_token(policy, scores, norms, budget, n_window, first_stage_ratio=0.5,
     keep[_top(s, n_first)] = True
     keep[_top(c, b - n_first, keep)] = True
     return keep
+
+
+def adakv_shares(scores, budget, alpha, cap):
+    """AdaKV over one layer's heads: scores [n_head, n] -> cells per head. Each head first takes its top
+    max(1, floor(alpha * budget)) (at most cap); the rest of the pool n_head * budget goes to the best remaining
+    (head, cell) pairs, ties to the lower head then cell, skipping heads already at cap."""
+    n_head, n = scores.shape
+    n_safe = min(max(1, int(np.floor(alpha * budget))), cap, n)
+    share = np.full(n_head, n_safe)
+    taken = np.zeros((n_head, n), dtype=bool)
+    for h in range(n_head):
+        taken[h, _top(scores[h], n_safe)] = True
+    left = n_head * budget - share.sum()
+    pairs = sorted(((h, i) for h in range(n_head) for i in range(n) if not taken[h, i]), key=lambda p: (-scores[p], p))
+    for h, i in pairs:
+        if left == 0:
+            break
+        if share[h] < cap:
+            share[h] += 1
+            left -= 1
+    return share
+
+
+def select_head(policy, s, norm, k, first_stage_ratio=0.5, epsilon=1e-4):
+    """One KV head's kept cells (sorted) out of its scores s [n] (and value norms for criticalkv): k of them."""
+    if not policy.startswith("criticalkv"):
+        return np.sort(_top(s, k))
+    keep = np.zeros(len(s), dtype=bool)
+    n_first = int(np.floor(k * first_stage_ratio))
+    keep[_top(s, n_first)] = True
+    keep[_top((s.astype(np.float64) + epsilon) * norm, k - n_first, keep)] = True
+    return np.flatnonzero(keep)

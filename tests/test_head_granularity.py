@@ -13,7 +13,7 @@ from pyllmkv.session import Session
 from test_hook import _llama, _reference_scores
 from tinymodel import TinyRef
 
-TYPES = {"f32": 0, "f16": 1, "bf16": 30}  # GGML_TYPE_*
+TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}  # GGML_TYPE_*
 
 
 def _context(llama_cpp, path, cache, flash_attn):
@@ -26,25 +26,31 @@ def _per_head_bytes(rows, n_kv):
     return rows.reshape(rows.shape[0], n_kv, -1).transpose(1, 0, 2)
 
 
-@pytest.mark.parametrize("flash_attn", [False, True])
-@pytest.mark.parametrize("cache", ["f32", "f16", "bf16"])
-def test_compacted_rows_equal_original_rows(llama_cpp, tiny_path, cache, flash_attn):
-    ref = TinyRef(tiny_path)
-    llm = _context(llama_cpp, tiny_path, cache, flash_attn)
-    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head"))
+# quantized V needs flash attention in llama.cpp (V stored per cell); float V is stored transposed without it
+CACHES = [(t, fa) for t in ("f32", "f16", "bf16") for fa in (False, True)] + [(t, True) for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")]
+
+
+@pytest.mark.parametrize("cache, flash_attn", CACHES)
+@pytest.mark.parametrize("policy", ["criticalkv", "criticalkv-ada"])
+def test_compacted_rows_equal_original_rows(llama_cpp, tiny64_path, cache, flash_attn, policy):
+    ref = TinyRef(tiny64_path)
+    llm = _context(llama_cpp, tiny64_path, cache, flash_attn)
+    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head", policy=policy))
     tokens = random_tokens(100, seed=9)
     sess.decode(tokens)
     before = {(il, v): _per_head_bytes(_lib.read_rows(llm, il, v, 100), ref.n_head_kv) for il in range(ref.n_layer) for v in (False, True)}
-    assert sess.evict() == 60
-    assert _lib.stats(llm)["n_seq_cells"] == 40
+    n_removed = sess.evict()
+    n_cells = _lib.stats(llm)["n_seq_cells"]
+    assert n_removed == 100 - n_cells and (n_cells == 40 or policy.endswith("-ada"))
     for il in range(ref.n_layer):
-        held = _lib.head_positions(llm, il, ref.n_head_kv)  # [n_kv, 40]: the token each head holds per cell
+        held = _lib.head_positions(llm, il, ref.n_head_kv)  # [n_kv, n_cells]: the token each head holds per cell
         assert (held[:, -8:] == np.arange(92, 100)).all()  # the window stays in every head
         assert not all((held[g] == held[0]).all() for g in range(ref.n_head_kv)), "heads should choose differently"
         for v in (False, True):
-            after = _per_head_bytes(_lib.read_rows(llm, il, v, 40), ref.n_head_kv)
+            after = _per_head_bytes(_lib.read_rows(llm, il, v, n_cells), ref.n_head_kv)
             for g in range(ref.n_head_kv):
-                np.testing.assert_array_equal(after[g], before[(il, v)][g][held[g]])
+                kept = held[g] >= 0  # an -ada head whose share is shorter holds nothing in the last cells
+                np.testing.assert_array_equal(after[g][kept], before[(il, v)][g][held[g][kept]])
 
 
 def test_each_head_keeps_the_cells_its_own_scores_select(llama_cpp, tiny_path):
@@ -64,10 +70,10 @@ def test_each_head_keeps_the_cells_its_own_scores_select(llama_cpp, tiny_path):
 
 
 @pytest.mark.parametrize("policy", ["criticalkv", "snapkv"])
-@pytest.mark.parametrize("cache, flash_attn, atol", [("f32", False, 5e-5), ("f16", True, 1e-2)])
-def test_logits_after_head_eviction_match_numpy_with_per_head_masks(llama_cpp, tiny_path, policy, cache, flash_attn, atol):
-    ref = TinyRef(tiny_path, kv_cache_dtype=None if cache == "f32" else "f16")
-    llm = _context(llama_cpp, tiny_path, cache, flash_attn)
+@pytest.mark.parametrize("cache, flash_attn, atol", [("f32", False, 5e-5), ("f16", True, 1e-2), ("f16", False, 1e-2), ("q8_0", True, 0.1)])
+def test_logits_after_head_eviction_match_numpy_with_per_head_masks(llama_cpp, tiny64_path, policy, cache, flash_attn, atol):
+    ref = TinyRef(tiny64_path, kv_cache_dtype=None if cache == "f32" else cache)
+    llm = _context(llama_cpp, tiny64_path, cache, flash_attn)
     sess = Session(llm, EvictConfig(budget=48, window=8, granularity="head", policy=policy))
     prefix = random_tokens(120, seed=11)
     sess.decode(prefix)
@@ -95,7 +101,70 @@ def test_repeated_head_evictions_stay_within_budget_smollm2(llama_cpp, smollm2_p
     assert np.isfinite(logits).all()
 
 
-def test_quantized_cache_is_refused_for_head_granularity(llama_cpp, tiny_path):
-    llm = llama_cpp.Llama(model_path=tiny_path, n_ctx=512, verbose=False, flash_attn=True, type_k=8, type_v=8)  # q8_0
-    with pytest.raises(KVEvictError, match="head granularity needs an f32, f16 or bf16"):
+def test_quantized_head_slice_that_is_not_whole_words_is_refused(llama_cpp, tiny_path):
+    # head_dim 32 in q8_0: one 34-byte block per head, not a whole number of 4-byte words
+    llm = llama_cpp.Llama(model_path=tiny_path, n_ctx=512, verbose=False, flash_attn=True, type_k=8, type_v=8)
+    with pytest.raises(KVEvictError, match="head granularity cannot move K rows of type q8_0.*use granularity token"):
         _lib.enable(llm, EvictConfig(budget=64, window=8, granularity="head"))
+    _lib.enable(llm, EvictConfig(budget=64, window=8, granularity="token"))
+
+
+@pytest.mark.parametrize("cut", [95, 60])
+@pytest.mark.parametrize("policy", ["criticalkv", "criticalkv-ada"])
+def test_truncating_after_head_eviction_removes_moved_rows_of_later_tokens(llama_cpp, tiny_path, policy, cut):
+    # compaction puts rows of late tokens into early cells: cutting the sequence at `cut` must drop those cells too,
+    # or a chat that goes back to `cut` would still attend tokens it took back; and since the sequence continues
+    # after its last cell, cells holding rows of tokens past that go as well
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head", policy=policy))
+    prefix = random_tokens(100, seed=13)
+    sess.decode(prefix)
+    sess.evict()
+    before = np.stack([_lib.head_positions(llm, il, ref.n_head_kv) for il in range(ref.n_layer)])
+    resume = sess.truncate(cut)
+    pos = _lib.positions(llm)
+    held = np.stack([_lib.head_positions(llm, il, ref.n_head_kv) for il in range(ref.n_layer)])
+    assert resume == (pos.max() + 1 if len(pos) else 0) and held.max(initial=-1) < resume <= cut
+    if cut == 95:  # inside the window: only the window's cells from 95 on go
+        np.testing.assert_array_equal(held, before[:, :, : len(pos)])
+        assert len(pos) == before.shape[-1] - 5
+    keep = np.zeros((ref.n_layer, ref.n_head_kv, cut), dtype=bool)
+    for il in range(ref.n_layer):
+        for g in range(ref.n_head_kv):
+            keep[il, g, held[il, g][held[il, g] >= 0]] = True
+    new = random_tokens(3, seed=14)
+    got = np.stack([sess.decode([t]) for t in new])
+    expected = ref.decode_with_cache(prefix[:cut], keep=keep, new_tokens=new, new_positions=resume + np.arange(3))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv-ada"])
+def test_compact_positions_turns_each_moved_row_to_its_tokens_new_position(llama_cpp, tiny_path, policy):
+    # renumbering positions moves cells by llama.cpp's K-shift; a row compaction moved into another cell must turn by
+    # its own token's move instead, or its RoPE position would lie past the new queries
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head", policy=policy))
+    sess.decode(random_tokens(100, seed=15))
+    sess.evict()
+    n_cells = _lib.stats(llm)["n_seq_cells"]
+    held = np.stack([_lib.head_positions(llm, il, ref.n_head_kv) for il in range(ref.n_layer)])
+    rows = [_lib.read_rows(llm, il, False, n_cells).view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim) for il in range(ref.n_layer)]
+    assert held.max() >= _lib.positions(llm)[-9], "compaction moved rows of later tokens into earlier cells"
+    numbered = np.union1d(held[held >= 0], _lib.positions(llm))  # every position a cell or a head's row holds
+    new_pos = np.full(100, -1)
+    new_pos[numbered] = np.arange(len(numbered))
+
+    sess.n_past = _lib.compact_positions(llm)
+    assert sess.n_past == len(numbered)
+    sess.decode([7])  # the next decode applies llama.cpp's K-shift
+    after = np.stack([_lib.head_positions(llm, il, ref.n_head_kv)[:, :n_cells] for il in range(ref.n_layer)])
+    np.testing.assert_array_equal(after, np.where(held >= 0, new_pos[held], -1))
+    for il in range(ref.n_layer):
+        got = _lib.read_rows(llm, il, False, n_cells + 1).view(np.float32).reshape(n_cells + 1, ref.n_head_kv, ref.head_dim)
+        for g in range(ref.n_head_kv):
+            kept = held[il, g] >= 0
+            delta = new_pos[held[il, g][kept]] - held[il, g][kept]
+            expected = ref.rope(rows[il][kept, g][:, None, :].astype(np.float64), delta)[:, 0]
+            np.testing.assert_allclose(got[:n_cells][kept, g], expected, rtol=0, atol=2e-5)

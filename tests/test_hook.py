@@ -76,7 +76,7 @@ def test_eviction_keeps_the_cells_the_reference_selects(llama_cpp, tiny_path, po
     ref = TinyRef(tiny_path, kv_cache_dtype="f32")
     llm = _llama(llama_cpp, tiny_path)
     window, budget = 8, 40
-    sess = Session(llm, EvictConfig(budget=budget, window=window, policy=policy))
+    sess = Session(llm, EvictConfig(budget=budget, window=window, policy=policy, granularity="token"))
     tokens = random_tokens(100, seed=2)
     _decode_in_parts(sess, tokens)
 
@@ -92,7 +92,7 @@ def test_eviction_keeps_the_cells_the_reference_selects(llama_cpp, tiny_path, po
 def test_logits_after_eviction_match_numpy_forward_on_kept_cells(llama_cpp, tiny_path, policy):
     ref = TinyRef(tiny_path, kv_cache_dtype="f32")
     llm = _llama(llama_cpp, tiny_path)
-    sess = Session(llm, EvictConfig(budget=48, window=8, policy=policy))
+    sess = Session(llm, EvictConfig(budget=48, window=8, policy=policy, granularity="token"))
     prefix = random_tokens(120, seed=3)
     sess.decode(prefix)
     sess.evict()
@@ -271,7 +271,7 @@ def test_positions_are_compacted_below_the_trained_context(llama_cpp, tmp_path):
 
 def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path)
-    sess = Session(llm, EvictConfig(budget=40, window=8))
+    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="token"))
     sess.decode(random_tokens(100, seed=8))
     sess.evict()
     before = _lib.positions(llm)

@@ -268,6 +268,16 @@ class Trace:
     logits: np.ndarray  # [n_tokens, n_vocab]
 
 
+def _sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+_HADAMARD_64 = _sylvester(64)
+
+
 class _Layer:
     pass
 
@@ -281,8 +291,8 @@ class TinyRef:
     """
 
     def __init__(self, path, kv_cache_dtype: Optional[str] = None):
-        if kv_cache_dtype not in (None, "f32", "f16"):
-            raise ValueError("kv_cache_dtype must be None, 'f32' or 'f16'")
+        if kv_cache_dtype not in (None, "f32", "f16", "q8_0"):
+            raise ValueError("kv_cache_dtype must be None, 'f32', 'f16' or 'q8_0'")
         self.kv_cache_dtype = kv_cache_dtype
         r = gguf.GGUFReader(str(path))
         arch = self._field(r, "general.architecture")
@@ -375,6 +385,19 @@ class TinyRef:
             return x.astype(np.float16).astype(np.float64)
         if self.kv_cache_dtype == "f32":
             return x.astype(np.float32).astype(np.float64)
+        if self.kv_cache_dtype == "q8_0":
+            # llama.cpp stores a quantized K/V of head_dim % 64 == 0 rotated by a 64-wide Walsh-Hadamard matrix H
+            # (H·H = I), and rotates Q and the attention output to match: the model sees quant(x H) H
+            rot = self.head_dim % 64 == 0
+            if rot:
+                x = (x.reshape(*x.shape[:-1], -1, 64) @ _HADAMARD_64).reshape(x.shape)
+            # blocks of 32: scale d = amax / 127 stored as f16, values round(x / d)
+            b = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
+            d = np.abs(b).max(axis=-1, keepdims=True) / np.float32(127)
+            q = np.round(b / np.where(d == 0, 1, d))
+            x = (q * d.astype(np.float16).astype(np.float64)).reshape(x.shape)
+            if rot:
+                x = (x.reshape(*x.shape[:-1], -1, 64) @ _HADAMARD_64).reshape(x.shape)
         return x
 
     def qkv(self, il: int, h: np.ndarray, positions: np.ndarray):
