@@ -78,6 +78,8 @@ class EvictStats(ctypes.Structure):
         ("n_evicted", ctypes.c_int64),
         ("t_evict_us", ctypes.c_int64),
         ("kv_bytes", ctypes.c_size_t),
+        ("value_norm_kernel", ctypes.c_int32),
+        ("scoring_bytes", ctypes.c_size_t),
     ]
 
 
@@ -237,7 +239,13 @@ def adakv_shares(scores: np.ndarray, budget: int, alpha: float, cap: int) -> np.
     return share
 
 
+VALUE_NORM_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda"}
+
+
 def stats(ctx, seq_id: int = 0) -> dict:
+    """Counters from llama.cpp and the hook; value_norm_kernel names what computed the projected-value norms."""
     s = EvictStats()
     _check(_get_stats(_ctx(ctx), seq_id, ctypes.byref(s)))
-    return {name: getattr(s, name) for name, _ in EvictStats._fields_}
+    out = {name: getattr(s, name) for name, _ in EvictStats._fields_}
+    out["value_norm_kernel"] = VALUE_NORM_KERNELS.get(out["value_norm_kernel"], str(out["value_norm_kernel"]))
+    return out

@@ -1,0 +1,15 @@
+// The CUDA kernel's entry point, callable from C++ built without CUDA headers.
+#pragma once
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// norms [n_head][m] (host) of m cells: W_O f32 [n_out][n_head*hd] and V rows f32 [m][n_kv*hd], both on one CUDA
+// device. Runs on the legacy default stream after the caller synchronized the context. Returns 0, or < 0 if W is not
+// device memory (-1), allocation (-2) or the launch (-3) failed
+int pyllmkv_value_norm_cuda(const float * W, const float * V, float * out_host, int m, int n_head, int n_kv, int hd, int n_out);
+
+#ifdef __cplusplus
+}
+#endif
