@@ -59,6 +59,10 @@ struct llama_kv_evict_state {
         return params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || params.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA;
     }
 
+    // set while the hook edits the cache itself, so that its own removals do not come back through
+    // llama_kv_evict_on_seq_rm
+    bool editing = false;
+
     // scoring graphs run on their own scheduler over the context's backends, so the context's graphs stay reusable
     ggml_backend_sched_ptr sched;
     int32_t sched_graph_size = 0;

@@ -10,9 +10,9 @@
 #include "llama-model.h"
 
 #include <algorithm>
-#include <limits>
 #include <map>
 #include <set>
+#include <stdexcept>
 #include <memory>
 
 namespace kv_evict {
@@ -179,6 +179,14 @@ std::string unsupported(const llama_context & lctx, llama_kv_cache * kv) {
     return "";
 }
 
+// The hook's own removals: not the user's, so llama_kv_evict_on_seq_rm leaves them alone
+bool edit_seq_rm(llama_kv_evict_state & st, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    st.editing = true;
+    const bool ok = st.kv->seq_rm(seq_id, p0, p1);
+    st.editing = false;
+    return ok;
+}
+
 // Token granularity: one score per cell, the mean over layers and KV heads. Attention shares sum to one per head, so
 // every head votes with equal weight; the CriticalKV second-stage products are normalised per head for the same reason
 // (value norms differ by orders of magnitude between layers, and one layer would otherwise decide alone).
@@ -237,7 +245,7 @@ int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_s
         while (j < sc.n_prefix() && !keep[j]) {
             ++j;
         }
-        if (!st.kv->seq_rm(seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
+        if (!edit_seq_rm(st, seq_id, sc.pos[i], sc.pos[j - 1] + 1)) {
             return set_error(ERR_COMPUTE, "the cache refused to remove positions " + std::to_string(sc.pos[i]) + ".." + std::to_string(sc.pos[j - 1]));
         }
         n_removed += j - i;
@@ -335,7 +343,7 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
     }
 
     // the destination cells are the first n_keep prefix positions: the rest of the prefix is one position range
-    if (n_keep < n_prefix && !st.kv->seq_rm(seq_id, sc.pos[n_keep], sc.pos[n_prefix])) {
+    if (n_keep < n_prefix && !edit_seq_rm(st, seq_id, sc.pos[n_keep], sc.pos[n_prefix])) {
         return set_error(ERR_COMPUTE, "the cache refused to remove the compacted prefix");
     }
     return (int32_t) (n_prefix - n_keep);
@@ -409,7 +417,7 @@ void drop_absent_cells(llama_kv_evict_state & st) {
         }
     }
     for (llama_pos pos : drop) {
-        st.kv->seq_rm(0, pos, pos + 1);
+        edit_seq_rm(st, 0, pos, pos + 1);
     }
     st.any_absent = false;
 }
@@ -476,7 +484,56 @@ ggml_tensor * llama_kv_evict_attn(llama_kv_evict_state * st, ggml_context * ctx0
     return mask;
 }
 
+void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t p0, int32_t p1) {
+    if (st->editing || !st->kv) {
+        return;
+    }
+    const llama_seq_id seq = seq_id < 0 ? 0 : seq_id; // one sequence per context
+    // a cell goes if a head holds a moved row of a removed token in it, or of a token past the last cell (the
+    // sequence continues after its last cell, and such a row's RoPE position would lie past the next queries);
+    // removing cells can lower the last cell, hence the loop
+    const int64_t n_layer_kv = st->kv->get_layer_ids().size();
+    for (bool again = true; again;) {
+        const llama_pos last = st->kv->seq_pos_max(seq);
+        std::vector<llama_pos> drop;
+        for (const auto & [pos, cell] : st->kv->get_cells(seq).seq_pos_get(seq)) {
+            bool go = false;
+            for (int64_t l = 0; l < n_layer_kv && !go && !st->holds_new_token(cell, pos); ++l) {
+                for (int64_t g = 0; g < st->n_head_kv && !go; ++g) {
+                    const llama_pos e = st->absent(l, cell, pos, g) ? -1 : st->head_pos[st->side(l, cell, g)];
+                    go = (e >= p0 && e < p1) || e > last;
+                }
+            }
+            if (go) {
+                drop.push_back(pos);
+            }
+        }
+        for (llama_pos pos : drop) {
+            edit_seq_rm(*st, seq, pos, pos + 1);
+        }
+        again = !drop.empty();
+    }
+}
+
+void llama_kv_evict_on_state_write(const llama_kv_evict_state * st) {
+    if (st->any_absent) {
+        const char * msg = "the cache holds an -ada eviction's per-head mask, which a saved state cannot carry: "
+                           "save before evicting, or use a policy without -ada";
+        set_error(ERR_UNSUPPORTED, msg);
+        throw std::runtime_error(msg);
+    }
+}
+
+void llama_kv_evict_on_state_read(llama_kv_evict_state * st) {
+    std::fill(st->side_pos.begin(), st->side_pos.end(), -1);
+    std::fill(st->norm_valid.begin(), st->norm_valid.end(), 0);
+    st->any_absent = false;
+}
+
 void llama_kv_evict_state_free(llama_kv_evict_state * st) {
+    if (st && st->kv && st->kv->kv_evict == st) {
+        st->kv->kv_evict = nullptr;
+    }
     delete st;
 }
 
@@ -560,6 +617,7 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
     if (llama_kv_evict_state * old = ctx->get_cparams().kv_evict) {
         drop_absent_cells(*old);
     }
+    kv->kv_evict = st.get();
     ctx->set_kv_evict(st.release());
     g_last_error.clear();
     return 0;
@@ -853,47 +911,4 @@ int32_t llama_kv_evict_adakv_shares(const float * scores, int32_t n_head, int32_
     const std::vector<int64_t> sh = adakv_shares(s, nullptr, budget, alpha, cap);
     std::copy(sh.begin(), sh.end(), share);
     return 0;
-}
-
-int32_t llama_kv_evict_seq_rm(llama_context * ctx, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    llama_kv_cache * kv = nullptr;
-    if (int32_t err = seq_cache(ctx, seq_id, kv)) {
-        return err;
-    }
-    p0 = p0 < 0 ? 0 : p0;
-    p1 = p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1;
-    ctx->synchronize();
-    llama_memory_t mem = ctx->get_memory();
-    if (!llama_memory_seq_rm(mem, seq_id, p0, p1)) {
-        return set_error(ERR_INVALID, "the cache refused to remove positions " + std::to_string(p0) + ".." + std::to_string(p1));
-    }
-    const llama_kv_evict_state * st = enabled_state(ctx);
-    if (!st) {
-        return llama_memory_seq_pos_max(mem, seq_id) + 1;
-    }
-
-    // a cell goes too if a head holds a moved row of a removed token in it, or of a token past the last cell: the
-    // sequence continues after its last cell, and a row there would have a RoPE position past the next queries
-    const int64_t n_layer_kv = st->kv->get_layer_ids().size();
-    for (bool again = true; again;) {
-        const llama_pos last = kv->seq_pos_max(seq_id);
-        std::vector<llama_pos> drop;
-        for (const auto & [pos, cell] : kv->get_cells(seq_id).seq_pos_get(seq_id)) {
-            bool go = false;
-            for (int64_t l = 0; l < n_layer_kv && !go && !st->holds_new_token(cell, pos); ++l) {
-                for (int64_t g = 0; g < st->n_head_kv && !go; ++g) {
-                    const llama_pos e = st->absent(l, cell, pos, g) ? -1 : st->head_pos[st->side(l, cell, g)];
-                    go = (e >= p0 && e < p1) || e > last;
-                }
-            }
-            if (go) {
-                drop.push_back(pos);
-            }
-        }
-        for (llama_pos pos : drop) {
-            llama_memory_seq_rm(mem, seq_id, pos, pos + 1);
-        }
-        again = !drop.empty();
-    }
-    return llama_memory_seq_pos_max(mem, seq_id) + 1;
 }

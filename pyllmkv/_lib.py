@@ -47,6 +47,9 @@ POLICIES = {"criticalkv-ada": 5, "criticalkv": 0, "snapkv-ada": 6, "snapkv": 1, 
 GRANULARITIES = {"token": 0, "head": 1}
 
 
+ERR_NO_QUERIES = -5  # llama_kv_evict before any decode captured the window's queries
+
+
 class KVEvictError(RuntimeError):
     """An error reported by the hook; `code` is the C error code, the message is the hook's own."""
 
@@ -105,9 +108,13 @@ _head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32
 _read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
-_seq_rm = _bind("llama_kv_evict_seq_rm", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
 _adakv_shares = _bind("llama_kv_evict_adakv_shares", [_f_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, _i32_p], ctypes.c_int32)
+
+
+def last_error() -> str:
+    """The hook's last error message on this thread ("" if none)."""
+    return _last_error().decode("utf-8", "replace")
 
 
 def _check(rc: int) -> int:
@@ -187,12 +194,6 @@ def evict(ctx, seq_id: int = 0) -> int:
 def compact_positions(ctx, seq_id: int = 0) -> int:
     """Renumbers the sequence's cells to 0..n-1 (llama.cpp shifts RoPE in K); returns n, the next position."""
     return _check(_compact_positions(_ctx(ctx), seq_id))
-
-
-def seq_rm(ctx, p0: int, p1: int = -1, seq_id: int = 0) -> int:
-    """Removes the tokens at positions [p0, p1) from every head (llama_memory_seq_rm, plus the cells where head-wise
-    compaction moved rows of those tokens); returns the position the sequence continues at."""
-    return _check(_seq_rm(_ctx(ctx), seq_id, p0, p1))
 
 
 def positions(ctx, seq_id: int = 0) -> np.ndarray:

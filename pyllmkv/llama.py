@@ -65,9 +65,17 @@ class Llama(llama_cpp.Llama):
         stats["budget"] = self.evict_config.budget
         return stats
 
+    def save_state(self) -> "llama_cpp.LlamaState":
+        """llama-cpp-python's save_state, refusing (KVEvictError) a state llama.cpp could not write instead of
+        returning an empty one (after an -ada eviction the cache relies on a per-head mask a state cannot carry)."""
+        if llama_cpp.llama_state_get_size(self._ctx.ctx) == 0:
+            raise _lib.KVEvictError(-2, _lib.last_error() or "llama.cpp could not save the state")
+        return super().save_state()
+
     def eval(self, tokens: Sequence[int]):
-        # head-wise compaction may have put rows of tokens past n_tokens into earlier cells: those go too
-        resume = _lib.seq_rm(self._ctx.ctx, self.n_tokens)
+        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, -1, self.n_tokens, -1)  # the hook also drops cells of moved rows past it
+        resume = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
         if resume < self.n_tokens:
             # the cell before n_tokens was evicted: llama.cpp continues a sequence only at its last position + 1
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)

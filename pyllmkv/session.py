@@ -37,8 +37,15 @@ def sliding_window(model_path: str) -> int:
 
 def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int) -> None:
     """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells."""
-    if _lib.stats(ctx)["n_seq_cells"] + n_new > cells + n_batch:
-        _lib.evict(ctx)
+    st = _lib.stats(ctx)
+    if st["n_seq_cells"] + n_new > cells + n_batch:
+        try:
+            _lib.evict(ctx)
+        except _lib.KVEvictError as e:
+            # enabled on a sequence decoded before: nothing scores it until this batch captured queries, so let the
+            # batch in if the cache has room (the next batch evicts)
+            if e.code != _lib.ERR_NO_QUERIES or st["n_seq_cells"] + n_new > st["kv_size"]:
+                raise
 
 
 class Session:
@@ -77,10 +84,12 @@ class Session:
         self.n_past = 0
 
     def truncate(self, n: int) -> int:
-        """Drops positions >= n (from every head: see _lib.seq_rm) so decoding can resume at n. If the cell before n
-        was evicted, resumes after the last kept cell instead (llama.cpp needs a sequence to continue at its highest
-        position + 1); returns the position decoding resumes at."""
-        self.n_past = _lib.seq_rm(self.ctx, n)
+        """Drops positions >= n so decoding can resume at n. If the cell before n was evicted, resumes after the last
+        kept cell instead (llama.cpp needs a sequence to continue at its highest position + 1); returns the position
+        decoding resumes at."""
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)  # with the hook, also the cells holding moved rows of those tokens
+        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
         return self.n_past
 
     def evict(self) -> int:

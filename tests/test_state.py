@@ -1,0 +1,81 @@
+"""Session save and restore after eviction: a head-compacted sequence saved with llama.cpp's state API continues with
+identical logits in a context with or without the hook; a state the hook's per-head mask would be missing from is
+refused clearly; loading a state into a hooked context starts the hook's bookkeeping afresh."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import pyllmkv
+from conftest import random_tokens
+from pyllmkv import _lib
+from pyllmkv._lib import EvictConfig, KVEvictError, llama_cpp
+from pyllmkv.session import Session
+from test_hook import _llama
+
+
+def _save(llm) -> bytes:
+    n = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
+    buf = (ctypes.c_uint8 * n)()
+    assert llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, buf, n, 0) == n > 0
+    return bytes(buf)
+
+
+def _load(llm, data: bytes) -> int:
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    assert llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(data), 0) == len(data)
+    return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm._ctx.ctx), 0)) + 1
+
+
+@pytest.mark.parametrize("policy, granularity", [("criticalkv", "head"), ("snapkv", "token")])
+def test_state_after_eviction_continues_identically_with_and_without_the_hook(llama_cpp, tiny_path, policy, granularity):
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=40, window=8, policy=policy, granularity=granularity))
+    sess.decode(random_tokens(100, seed=30))
+    sess.evict()
+    data = _save(llm)
+    nxt = random_tokens(3, seed=31)
+    expected = np.stack([sess.decode([t]) for t in nxt])
+
+    plain = _llama(llama_cpp, tiny_path)  # stock llama.cpp: no hook
+    hooked = _llama(llama_cpp, tiny_path)
+    hooked_sess = Session(hooked, EvictConfig(budget=40, window=8, policy=policy, granularity=granularity))
+    hooked_sess.decode(random_tokens(50, seed=32))  # something else in the cells first
+    for other, other_sess in ((plain, Session(plain)), (hooked, hooked_sess)):
+        other_sess.n_past = _load(other, data)
+        assert other_sess.n_past == sess.n_past - 3
+        # the same rows at the same positions; llama.cpp's loader packs them into other cells, which changes only
+        # the order of the attention sums (f32 cache)
+        np.testing.assert_allclose(np.stack([other_sess.decode([t]) for t in nxt]), expected, rtol=0, atol=1e-5)
+
+
+def test_state_after_ada_eviction_is_refused_clearly(llama_cpp, tiny_path):
+    llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, policy="criticalkv-ada", n_batch=32, verbose=False,
+                        type_k=0, type_v=0)
+    llm.eval(random_tokens(200, seed=33))
+    assert llm.kv_stats()["n_evictions"] > 0
+    assert llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0) == 0  # llama.cpp reports the error and writes nothing
+    with pytest.raises(KVEvictError, match="per-head mask, which a saved state cannot carry"):
+        llm.save_state()
+
+
+def test_loading_a_state_resets_the_hooks_bookkeeping(llama_cpp, tiny_path):
+    # a context whose cells carry an -ada per-head mask loads a state of plain cells at the same positions: none of
+    # the old mask may apply to them
+    source = _llama(llama_cpp, tiny_path)
+    source_sess = Session(source)
+    source_sess.decode(random_tokens(45, seed=34))
+    data = _save(source)
+    nxt = random_tokens(2, seed=35)
+    expected = np.stack([source_sess.decode([t]) for t in nxt])
+
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head", policy="snapkv-ada"))
+    sess.decode(random_tokens(100, seed=36))
+    sess.evict()
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm._ctx.ctx), 0, -1, -1)
+    sess.n_past = _load(llm, data)
+    np.testing.assert_allclose(np.stack([sess.decode([t]) for t in nxt]), expected, rtol=0, atol=1e-5)
