@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -30,6 +31,9 @@ def _post(port: int, path: str, body: dict, timeout: float = 300) -> dict:
         return json.loads(r.read())
 
 
+SERVER_PID = {}  # port -> pid of the server process
+
+
 @pytest.fixture(scope="module")
 def server(smollm2_path):
     port = _free_port()
@@ -49,9 +53,15 @@ def server(smollm2_path):
     else:
         proc.kill()
         pytest.fail("server did not start within 120 s")
+    SERVER_PID[port] = proc.pid
     yield port
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def test_chat_completion_over_http(server):
@@ -82,6 +92,43 @@ def test_two_concurrent_requests_complete(server):
     assert len(results) == 2 and all(r["choices"][0]["message"]["content"].strip() for r in results)
     # the answers together outgrow the 128 + 128 cells the cache holds
     assert sum(r["usage"]["total_tokens"] for r in results) > 256
+
+
+def test_eight_clients_for_a_minute(server):
+    # 8 threads each asking again as soon as answered, for PYLLMKV_SERVER_SOAK_S seconds (default 60): every request
+    # completes or gets a clean HTTP error, the server stays up, and its memory stays bounded
+    seconds = float(os.environ.get("PYLLMKV_SERVER_SOAK_S", "60"))
+    pid = SERVER_PID[server]
+    rss = [_rss_mib(pid)]
+    done, failed, unclean = [0], [], []
+    stop = time.time() + seconds
+
+    def client(i):
+        n = 0
+        while time.time() < stop:
+            try:
+                out = _post(server, "/v1/chat/completions", {
+                    "messages": [{"role": "user", "content": f"Client {i}, question {n}: name a colour and a fruit."}],
+                    "max_tokens": 24, "temperature": 0.7, "seed": i * 1000 + n,
+                }, timeout=600)
+                assert out["choices"][0]["message"]["content"] is not None
+                done[0] += 1
+            except urllib.error.HTTPError as e:  # a clean error: an HTTP status with a JSON body
+                failed.append(e.code)
+                json.loads(e.read() or b"{}")
+            except Exception as e:  # noqa: BLE001  (reported below)
+                unclean.append(repr(e))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(5)
+        rss.append(_rss_mib(pid))
+    assert not unclean, unclean[:3]
+    assert done[0] >= 8 and len(failed) <= done[0] // 10, (done, failed)
+    assert max(rss) - rss[1] < 64, f"server RSS grew from {rss[1]:.0f} to {max(rss):.0f} MiB"
 
 
 def test_port_in_use_is_a_clear_error(smollm2_path):
