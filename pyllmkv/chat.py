@@ -79,7 +79,14 @@ class Chat:
         if common < len(self.history):
             common = self.session.truncate(common)
             self.history = self.history[:common]
-        self.session.decode(tokens[common:], on_batch=on_batch)
+
+        def progress(n_done: int, n_total: int) -> None:
+            # the history follows every batch, so an interrupted prefill leaves it equal to what the cache holds
+            self.history = list(tokens[: common + n_done])
+            if on_batch:
+                on_batch(n_done, n_total)
+
+        self.session.decode(tokens[common:], on_batch=progress)
         self.history = list(tokens)
 
     def send(self, text: str, max_tokens: int = -1, on_prefill=None) -> Iterator[str]:
@@ -89,7 +96,11 @@ class Chat:
         formatted = self._formatter(messages=self.messages)
         prompt = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
-        self._feed(prompt, on_batch=on_prefill)
+        try:
+            self._feed(prompt, on_batch=on_prefill)
+        except BaseException:
+            self.messages.pop()  # a turn stopped before its answer began is not part of the conversation
+            raise
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         answer = ""

@@ -161,3 +161,27 @@ def test_ctrl_c_stops_the_answer_not_the_program(smollm2_path):
         if term.proc.poll() is None:
             term.proc.kill()
         os.close(term.master)
+
+
+def test_ctrl_c_during_a_long_prefill_leaves_the_chat_usable(smollm2_path):
+    # a long message through a 64-cell cache in 16-token batches: the prefill bar shows, Ctrl-C stops it, and the
+    # next question is answered from a consistent cache (the stopped turn is dropped)
+    term = _Terminal(["chat", smollm2_path, "--kv-budget", "64", "-b", "16", "--temp", "0", "-n", "24"])
+    try:
+        term.read_until(r"> ")
+        term.type(("The harbour master counted the boats that came in before the storm. " * 55)[:4000] + "\n")
+        term.read_until(r"prefill \[")
+        term.proc.send_signal(signal.SIGINT)
+        term.read_until(r"\[stopped\]\s*\n> ", timeout=60)
+        term.type("What is the capital of France?\n")
+        answer = term.read_until(r"\n> ").split("\n", 1)[1]
+        assert len(answer.strip(" >\r\n")) > 10, answer  # (what is left of the system prompt after 55 evictions varies)
+        term.type("/stats\n")
+        m = re.search(r"cells (\d+)", term.read_until(r"\n> "))
+        assert m and int(m.group(1)) <= 64 + 16
+        term.type("\x04")
+        assert term.proc.wait(timeout=30) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+        os.close(term.master)
