@@ -63,7 +63,8 @@ def model_options(fn):
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
         click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
         click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
-        click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True),
+        click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
+                     help="auto: on when -ctv is quantized (llama.cpp needs it then), else off as in llama-cpp-python"),
         click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: llama-cpp-python's]"),
         click.option("--seed", type=int, default=-1, show_default=True, help="sampling seed (-1: random)"),
     ]
@@ -92,13 +93,17 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
         raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget (twice it less --window with an -ada policy) + --batch-size, and for a "
                                  "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
-    fa = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-          "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}[flash_attn]
+    # llama-cpp-python's Llama takes flash attention as a bool (and drops unknown keywords silently)
+    quantized_v = cache_type_v not in ("f32", "f16", "bf16")
+    if quantized_v and flash_attn == "off":
+        raise click.BadParameter(f"a quantized V cache ({cache_type_v}) needs flash attention in llama.cpp: use -fa on or auto",
+                                 param_hint="-fa")
+    fa = flash_attn == "on" or (flash_attn == "auto" and quantized_v)
     kwargs = dict(n_threads=n_threads) if n_threads else {}
     try:
         llm = llama_cpp.Llama(
             model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
-            type_k=_ggml_type(cache_type_k), type_v=_ggml_type(cache_type_v), flash_attn_type=fa, seed=seed,
+            type_k=_ggml_type(cache_type_k), type_v=_ggml_type(cache_type_v), flash_attn=fa, seed=seed,
             verbose=False, **kwargs,
         )
     except ValueError as e:

@@ -32,11 +32,13 @@ def test_one_shot_answer_equals_llama_cpp_python_chat_completion(llama_cpp, smol
     assert r.stdout.strip() == expected["choices"][0]["message"]["content"].strip() != ""
 
 
-def test_long_prompt_file_goes_through_a_small_budget(smollm2_path, tmp_path):
+# the default cache, and a q8_0 one (head-wise compaction moves its blocks; -fa auto turns flash attention on for it)
+@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0"]], ids=["f16", "q8_0"])
+def test_long_prompt_file_goes_through_a_small_budget(smollm2_path, tmp_path, cache):
     story = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 120
     f = tmp_path / "long.txt"
     f.write_text(story + "\nIn one sentence, what did the keeper count?")
-    r = _run(smollm2_path, "-f", str(f), "--temp", "0", "-n", "16", "--kv-budget", "256", "-b", "128", "--kv-stats")
+    r = _run(smollm2_path, "-f", str(f), "--temp", "0", "-n", "16", "--kv-budget", "256", "-b", "128", "--kv-stats", *cache)
     assert r.exit_code == 0, r.output
     m = re.search(r"\[kv\] cells (\d+) \(budget 256, allocated (\d+)\).*evictions (\d+)", r.stderr)
     assert m, r.stderr
@@ -73,6 +75,10 @@ def test_truncated_gguf(smollm2_path, tmp_path):
 @pytest.mark.parametrize("budget, message", [("0", "must be positive"), ("-5", "must be positive"), ("16", "must be larger than --window")])
 def test_bad_budget(smollm2_path, budget, message):
     _fails_with([smollm2_path, "-p", "hi", "--kv-budget", budget], message)
+
+
+def test_quantized_v_without_flash_attention(smollm2_path):
+    _fails_with([smollm2_path, "-p", "hi", "-ctv", "q8_0", "-fa", "off"], "needs flash attention in llama.cpp: use -fa on or auto")
 
 
 def test_unknown_policy(smollm2_path):
