@@ -156,6 +156,7 @@ def test_ctrl_c_stops_the_answer_not_the_program(smollm2_path):
     try:
         term.read_until(r"> ")
         term.type("Write a very long essay about the history of ships.\n")
+        term.read_until(r"ships\.\r?\n")  # the terminal's echo of the line; the answer's words come after it
         term.read_until(r"\w+ \w+ \w+")
         term.proc.send_signal(signal.SIGINT)
         term.read_until(r"\[stopped\]\s*\n> ", timeout=60)
