@@ -79,3 +79,26 @@ def test_loading_a_state_resets_the_hooks_bookkeeping(llama_cpp, tiny_path):
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm._ctx.ctx), 0, -1, -1)
     sess.n_past = _load(llm, data)
     np.testing.assert_allclose(np.stack([sess.decode([t]) for t in nxt]), expected, rtol=0, atol=1e-5)
+
+
+def test_llama_cpp_python_save_and_load_state_after_head_compaction(tiny_path):
+    # llama-cpp-python's own save_state/load_state on pyllmkv.Llama: a compacted conversation restored into a fresh
+    # pyllmkv.Llama continues with the logits of the original
+    def fresh():
+        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, verbose=False, type_k=0, type_v=0)
+
+    llm = fresh()
+    prompt = random_tokens(150, seed=37)
+    llm.eval(prompt)
+    assert llm.kv_stats()["n_evictions"] > 0
+    state = llm.save_state()
+    def last_logits(m):
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),)).copy()
+
+    llm.eval([7])
+    expected = last_logits(llm)
+
+    other = fresh()
+    other.load_state(state)
+    other.eval([7])
+    np.testing.assert_allclose(last_logits(other), expected, rtol=0, atol=1e-5)
