@@ -48,11 +48,11 @@ struct evict_graph {
         if (!ggml_backend_sched_alloc_graph(sched, gf)) {
             return false;
         }
-        size_t bytes = 0;
+        size_t buffers = 0;
         for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-            bytes += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
+            buffers += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
         }
-        st.scoring_bytes = std::max(st.scoring_bytes, bytes);
+        st.scoring_bytes = std::max(st.scoring_bytes, buffers);
         for (auto & [t, bytes] : inputs) {
             ggml_backend_tensor_set(t, bytes.data(), 0, bytes.size());
         }

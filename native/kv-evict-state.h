@@ -55,6 +55,15 @@ struct llama_kv_evict_state {
         return any_absent && head_absent[side(l, cell, g)] && !holds_new_token(cell, pos);
     }
 
+    // position of the token whose row head g of layer l holds in the cell at pos: pos itself for a new token, another
+    // token's after head-wise compaction moved its row here, -1 where an -ada head holds none
+    llama_pos held_pos(int64_t l, uint32_t cell, llama_pos pos, int64_t g) const {
+        if (holds_new_token(cell, pos)) {
+            return pos;
+        }
+        return absent(l, cell, pos, g) ? -1 : head_pos[side(l, cell, g)];
+    }
+
     bool ada() const {
         return params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || params.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA;
     }

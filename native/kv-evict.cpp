@@ -498,9 +498,9 @@ void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t
         std::vector<llama_pos> drop;
         for (const auto & [pos, cell] : st->kv->get_cells(seq).seq_pos_get(seq)) {
             bool go = false;
-            for (int64_t l = 0; l < n_layer_kv && !go && !st->holds_new_token(cell, pos); ++l) {
+            for (int64_t l = 0; l < n_layer_kv && !go; ++l) {
                 for (int64_t g = 0; g < st->n_head_kv && !go; ++g) {
-                    const llama_pos e = st->absent(l, cell, pos, g) ? -1 : st->head_pos[st->side(l, cell, g)];
+                    const llama_pos e = st->held_pos(l, cell, pos, g);
                     go = (e >= p0 && e < p1) || e > last;
                 }
             }
@@ -712,16 +712,13 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     const int64_t n_layer_kv = st->kv->get_layer_ids().size();
     const std::vector<std::pair<llama_pos, uint32_t>> pcs(st->kv->get_cells(seq_id).seq_pos_get(seq_id).begin(),
                                                          st->kv->get_cells(seq_id).seq_pos_get(seq_id).end());
-    auto moved_row = [&](int64_t l, uint32_t cell, llama_pos pos, int64_t g) {
-        return !st->holds_new_token(cell, pos) && !st->absent(l, cell, pos, g) && st->head_pos[st->side(l, cell, g)] != pos;
-    };
     std::set<llama_pos> held;
     for (const auto & [pos, cell] : pcs) {
         held.insert(pos);
         for (int64_t l = 0; l < n_layer_kv; ++l) {
             for (int64_t g = 0; g < st->n_head_kv; ++g) {
-                if (moved_row(l, cell, pos, g)) {
-                    held.insert(st->head_pos[st->side(l, cell, g)]);
+                if (const llama_pos e = st->held_pos(l, cell, pos, g); e >= 0) {
+                    held.insert(e);
                 }
             }
         }
@@ -741,8 +738,9 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     for (const auto & [pos, cell] : pcs) {
         for (int64_t l = 0; l < n_layer_kv; ++l) {
             for (int64_t g = 0; g < st->n_head_kv; ++g) {
+                const llama_pos held_by_head = st->held_pos(l, cell, pos, g);
                 llama_pos & e = st->head_pos[st->side(l, cell, g)];
-                if (moved_row(l, cell, pos, g)) {
+                if (held_by_head >= 0 && held_by_head != pos) { // a moved row
                     auto & shift = row_shift[l * st->n_head_kv + g];
                     shift.resize(st->kv_size, 0);
                     shift[cell] = (new_pos.at(e) - e) - (new_pos.at(pos) - pos);
@@ -825,10 +823,8 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
         if (i >= m) {
             break;
         }
-        // a cell decoded since the last scoring holds its own token in every head
-        const bool fresh = st->holds_new_token(cell, pos);
         for (int64_t g = 0; g < n_kv; ++g) {
-            out[g * m + i] = fresh ? pos : st->absent(l, cell, pos, g) ? -1 : st->head_pos[st->side(l, cell, g)];
+            out[g * m + i] = st->held_pos(l, cell, pos, g);
         }
         ++i;
     }
