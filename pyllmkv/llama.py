@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
-from .session import context_size, evict_to_fit, sliding_window
+from .session import context_size, evict_to_fit, sliding_window, truncate
 
 
 class Llama(llama_cpp.Llama):
@@ -73,11 +73,9 @@ class Llama(llama_cpp.Llama):
         return super().save_state()
 
     def eval(self, tokens: Sequence[int]):
-        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
-        llama_cpp.llama_memory_seq_rm(mem, -1, self.n_tokens, -1)  # the hook also drops cells of moved rows past it
-        resume = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        resume = truncate(self._ctx.ctx, self.n_tokens)
         if resume < self.n_tokens:
-            # the cell before n_tokens was evicted: llama.cpp continues a sequence only at its last position + 1
+            # the cell before n_tokens was evicted: decode again from the last kept cell
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
         for start in range(0, len(tokens), self.n_batch):

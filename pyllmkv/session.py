@@ -35,6 +35,15 @@ def sliding_window(model_path: str) -> int:
     return int(field.parts[field.data[0]][0]) if field is not None else 0
 
 
+def truncate(ctx, n: int) -> int:
+    """Drops positions >= n of sequence 0 (with the hook, also the cells holding moved rows of those tokens) and
+    returns the position decoding resumes at: n, or less if the cell before n was evicted (llama.cpp continues a
+    sequence only at its highest position + 1)."""
+    mem = llama_cpp.llama_get_memory(ctx)
+    llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
+    return int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+
+
 def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int) -> None:
     """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells."""
     st = _lib.stats(ctx)
@@ -84,12 +93,8 @@ class Session:
         self.n_past = 0
 
     def truncate(self, n: int) -> int:
-        """Drops positions >= n so decoding can resume at n. If the cell before n was evicted, resumes after the last
-        kept cell instead (llama.cpp needs a sequence to continue at its highest position + 1); returns the position
-        decoding resumes at."""
-        mem = llama_cpp.llama_get_memory(self.ctx)
-        llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)  # with the hook, also the cells holding moved rows of those tokens
-        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        """Drops positions >= n so decoding can resume there; returns the position it resumes at (see truncate)."""
+        self.n_past = truncate(self.ctx, n)
         return self.n_past
 
     def evict(self) -> int:
