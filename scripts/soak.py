@@ -10,6 +10,8 @@ batch, if evictions stop, or if RSS after the first two samples grows by more th
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -18,9 +20,13 @@ import pyllmkv
 from pyllmkv import _lib, models
 from pyllmkv.session import Session
 
+sys.path.insert(0, os.path.dirname(__file__))
+from eviction_table import session  # noqa: E402
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
+
+def rss_mib(pid: int | str = "self") -> float:
+    """Resident memory of a process (this one by default), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
@@ -55,10 +61,8 @@ def main():
     ap.add_argument("--rss-tolerance", type=float, default=16.0)
     a = ap.parse_args()
     config = pyllmkv.EvictConfig(budget=a.budget, policy=a.policy)
-    llm = pyllmkv.llama_cpp.Llama(model_path=a.model or str(models.smollm2()), n_ctx=config.cells + a.batch,
-                                  n_batch=a.batch, n_ubatch=a.batch, verbose=False, n_threads=2, n_threads_batch=2)
     t0 = time.perf_counter()
-    samples = soak(Session(llm, config), a.tokens, a.every, report=lambda s: print(
+    samples = soak(session(a.model or str(models.smollm2()), a.batch, config), a.tokens, a.every, report=lambda s: print(
         f"{s['tokens']:>7} tokens  {time.perf_counter() - t0:7.0f} s  cells {s['n_seq_cells']:>5}  "
         f"evictions {s['n_evictions']:>5}  RSS {s['rss_mib']:.1f} MiB", flush=True))
     cells = max(s["n_seq_cells"] for s in samples)

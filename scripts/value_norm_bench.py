@@ -19,19 +19,16 @@ import time
 
 import pyllmkv
 from pyllmkv import _lib, models
-from pyllmkv.session import Session
 
 sys.path.insert(0, os.path.dirname(__file__))
-from eviction_table import text  # noqa: E402
+from eviction_table import session, text  # noqa: E402
 
 
-def prepared(cells: int, threads: int, n_batch: int = 512):
-    config = pyllmkv.EvictConfig(budget=cells + 64, window=32)
-    llm = pyllmkv.llama_cpp.Llama(model_path=str(models.smollm2()), n_ctx=cells + 64 + n_batch, n_batch=n_batch,
-                                  n_ubatch=n_batch, verbose=False, n_threads=threads, n_threads_batch=threads)
-    sess = Session(llm, config)
-    sess.decode(llm.tokenize(text().encode())[:cells])
-    return llm, sess, config
+def prepared(cells: int, threads: int):
+    config = pyllmkv.EvictConfig(budget=cells + 64, window=32)  # no eviction: every cell stays to be scored
+    sess = session(str(models.smollm2()), 512, config, threads=threads)
+    sess.decode(sess.llm.tokenize(text().encode())[:cells])
+    return sess.llm, sess, config
 
 
 def norm_run(llm, sess, config, kernel: str):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # the soak and bench helpers
 
 import pyllmkv  # noqa: E402  (binds llama_cpp to the patched libllama before anything imports llama_cpp)
 from pyllmkv import models  # noqa: E402
@@ -44,6 +45,23 @@ def gemma3_path() -> str:
 
 # `python -m pyllmkv` from outside the checkout, so the installed package (with its library) is the one imported
 SUBPROCESS_CWD = tempfile.gettempdir()
+
+
+def held_positions(llm, ref, n_cells: int | None = None) -> np.ndarray:
+    """[n_layer, n_kv, cells]: the position of the token whose row each head holds in each of the sequence's first
+    n_cells cells (all by default), -1 where an -ada head holds none."""
+    from pyllmkv import _lib
+
+    return np.stack([_lib.head_positions(llm, il, ref.n_head_kv)[:, :n_cells] for il in range(ref.n_layer)])
+
+
+def keep_from_held(held: np.ndarray, n_prefix: int) -> np.ndarray:
+    """The numpy oracle's per-head keep mask [n_layer, n_kv, n_prefix] of the tokens the heads hold."""
+    keep = np.zeros(held.shape[:2] + (n_prefix,), dtype=bool)
+    for il in range(held.shape[0]):
+        for g in range(held.shape[1]):
+            keep[il, g, held[il, g][held[il, g] >= 0]] = True
+    return keep
 
 
 def random_tokens(n: int, seed: int = 1, n_vocab: int = 256, low: int = 0) -> list[int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import random_tokens
+from conftest import held_positions, keep_from_held, random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
@@ -44,11 +44,6 @@ def test_adakv_safeguard_and_cap_bind():
         _lib.adakv_shares(scores, 11, 0.2, 10)
 
 
-def _held(llm, ref, n_cells):
-    """[n_layer, n_kv, n_cells] positions each head holds per cell (-1: none, its share is shorter)."""
-    return np.stack([_lib.head_positions(llm, il, ref.n_head_kv)[:, :n_cells] for il in range(ref.n_layer)])
-
-
 @pytest.mark.parametrize("policy", ["snapkv-ada", "criticalkv-ada"])
 def test_each_head_keeps_its_adakv_share_of_its_own_best_cells(llama_cpp, tiny_path, policy):
     ref = TinyRef(tiny_path, kv_cache_dtype="f32")
@@ -61,7 +56,7 @@ def test_each_head_keeps_its_adakv_share_of_its_own_best_cells(llama_cpp, tiny_p
     scores, norms = _reference_scores(ref, tokens, window, policy.removesuffix("-ada"))
     sess.evict()
     n_cells = _lib.stats(llm)["n_seq_cells"]
-    held = _held(llm, ref, n_cells)
+    held = held_positions(llm, ref, n_cells)
     shares = []
     for il in range(ref.n_layer):
         share = adakv_shares(scores[il], b, 0.2, 2 * b)
@@ -73,14 +68,6 @@ def test_each_head_keeps_its_adakv_share_of_its_own_best_cells(llama_cpp, tiny_p
             assert (held[il, g, -window:] == np.arange(100 - window, 100)).all()
     assert n_cells == max(s.max() for s in shares) + window
     assert any(len(set(s)) > 1 for s in shares), "the shares should differ between heads on this model"
-
-
-def _oracle_keep(held, n_prefix):
-    keep = np.zeros(held.shape[:2] + (n_prefix,), dtype=bool)
-    for il in range(held.shape[0]):
-        for g in range(held.shape[1]):
-            keep[il, g, held[il, g][held[il, g] >= 0]] = True
-    return keep
 
 
 # q8_0: the oracle quantizes K/V as llama.cpp stores them (Hadamard-rotated blocks); flash attention's own f16
@@ -95,7 +82,7 @@ def test_logits_after_ada_eviction_match_numpy_with_per_head_masks(llama_cpp, ti
     prefix = random_tokens(120, seed=21)
     sess.decode(prefix)
     sess.evict()
-    keep = _oracle_keep(_held(llm, ref, _lib.stats(llm)["n_seq_cells"]), len(prefix))
+    keep = keep_from_held(held_positions(llm, ref, _lib.stats(llm)["n_seq_cells"]), len(prefix))
     assert (keep.sum(axis=(1, 2)) == ref.n_head_kv * 48).all(), "each layer keeps n_kv * budget (head, cell) pairs"
     assert len(np.unique(keep.sum(axis=-1))) > 1, "unequal shares, so the per-head mask matters"
     new = random_tokens(6, seed=22)
@@ -120,13 +107,13 @@ def test_disable_after_ada_eviction_drops_the_cells_a_head_lacks(llama_cpp, tiny
     prefix = random_tokens(100, seed=23)
     sess.decode(prefix)
     sess.evict()
-    held = _held(llm, ref, _lib.stats(llm)["n_seq_cells"])
+    held = held_positions(llm, ref, _lib.stats(llm)["n_seq_cells"])
     full_cells = (held >= 0).all(axis=(0, 1))  # cells every head of every layer holds a token in
     pos = _lib.positions(llm)
     _lib.disable(llm)
     np.testing.assert_array_equal(_lib.positions(llm), pos[full_cells])
     # what is left is exact for plain llama.cpp: logits = the numpy forward on those cells, per head
-    keep = _oracle_keep(held[:, :, full_cells], len(prefix))
+    keep = keep_from_held(held[:, :, full_cells], len(prefix))
     got = sess.decode([5])
     np.testing.assert_allclose(got, ref.decode_with_cache(prefix, keep=keep, new_tokens=[5])[0], rtol=0, atol=5e-5)
 
@@ -157,7 +144,7 @@ def test_ada_eviction_after_a_reset_reuses_cells_cleanly(llama_cpp, tiny64_path)
     prefix = random_tokens(120, seed=25)
     sess.decode(prefix)
     sess.evict()
-    keep = _oracle_keep(_held(llm, ref, _lib.stats(llm)["n_seq_cells"]), len(prefix))
+    keep = keep_from_held(held_positions(llm, ref, _lib.stats(llm)["n_seq_cells"]), len(prefix))
     assert (keep.sum(axis=(1, 2)) == ref.n_head_kv * 48).all()
     new = random_tokens(4, seed=26)
     got = np.stack([sess.decode([t]) for t in new])

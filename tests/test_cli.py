@@ -128,10 +128,17 @@ class _Terminal:
     def type(self, text):
         os.write(self.master, text.encode())
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+
 
 def test_interactive_chat_two_turns_and_stats(smollm2_path):
-    term = _Terminal(["chat", smollm2_path, "--kv-budget", "64", "-b", "32", "--temp", "0", "-n", "48"])
-    try:
+    with _Terminal(["chat", smollm2_path, "--kv-budget", "64", "-b", "32", "--temp", "0", "-n", "48"]) as term:
         term.read_until(r"> ")
         term.type("Tell me a short story about a cat.\n")
         first = term.read_until(r"\n> ")
@@ -144,16 +151,11 @@ def test_interactive_chat_two_turns_and_stats(smollm2_path):
         assert m and int(m.group(1)) > 0, stats
         term.type("\x04")  # Ctrl-D
         assert term.proc.wait(timeout=30) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
 
 
 def test_ctrl_c_stops_the_answer_not_the_program(smollm2_path):
     # greedy SmolLM2 repeats itself rather than stopping: 4,000 tokens take far longer than the signal needs
-    term = _Terminal(["chat", smollm2_path, "--kv-budget", "256", "-b", "64", "--temp", "0", "-n", "4000"])
-    try:
+    with _Terminal(["chat", smollm2_path, "--kv-budget", "256", "-b", "64", "--temp", "0", "-n", "4000"]) as term:
         term.read_until(r"> ")
         term.type("Write a very long essay about the history of ships.\n")
         term.read_until(r"ships\.\r?\n")  # the terminal's echo of the line; the answer's words come after it
@@ -164,17 +166,12 @@ def test_ctrl_c_stops_the_answer_not_the_program(smollm2_path):
         assert "[kv] cells" in term.read_until(r"\n> ")
         term.type("\x04")
         assert term.proc.wait(timeout=30) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
 
 
 def test_ctrl_c_during_a_long_prefill_leaves_the_chat_usable(smollm2_path):
     # a long message through a 64-cell cache in 16-token batches: the prefill bar shows, Ctrl-C stops it, and the
     # next question is answered from a consistent cache (the stopped turn is dropped)
-    term = _Terminal(["chat", smollm2_path, "--kv-budget", "64", "-b", "16", "--temp", "0", "-n", "24"])
-    try:
+    with _Terminal(["chat", smollm2_path, "--kv-budget", "64", "-b", "16", "--temp", "0", "-n", "24"]) as term:
         term.read_until(r"> ")
         term.type(("The harbour master counted the boats that came in before the storm. " * 55)[:4000] + "\n")
         term.read_until(r"prefill \[")
@@ -188,7 +185,3 @@ def test_ctrl_c_during_a_long_prefill_leaves_the_chat_usable(smollm2_path):
         assert m and int(m.group(1)) <= 64 + 16
         term.type("\x04")
         assert term.proc.wait(timeout=30) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import random_tokens
+from conftest import held_positions, keep_from_held, random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
@@ -78,11 +78,7 @@ def test_logits_after_head_eviction_match_numpy_with_per_head_masks(llama_cpp, t
     prefix = random_tokens(120, seed=11)
     sess.decode(prefix)
     sess.evict()
-    keep = np.zeros((ref.n_layer, ref.n_head_kv, len(prefix)), dtype=bool)
-    for il in range(ref.n_layer):
-        held = _lib.head_positions(llm, il, ref.n_head_kv)
-        for g in range(ref.n_head_kv):
-            keep[il, g, held[g]] = True
+    keep = keep_from_held(held_positions(llm, ref), len(prefix))
     assert (keep.sum(axis=-1) == 48).all()
     new = random_tokens(6, seed=12)
     got = np.stack([sess.decode([t]) for t in new])
@@ -121,18 +117,15 @@ def test_truncating_after_head_eviction_removes_moved_rows_of_later_tokens(llama
     prefix = random_tokens(100, seed=13)
     sess.decode(prefix)
     sess.evict()
-    before = np.stack([_lib.head_positions(llm, il, ref.n_head_kv) for il in range(ref.n_layer)])
+    before = held_positions(llm, ref)
     resume = sess.truncate(cut)
     pos = _lib.positions(llm)
-    held = np.stack([_lib.head_positions(llm, il, ref.n_head_kv) for il in range(ref.n_layer)])
+    held = held_positions(llm, ref)
     assert resume == (pos.max() + 1 if len(pos) else 0) and held.max(initial=-1) < resume <= cut
     if cut == 95:  # inside the window: only the window's cells from 95 on go
         np.testing.assert_array_equal(held, before[:, :, : len(pos)])
         assert len(pos) == before.shape[-1] - 5
-    keep = np.zeros((ref.n_layer, ref.n_head_kv, cut), dtype=bool)
-    for il in range(ref.n_layer):
-        for g in range(ref.n_head_kv):
-            keep[il, g, held[il, g][held[il, g] >= 0]] = True
+    keep = keep_from_held(held, cut)
     new = random_tokens(3, seed=14)
     got = np.stack([sess.decode([t]) for t in new])
     expected = ref.decode_with_cache(prefix[:cut], keep=keep, new_tokens=new, new_positions=resume + np.arange(3))
@@ -149,7 +142,7 @@ def test_compact_positions_turns_each_moved_row_to_its_tokens_new_position(llama
     sess.decode(random_tokens(100, seed=15))
     sess.evict()
     n_cells = _lib.stats(llm)["n_seq_cells"]
-    held = np.stack([_lib.head_positions(llm, il, ref.n_head_kv) for il in range(ref.n_layer)])
+    held = held_positions(llm, ref)
     rows = [_lib.read_rows(llm, il, False, n_cells).view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim) for il in range(ref.n_layer)]
     assert held.max() >= _lib.positions(llm)[-9], "compaction moved rows of later tokens into earlier cells"
     numbered = np.union1d(held[held >= 0], _lib.positions(llm))  # every position a cell or a head's row holds
@@ -159,7 +152,7 @@ def test_compact_positions_turns_each_moved_row_to_its_tokens_new_position(llama
     sess.n_past = _lib.compact_positions(llm)
     assert sess.n_past == len(numbered)
     sess.decode([7])  # the next decode applies llama.cpp's K-shift
-    after = np.stack([_lib.head_positions(llm, il, ref.n_head_kv)[:, :n_cells] for il in range(ref.n_layer)])
+    after = held_positions(llm, ref, n_cells)
     np.testing.assert_array_equal(after, np.where(held >= 0, new_pos[held], -1))
     for il in range(ref.n_layer):
         got = _lib.read_rows(llm, il, False, n_cells + 1).view(np.float32).reshape(n_cells + 1, ref.n_head_kv, ref.head_dim)

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import SUBPROCESS_CWD
+from soak import rss_mib
 
 
 def _free_port() -> int:
@@ -59,11 +60,6 @@ def server(smollm2_path):
     proc.wait(timeout=30)
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def test_chat_completion_over_http(server):
     out = _post(server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24, "temperature": 0,
@@ -99,7 +95,7 @@ def test_eight_clients_for_a_minute(server):
     # completes or gets a clean HTTP error, the server stays up, and its memory stays bounded
     seconds = float(os.environ.get("PYLLMKV_SERVER_SOAK_S", "60"))
     pid = SERVER_PID[server]
-    rss = [_rss_mib(pid)]
+    rss = [rss_mib(pid)]
     done, failed, unclean = [0], [], []
     stop = time.time() + seconds
 
@@ -125,7 +121,7 @@ def test_eight_clients_for_a_minute(server):
         t.start()
     while any(t.is_alive() for t in threads):
         time.sleep(5)
-        rss.append(_rss_mib(pid))
+        rss.append(rss_mib(pid))
     assert not unclean, unclean[:3]
     assert done[0] >= 8 and len(failed) <= done[0] // 10, (done, failed)
     assert max(rss) - rss[1] < 64, f"server RSS grew from {rss[1]:.0f} to {max(rss):.0f} MiB"

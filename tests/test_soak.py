@@ -4,15 +4,10 @@ the bound after every turn, evictions keep happening, and RSS stays flat after w
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from pyllmkv._lib import EvictConfig
 from pyllmkv.session import Session
+from soak import rss_mib, soak
 from test_hook import _llama
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from soak import rss_mib, soak  # noqa: E402
 
 
 def test_generated_tokens_through_a_small_budget(llama_cpp, tiny_path):
