@@ -324,13 +324,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     // the window's queries: ring slots holding positions inside the window, in position order
     std::vector<int32_t>   q_slot;
     std::vector<llama_pos> q_pos;
-    for (llama_pos qp = std::max<llama_pos>(0, pos_max - p.window + 1); qp <= pos_max; ++qp) {
-        const int32_t s = st.slot(qp);
-        if (st.slot_pos[s] == qp) {
-            q_slot.push_back(s);
-            q_pos.push_back(qp);
-        }
-    }
+    st.window_slots(pos_max, q_slot, q_pos);
     const int64_t n_q = q_slot.size();
     if (n_q == 0) {
         return set_error(ERR_NO_QUERIES, "no queries were captured for this sequence: decode at least one token after llama_kv_evict_enable");

@@ -4,6 +4,7 @@
 #include "llama.h"
 #include "ggml-cpp.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -25,6 +26,16 @@ struct llama_kv_evict_state {
     std::vector<llama_pos>     slot_pos;  // position whose query each slot holds, -1 = none
     int32_t slot_offset = 0;              // changes when positions are compacted, so the window's slots stay put
     int32_t slot(llama_pos pos) const { return ((pos + slot_offset) % params.window + params.window) % params.window; }
+    // the ring slots holding the window's queries (positions pos_max - window + 1 .. pos_max), in position order
+    void window_slots(llama_pos pos_max, std::vector<int32_t> & slots, std::vector<llama_pos> & pos) const {
+        for (llama_pos qp = std::max<llama_pos>(0, pos_max - params.window + 1); qp <= pos_max; ++qp) {
+            const int32_t s = slot(qp);
+            if (slot_pos[s] == qp) {
+                slots.push_back(s);
+                pos.push_back(qp);
+            }
+        }
+    }
     std::vector<ggml_context_ptr>        ring_ctxs;
     std::vector<ggml_backend_buffer_ptr> ring_bufs;
 

@@ -866,6 +866,34 @@ int64_t llama_kv_evict_read_rows(llama_context * ctx, llama_seq_id seq_id, int32
     return need;
 }
 
+int32_t llama_kv_evict_queries(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * pos, float * q,
+        int32_t n_max, int32_t * n_embd_q, float * kq_scale) {
+    llama_kv_evict_state * st = nullptr;
+    if (int32_t err = enabled_layer(ctx, seq_id, il, st); err < 0) {
+        return err;
+    }
+    ctx->synchronize();
+    std::vector<int32_t>   slots;
+    std::vector<llama_pos> q_pos;
+    st->window_slots(st->kv->seq_pos_max(seq_id), slots, q_pos);
+    const ggml_tensor * ring = st->ring[il];
+    for (int32_t i = 0; i < std::min<int32_t>((int32_t) slots.size(), n_max); ++i) {
+        if (pos) {
+            pos[i] = q_pos[i];
+        }
+        if (q) {
+            ggml_backend_tensor_get(ring, q + i * ring->ne[0], slots[i] * ring->nb[1], ring->nb[1]);
+        }
+    }
+    if (n_embd_q) {
+        *n_embd_q = (int32_t) ring->ne[0];
+    }
+    if (kq_scale) {
+        *kq_scale = st->kq_scale[il];
+    }
+    return (int32_t) slots.size();
+}
+
 int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama_kv_evict_stats * stats) {
     llama_kv_cache * kv = nullptr;
     if (!stats) {

@@ -107,6 +107,7 @@ _compact_positions = _bind("llama_kv_evict_compact_positions", [_ctx_p, ctypes.c
 _head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
+_queries = _bind("llama_kv_evict_queries", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, ctypes.c_int32, _i32_p, _f_p], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
 _adakv_shares = _bind("llama_kv_evict_adakv_shares", [_f_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, _i32_p], ctypes.c_int32)
@@ -230,6 +231,18 @@ def read_rows(ctx, layer: int, is_v: bool, n_cells: int, seq_id: int = 0) -> np.
     out = np.zeros(need, dtype=np.uint8)
     _check(_read_rows(_ctx(ctx), seq_id, layer, is_v, out.ctypes.data, need))
     return out.reshape(n_cells, -1)
+
+
+def queries(ctx, layer: int, seq_id: int = 0):
+    """The observation window's queries of one layer as the hook captured them, after RoPE (debug):
+    (pos [n], q [n, n_head * head_dim], kq_scale)."""
+    n_embd_q = ctypes.c_int32()
+    n = _check(_queries(_ctx(ctx), seq_id, layer, None, None, 0, ctypes.byref(n_embd_q), None))
+    pos = np.zeros(n, dtype=np.int32)
+    q = np.zeros((n, n_embd_q.value), dtype=np.float32)
+    scale = ctypes.c_float()
+    _check(_queries(_ctx(ctx), seq_id, layer, pos.ctypes.data_as(_i32_p), q.ctypes.data_as(_f_p), n, None, ctypes.byref(scale)))
+    return pos, q, scale.value
 
 
 def adakv_shares(scores: np.ndarray, budget: int, alpha: float, cap: int) -> np.ndarray:

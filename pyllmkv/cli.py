@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import sys
 import time
@@ -240,6 +242,82 @@ def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, por
 
     click.echo(f"pyllmkv: serving {model.name} on http://{host}:{port}/v1 (KV budget {budget} cells, {policy})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _int_list(ctx, param, value):
+    return None if value is None else [int(v) for v in _float_list(ctx, param, value)]
+
+
+def _float_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="a reduced grid: under 10 minutes on 2 cores with SmolLM2-135M")
+@click.option("--tiny", is_flag=True, help="the smallest grid, for the tiny test model (seconds)")
+@click.option("--suite", "suites", multiple=True, type=click.Choice(["speed", "needle", "ppl", "perturb"]),
+              help="run only these suites (repeatable) [default: all]")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="output folder [default: bench-results/<timestamp>]")
+@click.option("--text", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="English text for the needle haystack and perplexity [default: Debian's licence texts]")
+@click.option("--contexts", callback=_int_list, help="speed: prompt lengths, comma-separated [default: the grid's]")
+@click.option("--speed-budgets", callback=_int_list, help="speed: budgets [default: the grid's]")
+@click.option("--speed-policies", callback=lambda c, p, v: v and v.split(","),
+              help="speed: only these policies, comma-separated [default: criticalkv-ada,snapkv at every budget, the others at the largest]")
+@click.option("--repeat", type=int, default=None, help="speed: interleaved repetitions [default: the grid's]")
+@click.option("--needle-contexts", callback=_int_list, help="needle: prompt lengths [default: the grid's]")
+@click.option("--needle-budgets", callback=_float_list, help="needle: budgets, in cells or below 1 a share of the context")
+@click.option("--ppl-tokens", type=int, default=None, help="perplexity: tokens of text streamed [default: the grid's]")
+@click.option("--ppl-budgets", callback=_int_list, help="perplexity: budgets [default: the grid's]")
+@click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
+@click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
+@click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
+def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers, **overrides):
+    """pyllmkv against stock llama.cpp on MODEL: speed and memory, needle retrieval, perplexity under a budget and
+    per-head output perturbation, every policy; writes results.json, results.md and PNG plots."""
+    from . import bench as b
+
+    if quick and tiny:
+        raise click.BadParameter("choose one of --quick and --tiny", param_hint="--quick/--tiny")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.ClickException("pyllmkv bench draws its plots with matplotlib: pip install matplotlib (or \"pyllmkv[bench]\")")
+    model = _model_path(model)
+    try:
+        b.stock_lib_dir()
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e))
+    out = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    grid = b.TINY if tiny else b.QUICK if quick else b.FULL
+    if overrides["speed_policies"]:
+        unknown = set(overrides["speed_policies"]) - set(POLICIES)
+        if unknown:
+            raise click.BadParameter(f"unknown policies {', '.join(sorted(unknown))}: choose from {', '.join(POLICIES)}", param_hint="--speed-policies")
+        overrides["other_policies"] = False
+    grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
+    opts = b.Options(model=str(model), out=out, grid=grid, suites=list(suites) or ["speed", "needle", "ppl", "perturb"],
+                     threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers, text=text,
+                     command="pyllmkv bench " + " ".join(sys.argv[2:]))
+
+    def progress(label, n):
+        return click.progressbar(length=n, label=f"{label:<13}", file=sys.stderr, show_pos=True, show_eta=True)
+
+    try:
+        results = b.run(opts, progress)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e))
+    from .bench.report import markdown
+
+    click.echo(markdown(results))
+    click.echo(f"\npyllmkv: results in {out}/ (results.json, results.md, *.png)", err=True)
 
 
 class _PrefillProgress:

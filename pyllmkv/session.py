@@ -24,15 +24,21 @@ def context_size(n_swa: int, cells: int, n_batch: int) -> int:
     return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0)
 
 
-def sliding_window(model_path: str) -> int:
-    """The model's attention sliding window from its GGUF metadata (0 if none), read before loading it."""
+def gguf_model_int(model_path: str, key: str) -> int:
+    """An integer of the model's architecture from its GGUF metadata ({arch}.{key}; 0 if absent), read without
+    loading the model."""
     import gguf
 
     reader = gguf.GGUFReader(model_path)
     arch = reader.fields["general.architecture"]
     arch = bytes(arch.parts[arch.data[0]]).decode()
-    field = reader.fields.get(f"{arch}.attention.sliding_window")
+    field = reader.fields.get(f"{arch}.{key}")
     return int(field.parts[field.data[0]][0]) if field is not None else 0
+
+
+def sliding_window(model_path: str) -> int:
+    """The model's attention sliding window (0 if none)."""
+    return gguf_model_int(model_path, "attention.sliding_window")
 
 
 def truncate(ctx, n: int) -> int:

@@ -1,0 +1,311 @@
+"""`pyllmkv bench`: pyllmkv against stock llama.cpp on one model, side by side in one run.
+
+Every measurement of the speed, needle and perplexity suites runs in a child process of its own (worker.py): stock
+jobs load the unpatched build of the same pinned llama.cpp (built beside the patched one, same ggml options), pyllmkv
+jobs the patched one, both through llama-cpp-python. Repetitions of the speed suite are interleaved (every
+configuration once, then again), so drift on a shared machine falls on all alike. The perturbation suite runs here,
+on the patched library's debug API. Results: results.json, results.md and PNG plots in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..session import gguf_model_int
+from . import haystack
+
+POLICIES = ["criticalkv", "criticalkv-ada", "snapkv", "snapkv-ada", "h2o", "tova", "streaming"]
+STOCK_FULL, STOCK_SHIFT = "stock full", "stock shift"
+N_KEEP = 4  # stock context shift keeps the first tokens, as llama-cli's --keep
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+@dataclass
+class Grid:
+    """What each suite runs. Budgets are cells kept (the window included); contexts are tokens of prompt."""
+
+    contexts: list            # speed: prompt lengths
+    speed_budgets: list
+    speed_policies: list      # at every speed budget
+    other_policies: bool      # speed: the other POLICIES too, at the largest budget
+    repeat: int               # speed repetitions (interleaved)
+    n_decode: int             # speed: tokens decoded after the prompt
+    needle_contexts: list
+    needle_depths: list       # fractions of the haystack before the needle
+    needle_budgets: list      # cells, or below 1 a fraction of the context
+    ppl_tokens: int
+    ppl_budgets: list
+    perturb_context: int
+    perturb_budget: int
+    window: int = 32
+    n_answer: int = 10        # tokens generated for a needle answer
+    n_batch: int = 512        # tokens per decode, unless -b says otherwise
+
+
+FULL = Grid(contexts=[1024, 4096, 16384, 32768], speed_budgets=[256, 512, 1024], speed_policies=["criticalkv-ada", "snapkv"],
+            other_policies=True, repeat=3, n_decode=64, needle_contexts=[1024, 2048, 4096, 8192],
+            needle_depths=[0, 0.25, 0.5, 0.75, 1.0], needle_budgets=[256, 512, 1024, 0.125], ppl_tokens=32768,
+            ppl_budgets=[256, 512, 1024], perturb_context=4096, perturb_budget=512)
+# under 10 minutes on 2 cores with SmolLM2-135M
+QUICK = Grid(contexts=[2048], speed_budgets=[512], speed_policies=["criticalkv-ada", "snapkv"], other_policies=False,
+             repeat=2, n_decode=32, needle_contexts=[1024], needle_depths=[0, 0.25, 0.5, 0.75, 1.0], needle_budgets=[0.125],
+             ppl_tokens=2048, ppl_budgets=[256], perturb_context=1024, perturb_budget=128)
+# the harness on the tiny test model (CI): every suite and every policy, a few seconds each
+TINY = Grid(contexts=[256, 512], speed_budgets=[64, 128], speed_policies=["criticalkv-ada", "snapkv"], other_policies=True,
+            repeat=2, n_decode=8, needle_contexts=[256], needle_depths=[0, 0.5, 1.0], needle_budgets=[64, 0.25],
+            ppl_tokens=600, ppl_budgets=[64, 128], perturb_context=256, perturb_budget=64, window=8, n_answer=4, n_batch=32)
+
+
+@dataclass
+class Options:
+    model: str
+    out: Path
+    grid: Grid
+    suites: list = field(default_factory=lambda: ["speed", "needle", "ppl", "perturb"])
+    threads: int = 2
+    n_batch: int = 0           # 0: the grid's
+    n_gpu_layers: int = 0
+    text: Optional[Path] = None
+    command: str = ""
+    dump_logits: bool = False  # perplexity: keep every job's logits (tests)
+
+
+def stock_lib_dir() -> Path:
+    """The unpatched llama.cpp: $PYLLMKV_STOCK_LIB_DIR, else pyllmkv/stock of the installed package."""
+    env = os.environ.get("PYLLMKV_STOCK_LIB_DIR")
+    d = Path(env) if env else Path(__file__).resolve().parent.parent / "stock"
+    if not any(d.glob("*llama.*")):
+        raise FileNotFoundError(
+            f"stock llama.cpp is not in {d}: install pyllmkv with `pip install .` (it builds it unless "
+            "-DPYLLMKV_STOCK=OFF), or set PYLLMKV_STOCK_LIB_DIR to the lib folder of an unpatched build")
+    return d
+
+
+class Runner:
+    """Runs worker jobs in child processes."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.stock_lib = str(stock_lib_dir())
+        self.tmp = Path(tempfile.mkdtemp(prefix="pyllmkv-bench-"))
+        self.env = dict(os.environ)
+        # the child imports this same pyllmkv
+        package_parent = str(Path(__file__).resolve().parent.parent.parent)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, self.env.get("PYTHONPATH")) if p)
+        self.n = 0
+
+    def job(self, suite: str, engine: str, tokens, budget: int = 0, policy: str = "", n_ctx: int = 0, **extra) -> dict:
+        o = self.opts
+        job = dict(suite=suite, engine=engine, tokens=[int(t) for t in tokens], budget=budget, policy=policy, n_ctx=n_ctx,
+                   window=o.grid.window, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+                   model=o.model, stock_lib=self.stock_lib, n_keep=N_KEEP, n_decode=o.grid.n_decode,
+                   n_answer=o.grid.n_answer, **extra)
+        self.n += 1
+        path = self.tmp / f"job-{self.n}.json"
+        path.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, str(WORKER), str(path)], env=self.env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench job {suite}/{engine}/{policy or '-'}/budget {budget} failed "
+                               f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(Path(str(path) + ".out").read_text())
+
+
+def configs(grid: Grid, budgets: list, every_policy: bool) -> list[tuple[str, str, int]]:
+    """(engine, policy, budget) of a suite: stock full once, then per budget stock shift and the policies (with
+    every_policy false: grid.speed_policies, and the others only at the largest budget if grid.other_policies)."""
+    out = [("stock", STOCK_FULL, 0)]
+    for b in budgets:
+        out.append(("stock-shift", STOCK_SHIFT, b))
+        for p in POLICIES:
+            if every_policy or p in grid.speed_policies or (grid.other_policies and b == max(budgets)):
+                out.append(("pyllmkv", p, b))
+    return out
+
+
+def needle_budget(budget: float, context: int) -> int:
+    """A needle budget in cells: as given, or for a fraction below 1 that share of the context."""
+    return int(budget) if budget >= 1 else int(budget * context)
+
+
+def budget_label(budget: float) -> str:
+    return str(int(budget)) if budget >= 1 else f"1/{round(1 / budget)}"
+
+
+class Bench:
+    def __init__(self, opts: Options, progress: Callable):
+        """`progress(label, n_steps)` returns a context manager whose object has update(n)."""
+        from .._lib import llama_cpp
+
+        opts.n_batch = opts.n_batch or opts.grid.n_batch
+        self.opts, self.progress = opts, progress
+        self.runner = Runner(opts)
+        self.vocab = llama_cpp.Llama(model_path=opts.model, vocab_only=True, verbose=False)
+        self.llama_cpp_version = llama_cpp.__version__
+        self.n_ctx_train = gguf_model_int(opts.model, "context_length")
+        text, self.text_source = haystack.text(opts.text)
+        self.hay = self.tokenize(text, False)
+        self._kv_bytes: dict[int, int] = {}
+        self.skipped: list[int] = []  # speed contexts whose full cache would not fit in memory
+
+    def tokenize(self, text: str, bos: bool) -> list[int]:
+        return self.vocab.tokenize(text.encode(), add_bos=bos, special=False)
+
+    def text_tokens(self, n: int) -> list[int]:
+        """n tokens of the text (repeated if it is shorter), after a BOS."""
+        bos = self.tokenize("", True)
+        reps = -(-(n - len(bos)) // len(self.hay))
+        return (bos + self.hay * reps)[:n]
+
+    def stock_kv_bytes(self, n_ctx: int) -> int:
+        """KV bytes llama.cpp allocates for n_ctx cells (the patched library's count; allocation is unchanged)."""
+        if n_ctx not in self._kv_bytes:
+            from .. import _lib
+            from .._lib import llama_cpp
+
+            llm = llama_cpp.Llama(model_path=self.opts.model, n_ctx=n_ctx, n_batch=self.opts.n_batch,
+                                  n_ubatch=self.opts.n_batch, n_gpu_layers=self.opts.n_gpu_layers, verbose=False)
+            self._kv_bytes[n_ctx] = _lib.stats(llm._ctx.ctx)["kv_bytes"]
+            llm.close()
+        return self._kv_bytes[n_ctx]
+
+    def run_configs(self, suite: str, tokens, cfgs, n_ctx_full: int, **extra) -> list[dict]:
+        rows = []
+        for engine, policy, budget in cfgs:
+            n_ctx = n_ctx_full if engine == "stock" else budget + self.opts.n_batch if engine == "stock-shift" else 0
+            r = self.runner.job(suite, engine, tokens, budget, policy, n_ctx, **extra)
+            if engine != "pyllmkv":
+                r["kv_bytes"] = self.stock_kv_bytes(n_ctx)
+            rows.append(dict(engine=engine, policy=policy, budget=budget, **r))
+        return rows
+
+    # --- suites ---
+
+    def fits_in_memory(self, n_ctx: int) -> bool:
+        """Whether stock llama.cpp's cache of n_ctx cells takes at most half of this machine's memory (estimated from
+        a small cache: the allocation grows linearly)."""
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return True
+        return self.stock_kv_bytes(1024) * n_ctx / 1024 <= ram / 2
+
+    def speed(self) -> list[dict]:
+        g, o = self.opts.grid, self.opts
+        cfgs = configs(g, g.speed_budgets, False)
+        contexts = [c for c in g.contexts if self.fits_in_memory(c + g.n_decode + o.n_batch)]
+        self.skipped = [c for c in g.contexts if c not in contexts]
+        runs: dict = {}
+        with self.progress("speed", g.repeat * len(contexts) * len(cfgs)) as bar:
+            for rep in range(g.repeat):
+                for context in contexts:
+                    tokens = self.text_tokens(context)
+                    for cfg in cfgs:
+                        row = self.run_configs("speed", tokens, [cfg], context + g.n_decode + o.n_batch)[0]
+                        runs.setdefault((context, cfg), []).append(row)
+                        bar.update(1)
+        rows = []
+        for (context, (engine, policy, budget)), reps in runs.items():
+            row = dict(engine=engine, policy=policy, budget=budget, context=context, repeat=len(reps))
+            if reps[0].get("n_evictions"):
+                for r in reps:
+                    r["evict_s"] = r["t_evict_s"] / r["n_evictions"]
+            for key in ("prefill_tps", "decode_tps", "peak_rss_mib") + (("evict_s",) if "evict_s" in reps[0] else ()):
+                vals = [r[key] for r in reps]
+                row[key] = statistics.median(vals)
+                row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
+            for key in ("kv_bytes", "cells", "n_evictions", "n_shifts", "value_norm_kernel"):
+                if key in reps[0]:
+                    row[key] = reps[0][key]
+            rows.append(row)
+        full = {r["context"]: r for r in rows if r["policy"] == STOCK_FULL}
+        for r in rows:
+            r["decode_vs_stock"] = r["decode_tps"] / full[r["context"]]["decode_tps"]
+            r["prefill_vs_stock"] = r["prefill_tps"] / full[r["context"]]["prefill_tps"]
+            r["kv_vs_stock"] = r["kv_bytes"] / full[r["context"]]["kv_bytes"]
+        return rows
+
+    def needle(self) -> list[dict]:
+        g = self.opts.grid
+        rng = np.random.default_rng(0)
+        cells = [(c, d) for c in g.needle_contexts for d in g.needle_depths]
+        n_cfg = len(configs(g, g.needle_budgets, True))
+        rows = []
+        with self.progress("needle", len(cells) * n_cfg) as bar:
+            for context, depth in cells:
+                key = str(rng.integers(10000, 100000))
+                prompt = haystack.needle_prompt(self.tokenize, self.hay, context, depth, key)
+                for engine, policy, b in configs(g, g.needle_budgets, True):
+                    cfg = (engine, policy, needle_budget(b, context) if b else 0)
+                    r = self.run_configs("needle", prompt, [cfg], context + g.n_answer + self.opts.n_batch)[0]
+                    answer = self.vocab.detokenize(r.pop("answer_tokens")).decode("utf-8", "replace")
+                    rows.append(dict(r, context=context, depth=depth, key=key, answer=answer, budget_label=budget_label(b) if b else "",
+                                     correct=haystack.found(answer, key)))
+                    bar.update(1)
+        return rows
+
+    def ppl(self) -> list[dict]:
+        g, o = self.opts.grid, self.opts
+        tokens = self.text_tokens(g.ppl_tokens)
+        cfgs = configs(g, g.ppl_budgets, True)
+        rows = []
+        with self.progress("perplexity", len(cfgs)) as bar:
+            for i, cfg in enumerate(cfgs):
+                extra = {"dump_logits": str(o.out / f"ppl-logits-{i}.npy")} if o.dump_logits else {}
+                r = self.run_configs("ppl", tokens, [cfg], len(tokens) + o.n_batch, **extra)[0]
+                rows.append(dict(r, tokens=len(tokens), **({"logits": extra["dump_logits"]} if extra else {})))
+                bar.update(1)
+        full = next(r["ppl"] for r in rows if r["policy"] == STOCK_FULL)
+        for r in rows:
+            r["ppl_vs_full"] = r["ppl"] / full
+        return rows
+
+    def perturb(self) -> dict:
+        from .perturb import perturbation, summary
+
+        g, o = self.opts.grid, self.opts
+        tokens = self.text_tokens(g.perturb_context)
+        with self.progress("perturbation", 2) as bar:
+            result = perturbation(o.model, tokens, g.perturb_budget, g.window, o.n_batch, o.threads, o.n_gpu_layers,
+                                  progress=bar.update)
+        result["summary"] = summary(result)
+        return result
+
+
+def run(opts: Options, progress: Callable) -> dict:
+    """Runs the suites in opts.suites; writes results.json, results.md and the plots into opts.out."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(opts, progress)
+    try:
+        return _run(opts, bench)
+    finally:
+        shutil.rmtree(bench.runner.tmp, ignore_errors=True)
+
+
+def _run(opts: Options, bench: Bench) -> dict:
+    from . import report
+
+    results = {"meta": {"model": str(opts.model), "command": opts.command, "threads": opts.threads,
+                        "n_batch": opts.n_batch, "n_gpu_layers": opts.n_gpu_layers, "grid": asdict(opts.grid),
+                        "text": bench.text_source, "n_ctx_train": bench.n_ctx_train, "stock_lib": bench.runner.stock_lib,
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "platform": sys.platform,
+                        "llama_cpp_python": bench.llama_cpp_version}}
+    for suite in opts.suites:
+        t0 = time.perf_counter()
+        results[suite] = getattr(bench, suite)()
+        results["meta"][f"{suite}_seconds"] = time.perf_counter() - t0
+    results["meta"]["speed_contexts_skipped"] = bench.skipped
+    (opts.out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write(results, opts.out)
+    return results

@@ -1,0 +1,179 @@
+"""results.md and the PNG plots of a bench run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import STOCK_FULL, STOCK_SHIFT
+
+
+def _label(r: dict) -> str:
+    return r["policy"] if r["policy"] == STOCK_FULL else f"{r['policy']} @{r.get('budget_label', r['budget'])}"
+
+
+def _order(r: dict):
+    stock = {STOCK_FULL: 0, STOCK_SHIFT: 1}
+    return (r["policy"] != STOCK_FULL, r.get("budget_label") or f"{r['budget']:08d}", stock.get(r["policy"], 2), r["policy"])
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    out = ["| context | config | prefill tok/s (min-max) | decode tok/s (min-max) | decode / stock full | "
+           "KV MiB | KV / stock full | peak RSS MiB | cells after | ms per eviction |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["context"], _order(r))):
+        evict_ms = f"{1000 * r['evict_s']:.0f}" if r.get("evict_s") else "-"
+        out.append(f"| {r['context']} | {_label(r)} | {r['prefill_tps']:.0f} ({r['prefill_tps_min']:.0f}-{r['prefill_tps_max']:.0f}) "
+                   f"| {r['decode_tps']:.1f} ({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | {r['decode_vs_stock']:.2f} "
+                   f"| {r['kv_bytes'] / 2**20:.1f} | {r['kv_vs_stock']:.3f} | {r['peak_rss_mib']:.0f} | {r['cells']} "
+                   f"| {evict_ms} |")
+    return out
+
+
+def needle_accuracy(rows: list[dict]) -> dict:
+    """{(label, context): accuracy over depths}, and per label the mean over everything."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault((_label(r), r["context"]), []).append(r["correct"])
+    return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def needle_table(rows: list[dict]) -> list[str]:
+    contexts = sorted({r["context"] for r in rows})
+    acc = needle_accuracy(rows)
+    labels = []
+    for r in sorted(rows, key=_order):
+        if _label(r) not in labels:
+            labels.append(_label(r))
+    out = ["| config | " + " | ".join(f"{c} tokens" for c in contexts) + " | all |",
+           "|---|" + "---|" * (len(contexts) + 1)]
+    for lab in labels:
+        cells = [acc.get((lab, c)) for c in contexts]
+        mean = np.mean([r["correct"] for r in rows if _label(r) == lab])
+        out.append(f"| {lab} | " + " | ".join("-" if a is None else f"{100 * a:.0f} %" for a in cells) + f" | {100 * mean:.0f} % |")
+    return out
+
+
+def ppl_table(rows: list[dict]) -> list[str]:
+    out = ["| config | perplexity | vs stock full | cells after | evictions or shifts |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=_order):
+        n = r.get("n_evictions", r.get("n_shifts", 0))
+        out.append(f"| {_label(r)} | {r['ppl']:.3f} | {r['ppl_vs_full']:.3f} | {r['cells']} | {n} |")
+    return out
+
+
+def perturb_lines(p: dict) -> list[str]:
+    s = p["summary"]
+    return [f"Context {p['context']} tokens, budget {p['budget']}, window {p['window']}, head-wise; "
+            f"{s['n_heads']} (layer, query head) pairs over {len(p['layers'])} layers.", "",
+            "| | criticalkv | snapkv |", "|---|---|---|",
+            f"| mean L1 perturbation of a head's projected output | {s['mean_a']:.4f} | {s['mean_b']:.4f} |",
+            f"| heads where it is the lower | {s['lower']} ({100 * s['share_lower']:.1f} %) | "
+            f"{s['n_heads'] - s['lower'] - s['equal']} |", f"| heads where they are equal | {s['equal']} | |"]
+
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    out = [f"# pyllmkv bench: {Path(m['model']).name}", "",
+           f"`{m['command']}` ({m['started']}; {m['threads']} threads, batch {m['n_batch']}, -ngl {m['n_gpu_layers']}). "
+           f"Stock: the same pinned llama.cpp (llama-cpp-python {m['llama_cpp_python']}'s) unpatched. Text: {m['text']}. "
+           f"The model was trained on {m['n_ctx_train']} positions.", ""]
+    if "speed" in results:
+        g = m["grid"]
+        out += ["## Speed and memory", "",
+                f"Prefill the prompt (batches of {m['n_batch']}), then decode {g['n_decode']} tokens greedily; medians of "
+                f"{g['repeat']} interleaved runs, each in a fresh process. KV MiB: what llama.cpp allocated. "
+                f"Stock shift: llama.cpp's context shift in budget + batch cells, keeping the first 4 tokens.", ""]
+        out += speed_table(results["speed"]) + [""]
+        if m.get("speed_contexts_skipped"):
+            out += [f"Skipped (stock's full cache would take over half of the memory): {m['speed_contexts_skipped']}.", ""]
+    if "needle" in results:
+        out += ["## Needle in a haystack (pass key, exact match)", "",
+                f"Depths {', '.join(f'{100 * d:.0f} %' for d in m['grid']['needle_depths'])}; accuracy over depths.", ""]
+        out += needle_table(results["needle"]) + [""]
+    if "ppl" in results:
+        r0 = results["ppl"][0]
+        out += ["## Perplexity under a budget", "", f"{r0['tokens']} tokens of the text streamed through each cache.", ""]
+        out += ppl_table(results["ppl"]) + [""]
+    if "perturb" in results:
+        out += ["## Output perturbation per head (criticalkv vs snapkv)", ""] + perturb_lines(results["perturb"]) + [""]
+    return "\n".join(out)
+
+
+def plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(out / name)
+
+    if "speed" in results:
+        rows = results["speed"]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+        for lab in dict.fromkeys(_label(r) for r in sorted(rows, key=_order)):
+            rs = sorted((r for r in rows if _label(r) == lab), key=lambda r: r["context"])
+            x = [r["context"] for r in rs]
+            for ax, key in zip(axes, ("prefill_tps", "decode_tps")):
+                ax.plot(x, [r[key] for r in rs], marker="o", label=lab)
+            axes[2].plot(x, [r["kv_bytes"] / 2**20 for r in rs], marker="o", label=lab)
+        for ax, title in zip(axes, ("prefill tokens/s", "decode tokens/s", "KV cache MiB")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_title(title)
+        axes[2].set_yscale("log")
+        axes[2].legend(fontsize=7)
+        save(fig, "speed.png")
+    if "needle" in results:
+        rows = results["needle"]
+        contexts = sorted({r["context"] for r in rows})
+        depths = sorted({r["depth"] for r in rows})
+        labels = list(dict.fromkeys(_label(r) for r in sorted(rows, key=_order)))
+        cols = min(4, len(labels))
+        fig, axes = plt.subplots(-(-len(labels) // cols), cols, figsize=(3.2 * cols, 2.6 * -(-len(labels) // cols)), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, lab in zip(axes.ravel(), labels):
+            grid = np.full((len(depths), len(contexts)), np.nan)
+            for r in rows:
+                if _label(r) == lab:
+                    grid[depths.index(r["depth"]), contexts.index(r["context"])] = r["correct"]
+            ax.axis("on")
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_title(lab, fontsize=9)
+            ax.set_xticks(range(len(contexts)), [str(c) for c in contexts], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths], fontsize=7)
+        save(fig, "needle.png")
+    if "ppl" in results:
+        rows = sorted(results["ppl"], key=_order)
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.bar(range(len(rows)), [r["ppl"] for r in rows])
+        ax.set_xticks(range(len(rows)), [_label(r) for r in rows], rotation=70, fontsize=7)
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        save(fig, "perplexity.png")
+    if "perturb" in results:
+        p = results["perturb"]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        axes[0].hist(p["summary"]["log_ratio"], bins=40)
+        axes[0].axvline(0, color="k")
+        axes[0].set_xlabel("log(criticalkv / snapkv) perturbation per head")
+        axes[1].plot(p["layers"], np.mean(p["criticalkv"], axis=1), marker="o", label="criticalkv")
+        axes[1].plot(p["layers"], np.mean(p["snapkv"], axis=1), marker="o", label="snapkv")
+        axes[1].set_xlabel("layer")
+        axes[1].set_ylabel("mean L1 perturbation")
+        axes[1].legend()
+        save(fig, "perturbation.png")
+    return files
+
+
+def write(results: dict, out: Path) -> None:
+    (out / "results.md").write_text(markdown(results))
+    plots(results, out)
