@@ -77,6 +77,7 @@ class Session:
         self.n_batch = llm.n_batch
         self.n_vocab = llm.n_vocab()
         self.n_past = 0  # position of the next token
+        self._renumbered_at = -1  # the hook's eviction count when positions were last renumbered
         if config is not None:
             need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
             if llm.n_ctx() < need:
@@ -106,6 +107,17 @@ class Session:
     def evict(self) -> int:
         return _lib.evict(self.ctx) if self.config is not None else 0
 
+    def _renumber(self) -> None:
+        """Evicts, then renumbers the kept cells from 0. Head-wise eviction keeps a token while any head holds it, so
+        the new numbering (one position per token held) can stay near max_position; renumbering again before the
+        next eviction would give the same numbers at the cost of a scoring pass and a K shift per decoded token, so
+        until then positions go on past max_position."""
+        if _lib.stats(self.ctx)["n_evictions"] == self._renumbered_at:
+            return
+        self.evict()
+        self.n_past = _lib.compact_positions(self.ctx)
+        self._renumbered_at = _lib.stats(self.ctx)["n_evictions"]
+
     def decode(
         self,
         tokens: Sequence[int],
@@ -120,8 +132,7 @@ class Session:
             if self.config is not None:
                 evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk))
                 if self.n_past + len(chunk) > self.max_position:
-                    self.evict()
-                    self.n_past = _lib.compact_positions(self.ctx)
+                    self._renumber()
             b = self._batch
             b.n_tokens = len(chunk)
             for i, tok in enumerate(chunk):

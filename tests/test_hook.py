@@ -269,6 +269,31 @@ def test_positions_are_compacted_below_the_trained_context(llama_cpp, tmp_path):
     assert np.isfinite(logits).all()
 
 
+def test_positions_held_past_the_trained_context_are_renumbered_once_per_eviction(llama_cpp, tmp_path, monkeypatch):
+    # head-wise -ada heads hold different tokens: more distinct positions than the model was trained on, so a
+    # renumbering cannot bring them below it; decoding must not rescore and renumber at every token then
+    from tinymodel import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "short.gguf", seed=1, n_ctx_train=128)
+    config = EvictConfig(budget=64, window=8, policy="criticalkv-ada")
+    llm = _llama(llama_cpp, path, n_ctx=config.cells + 32, n_batch=32)
+    sess = Session(llm, config)
+    renumbered = []
+    compact = _lib.compact_positions
+    monkeypatch.setattr(_lib, "compact_positions", lambda ctx, seq_id=0: renumbered.append(compact(ctx, seq_id)) or renumbered[-1])
+    sess.decode(random_tokens(600, seed=9))
+    assert renumbered[-1] > 128  # the case this guards: the tokens held outnumber the positions
+    n_renumbered, n_evictions = len(renumbered), _lib.stats(llm)["n_evictions"]
+    n_past = sess.n_past
+    for t in random_tokens(100, seed=10):
+        logits = sess.decode([t])
+    n_new_evictions = _lib.stats(llm)["n_evictions"] - n_evictions
+    assert 1 <= n_new_evictions <= 100 // 32 + 1  # evictions only when the cache is full, not one per token
+    # renumbered after an eviction, and only then
+    assert 1 <= len(renumbered) - n_renumbered <= n_new_evictions and sess.n_past < n_past + 100
+    assert _lib.stats(llm)["n_seq_cells"] <= config.cells + 32 and np.isfinite(logits).all()
+
+
 def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path)
     sess = Session(llm, EvictConfig(budget=40, window=8, granularity="token"))
