@@ -108,8 +108,8 @@ def test_perplexity_equals_numpy(results):
         assert logits.shape[0] == n - 1
         if tokens is None:
             # the text's tokens: recover them from the bench (the same tokenizer and text)
-            b = bench.Bench(bench.Options(model=res["meta"]["model"], out=Path("."), grid=bench.TINY), _no_progress)
-            tokens = np.asarray(b.text_tokens(n))
+            with bench.Bench(bench.Options(model=res["meta"]["model"], out=Path("."), grid=bench.TINY), _no_progress) as b:
+                tokens = np.asarray(b.text_tokens(n))
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         ppl = np.exp(-np.mean(np.log(p[np.arange(n - 1), tokens[1:]])))
@@ -123,11 +123,11 @@ def test_stock_is_llama_cpp_unpatched_and_equal_without_eviction(results):
     assert not _lib.lib_dir().resolve() == lib.resolve()
     text = b"".join((lib / f).read_bytes() for f in os.listdir(lib) if f.startswith("libllama"))
     assert b"llama_kv_evict_enable" not in text and b"llama_decode" in text
-    runner = bench.Runner(bench.Options(model=res["meta"]["model"], out=Path("."), grid=bench.TINY, n_batch=32))
     tokens = [int(t) for t in np.random.default_rng(3).integers(0, 256, 200)]
-    stock = runner.job("ppl", "stock", tokens, n_ctx=256)
-    fits = runner.job("ppl", "pyllmkv", tokens, budget=256, policy="criticalkv")
-    evicted = runner.job("ppl", "pyllmkv", tokens, budget=64, policy="criticalkv")
+    with bench.Runner(bench.Options(model=res["meta"]["model"], out=Path("."), grid=bench.TINY, n_batch=32)) as runner:
+        stock = runner.job("ppl", "stock", tokens, n_ctx=256)
+        fits = runner.job("ppl", "pyllmkv", tokens, budget=256, policy="criticalkv")
+        evicted = runner.job("ppl", "pyllmkv", tokens, budget=64, policy="criticalkv")
     assert fits["n_evictions"] == 0 and evicted["n_evictions"] > 0
     assert fits["nll"] == stock["nll"] and evicted["nll"] != stock["nll"]
 
@@ -141,16 +141,16 @@ def test_needle_scorer(answer, expected):
 
 
 def test_needle_prompt(tiny_path):
-    b = bench.Bench(bench.Options(model=tiny_path, out=Path("."), grid=bench.TINY), _no_progress)
-    needle = b.tokenize(haystack.NEEDLE.format(key="12345"), False)
-    for depth in (0, 0.5, 1.0):
-        prompt = haystack.needle_prompt(b.tokenize, b.hay, 300, depth, "12345")
-        assert len(prompt) == 300
-        at = next(i for i in range(len(prompt)) if prompt[i : i + len(needle)] == needle)
-        n_hay = 300 - len(needle) - len(b.tokenize(haystack.INTRO, True)) - len(b.tokenize(haystack.QUESTION, False))
-        assert at == len(b.tokenize(haystack.INTRO, True)) + round(depth * n_hay)
-    with pytest.raises(ValueError, match="needs"):
-        haystack.needle_prompt(b.tokenize, b.hay[:10], 300, 0.5, "12345")
+    with bench.Bench(bench.Options(model=tiny_path, out=Path("."), grid=bench.TINY), _no_progress) as b:
+        needle = b.tokenize(haystack.NEEDLE.format(key="12345"), False)
+        for depth in (0, 0.5, 1.0):
+            prompt = haystack.needle_prompt(b.tokenize, b.hay, 300, depth, "12345")
+            assert len(prompt) == 300
+            at = next(i for i in range(len(prompt)) if prompt[i : i + len(needle)] == needle)
+            n_hay = 300 - len(needle) - len(b.tokenize(haystack.INTRO, True)) - len(b.tokenize(haystack.QUESTION, False))
+            assert at == len(b.tokenize(haystack.INTRO, True)) + round(depth * n_hay)
+        with pytest.raises(ValueError, match="needs"):
+            haystack.needle_prompt(b.tokenize, b.hay[:10], 300, 0.5, "12345")
 
 
 def test_captured_queries_equal_numpy(llama_cpp, tiny_path):

@@ -106,6 +106,15 @@ class Runner:
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, self.env.get("PYTHONPATH")) if p)
         self.n = 0
 
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def job(self, suite: str, engine: str, tokens, budget: int = 0, policy: str = "", n_ctx: int = 0, **extra) -> dict:
         o = self.opts
         job = dict(suite=suite, engine=engine, tokens=[int(t) for t in tokens], budget=budget, policy=policy, n_ctx=n_ctx,
@@ -158,6 +167,12 @@ class Bench:
         self.hay = self.tokenize(text, False)
         self._kv_bytes: dict[int, int] = {}
         self.skipped: list[int] = []  # speed contexts whose full cache would not fit in memory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.close()
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
         return self.vocab.tokenize(text.encode(), add_bos=bos, special=False)
@@ -286,11 +301,8 @@ class Bench:
 def run(opts: Options, progress: Callable) -> dict:
     """Runs the suites in opts.suites; writes results.json, results.md and the plots into opts.out."""
     opts.out.mkdir(parents=True, exist_ok=True)
-    bench = Bench(opts, progress)
-    try:
+    with Bench(opts, progress) as bench:
         return _run(opts, bench)
-    finally:
-        shutil.rmtree(bench.runner.tmp, ignore_errors=True)
 
 
 def _run(opts: Options, bench: Bench) -> dict:
