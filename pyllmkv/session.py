@@ -98,10 +98,12 @@ class Session:
         """Empties the sequence; the hook stays enabled."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, -1, -1)
         self.n_past = 0
+        self._renumbered_at = -1
 
     def truncate(self, n: int) -> int:
         """Drops positions >= n so decoding can resume there; returns the position it resumes at (see truncate)."""
         self.n_past = truncate(self.ctx, n)
+        self._renumbered_at = -1  # fewer tokens held: a renumbering may now bring positions lower
         return self.n_past
 
     def evict(self) -> int:
