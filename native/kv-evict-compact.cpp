@@ -9,6 +9,7 @@
 
 #include "llama-context.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
 
 namespace kv_evict {
 

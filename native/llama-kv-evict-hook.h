@@ -1,6 +1,8 @@
 // The seam between the patched llama.cpp and pyllmkv's native code: the only symbols the patch calls.
 #pragma once
 
+#include <cstdint>
+
 struct ggml_context;
 struct ggml_cgraph;
 struct ggml_tensor;
