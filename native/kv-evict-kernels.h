@@ -8,12 +8,13 @@
 
 namespace kv_evict {
 
-// Which kernel computed the projected-value norms (llama_kv_evict_stats.value_norm_kernel)
-enum value_norm_kernel : int32_t {
-    VALUE_NORM_NONE       = 0, // not computed yet
-    VALUE_NORM_GGML_GRAPH = 1, // plain ggml ops on any backend (W_O dequantised through a product with the identity)
-    VALUE_NORM_FUSED_CPU  = 2,
-    VALUE_NORM_FUSED_CUDA = 3,
+// Which kernel computed the projected-value norms and the window attention (llama_kv_evict_stats.value_norm_kernel,
+// .window_attn_kernel)
+enum scoring_kernel : int32_t {
+    KERNEL_NONE       = 0, // not computed yet
+    KERNEL_GGML_GRAPH = 1, // plain ggml ops on any backend
+    KERNEL_FUSED_CPU  = 2,
+    KERNEL_FUSED_CUDA = 3,
 };
 
 // CPU: whether W_O (and its per-output scale wo_s, may be NULL) lie in host memory in ggml's row layout
@@ -22,8 +23,18 @@ bool value_norm_cpu_supports(const ggml_tensor * wo, const ggml_tensor * wo_s);
 // CPU: [m, n_head] f32 norms |V_i W_O^h|_1 of the cells whose V rows (f32, [n_head_kv * head_dim, m]) are v
 ggml_tensor * value_norm_cpu_op(ggml_context * ctx, ggml_tensor * v, ggml_tensor * wo, ggml_tensor * wo_s, int64_t n_head);
 
-// CUDA (built with GGML_CUDA): whether W_O and the V cache lie in one CUDA device's memory (not split across devices)
-inline bool value_norm_cuda_supports(const ggml_tensor * wo, const ggml_tensor * v_cache) {
+// CPU: whether the K cache and the query ring lie in host memory and K's type can be dequantised per head
+bool window_attn_cpu_supports(const ggml_tensor * k_cache, const ggml_tensor * ring, int64_t head_dim);
+
+// CPU: [n, n_head] f32: per query head, the window queries' softmax attention over the cells cell_idx (i32 [n]) of the
+// stream's K rows k ([n_kv*hd, kv_size], cache type), masked by kq_mask ([n, n_q]) and head_mask ([n, n_head], may
+// be NULL), summed with the weights ([n_q]); q is [n_head*hd, n_q] f32; *kq_scale must live until the graph ran
+ggml_tensor * window_attn_cpu_op(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q, ggml_tensor * cell_idx,
+        ggml_tensor * kq_mask, ggml_tensor * weight, ggml_tensor * head_mask, int64_t n_head, float * kq_scale);
+
+// CUDA (built with GGML_CUDA): whether tensors a and b (W_O and the V cache, the K cache and the query ring) lie in one
+// CUDA device's memory (not split across devices)
+inline bool cuda_supports(const ggml_tensor * a, const ggml_tensor * b) {
 #ifdef PYLLMKV_CUDA
     auto on_cuda = [](const ggml_tensor * t) {
         if (!t->buffer || ggml_backend_buffer_is_host(t->buffer)) {
@@ -32,10 +43,10 @@ inline bool value_norm_cuda_supports(const ggml_tensor * wo, const ggml_tensor *
         const std::string name = ggml_backend_buft_name(ggml_backend_buffer_get_type(t->buffer));
         return name.rfind("CUDA", 0) == 0 && name.find("Split") == std::string::npos;
     };
-    return on_cuda(wo) && on_cuda(v_cache) && ggml_backend_buffer_get_type(wo->buffer) == ggml_backend_buffer_get_type(v_cache->buffer);
+    return on_cuda(a) && on_cuda(b) && ggml_backend_buffer_get_type(a->buffer) == ggml_backend_buffer_get_type(b->buffer);
 #else
-    (void) wo;
-    (void) v_cache;
+    (void) a;
+    (void) b;
     return false;
 #endif
 }

@@ -5,7 +5,7 @@
 #include "kv-evict-select.h"
 #include "kv-evict-kernels.h"
 #ifdef PYLLMKV_CUDA
-#include "cuda/value-norm-cuda.h"
+#include "cuda/kernels-cuda.h"
 #endif
 
 #include "llama-context.h"
@@ -22,10 +22,14 @@ namespace kv_evict {
 
 namespace {
 
-// The sequence's rows of a cache tensor stored per cell ([n_embd_gqa, kv_size, n_stream]), gathered as f32
+// A stream's rows of a cache tensor stored per cell ([n_embd_gqa, kv_size, n_stream])
+ggml_tensor * stream_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream) {
+    return ggml_view_2d(ctx, cache, cache->ne[0], cache->ne[1], cache->nb[1], stream * cache->nb[2]);
+}
+
+// The sequence's rows of such a cache tensor, gathered as f32
 ggml_tensor * gather_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, ggml_tensor * cell_idx) {
-    ggml_tensor * rows = ggml_view_2d(ctx, cache, cache->ne[0], cache->ne[1], cache->nb[1], stream * cache->nb[2]);
-    return ggml_get_rows(ctx, rows, cell_idx);
+    return ggml_get_rows(ctx, stream_rows(ctx, cache, stream), cell_idx);
 }
 
 // The same for a transposed V cache (element (cell i, dim j) at i + j*kv_size): transpose it back first
@@ -120,23 +124,56 @@ int32_t value_norms_cuda(llama_kv_evict_state & st, uint32_t stream, const std::
     }
     return 0;
 }
+
+// The CUDA kernel on the f32 K rows and queries that a graph gathered on the CUDA backend, for layer il:
+// s [h * n + i] as the graph computes it
+int32_t window_attn_cuda(llama_kv_evict_state & st, uint32_t stream, int32_t il, const std::vector<int32_t> & cells,
+        const std::vector<int32_t> & slots, const std::vector<float> & mask, const std::vector<float> & head_mask,
+        const std::vector<float> & weight, std::vector<float> & s) {
+    const llama_hparams & hparams = st.lctx->get_model().hparams;
+    const int64_t n = cells.size(), n_q = slots.size(), n_head = hparams.n_head(il);
+    evict_graph g(64);
+    ggml_context * ctx = g.ctx.get();
+    ggml_tensor * k = gather_rows(ctx, st.kv->get_k_storage(il), stream, g.input(GGML_TYPE_I32, n, 1, cells));
+    ggml_tensor * q = ggml_get_rows(ctx, st.ring[il], g.input(GGML_TYPE_I32, n_q, 1, slots));
+    ggml_set_output(k);
+    ggml_set_output(q);
+    ggml_build_forward_expand(g.gf, k);
+    ggml_build_forward_expand(g.gf, q);
+    if (!g.compute(st)) {
+        return set_error(ERR_COMPUTE, "window-attention input graph failed to allocate or compute");
+    }
+    s.resize(n_head * n);
+    if (pyllmkv_window_attn_cuda((const float *) k->data, (const float *) q->data, mask.data(),
+                                 head_mask.empty() ? nullptr : head_mask.data(), weight.data(), s.data(), n, n_q, n_head,
+                                 hparams.n_head_kv(il), hparams.n_embd_head_k(il), st.kq_scale[il]) != 0) {
+        return set_error(ERR_COMPUTE, "the CUDA window-attention kernel failed");
+    }
+    return 0;
+}
 #endif
 
+// Whether the environment variable `name` asks for plain ggml ops (tests and benchmarks compare them with the fused
+// kernels)
+bool graph_forced(const char * name) {
+    const char * force = getenv(name);
+    return force && std::string(force) == "graph";
+}
+
 // Which kernel computes the norms: a fused one where the weights and cache lie on its backend, else plain ggml ops.
-// LLAMA_KV_EVICT_VALUE_NORMS=graph forces the latter (tests and benchmarks compare the two)
-value_norm_kernel pick_value_norm_kernel(const llama_kv_evict_state & st) {
+// LLAMA_KV_EVICT_VALUE_NORMS=graph forces the latter
+scoring_kernel pick_value_norm_kernel(const llama_kv_evict_state & st) {
     const llama_model & model = st.lctx->get_model();
-    const char * force = getenv("LLAMA_KV_EVICT_VALUE_NORMS");
-    if (force && std::string(force) == "graph") {
-        return VALUE_NORM_GGML_GRAPH;
+    if (graph_forced("LLAMA_KV_EVICT_VALUE_NORMS")) {
+        return KERNEL_GGML_GRAPH;
     }
     bool cpu = true, cuda = true;
     for (uint32_t il : st.kv->get_layer_ids()) {
         const auto & layer = model.layers[il];
         cpu  = cpu && value_norm_cpu_supports(layer.wo, layer.wo_s);
-        cuda = cuda && value_norm_cuda_supports(layer.wo, st.kv->get_v_storage(il));
+        cuda = cuda && cuda_supports(layer.wo, st.kv->get_v_storage(il));
     }
-    return cpu ? VALUE_NORM_FUSED_CPU : cuda ? VALUE_NORM_FUSED_CUDA : VALUE_NORM_GGML_GRAPH;
+    return cpu ? KERNEL_FUSED_CPU : cuda ? KERNEL_FUSED_CUDA : KERNEL_GGML_GRAPH;
 }
 
 // |V_i W_O^h|_1 for the given cells, per layer and query head, then averaged over each KV head's query group.
@@ -154,12 +191,12 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
     if (int32_t err = ensure_sched(st, graph_size)) {
         return err;
     }
-    const value_norm_kernel kernel = pick_value_norm_kernel(st);
+    const scoring_kernel kernel = pick_value_norm_kernel(st);
     st.value_norm_kernel = kernel;
 
     // bound the graph's [n_embd, cells, n_head] product to ~64 MiB; the fused kernels need only the cells' V rows
     const int64_t n_head_max = hparams.n_head(layer_ids[0]);
-    const int64_t chunk = kernel != VALUE_NORM_GGML_GRAPH ? 4096 :
+    const int64_t chunk = kernel != KERNEL_GGML_GRAPH ? 4096 :
                           std::clamp<int64_t>((64ll << 20) / (4 * (int64_t) hparams.n_embd * n_head_max), 1, 512);
 
     for (size_t c0 = 0; c0 < cells.size(); c0 += chunk) {
@@ -167,7 +204,7 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
         std::vector<int32_t> idx(cells.begin() + c0, cells.begin() + c0 + m);
         std::vector<std::vector<float>> buf(layer_ids.size()); // [layer_kv][h * m + i]
 
-        if (kernel == VALUE_NORM_FUSED_CUDA) {
+        if (kernel == KERNEL_FUSED_CUDA) {
 #ifdef PYLLMKV_CUDA
             if (int32_t err = value_norms_cuda(st, stream, idx, buf)) {
                 return err;
@@ -180,7 +217,7 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
             std::vector<ggml_tensor *> outs;
             for (uint32_t il : layer_ids) {
                 ggml_tensor * v = gather_v(g, st, stream, cell_idx, il);
-                ggml_tensor * n = kernel == VALUE_NORM_FUSED_CPU
+                ggml_tensor * n = kernel == KERNEL_FUSED_CPU
                     ? value_norm_cpu_op(ctx, v, model.layers[il].wo, model.layers[il].wo_s, hparams.n_head(il)) // [m, n_head]
                     : value_norms_graph(ctx, g, model, v, il);                                                  // [1, m, n_head]
                 ggml_set_output(n);
@@ -212,6 +249,21 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
         }
     }
     return 0;
+}
+
+// Which kernel computes the window attention: a fused one where every layer's K cache and query ring lie on its
+// backend, else plain ggml ops. LLAMA_KV_EVICT_WINDOW_ATTN=graph forces the latter
+scoring_kernel pick_window_attn_kernel(const llama_kv_evict_state & st) {
+    if (graph_forced("LLAMA_KV_EVICT_WINDOW_ATTN")) {
+        return KERNEL_GGML_GRAPH;
+    }
+    const llama_hparams & hparams = st.lctx->get_model().hparams;
+    bool cpu = true, cuda = true;
+    for (uint32_t il : st.kv->get_layer_ids()) {
+        cpu  = cpu && window_attn_cpu_supports(st.kv->get_k_storage(il), st.ring[il], hparams.n_embd_head_k(il));
+        cuda = cuda && cuda_supports(st.kv->get_k_storage(il), st.ring[il]);
+    }
+    return cpu ? KERNEL_FUSED_CPU : cuda ? KERNEL_FUSED_CUDA : KERNEL_GGML_GRAPH;
 }
 
 } // namespace
@@ -360,40 +412,67 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     ggml_tensor * kq_mask  = g.input(GGML_TYPE_F32, n, n_q, mask);
     ggml_tensor * weight   = g.input(GGML_TYPE_F32, n_q, 1, q_weight);
 
-    std::vector<ggml_tensor *> outs;
+    const scoring_kernel kernel = pick_window_attn_kernel(st);
+    st.window_attn_kernel = kernel;
+    std::vector<std::vector<float>> attn(n_layer_kv); // [layer_kv][h * n + i]: each cell's weighted window attention
+    std::vector<ggml_tensor *> outs(n_layer_kv, nullptr);
     for (int64_t l = 0; l < n_layer_kv; ++l) {
         const int32_t il     = layer_ids[l];
         const int64_t hd     = hparams.n_embd_head_k(il);
         const int64_t n_head = hparams.n_head(il);
 
-        ggml_tensor * q = ggml_get_rows(ctx, st.ring[il], slot_idx);                     // [hd*n_head, n_q]
-        q = ggml_permute(ctx, ggml_reshape_3d(ctx, q, hd, n_head, n_q), 0, 2, 1, 3);     // [hd, n_q, n_head]
-        ggml_tensor * k = gather_rows(ctx, st.kv->get_k_storage(il), stream, cell_idx);  // [hd*n_kv, n]
-        k = ggml_permute(ctx, ggml_reshape_3d(ctx, k, hd, n_kv, n), 0, 2, 1, 3);         // [hd, n, n_kv]
-
-        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                                      // [n, n_q, n_head]
-        ggml_tensor * mask = kq_mask;
+        // AdaKV: the cells a head holds no token in, as the model's own attention masks them (llama_kv_evict_attn)
+        std::vector<float> hm;
         if (!absent_all.empty()) {
-            // the cells a head holds no token in, as the model's own attention masks them (llama_kv_evict_attn)
             const int64_t group = n_head / n_kv;
-            std::vector<float> head_mask(n * n_head, 0.0f);
+            hm.assign(n * n_head, 0.0f);
             for (int64_t h = 0; h < n_head; ++h) {
                 for (int64_t i = 0; i < n; ++i) {
-                    head_mask[h * n + i] = absent_all[(l * n_kv + h / group) * n + i] ? -INFINITY : 0.0f;
+                    hm[h * n + i] = absent_all[(l * n_kv + h / group) * n + i] ? -INFINITY : 0.0f;
                 }
             }
-            ggml_tensor * hm = ggml_reshape_3d(ctx, g.input(GGML_TYPE_F32, n, n_head, head_mask), n, 1, n_head);
-            mask = ggml_add(ctx, ggml_repeat_4d(ctx, kq_mask, n, n_q, n_head, 1), hm);
         }
-        ggml_tensor * a  = ggml_soft_max_ext(ctx, kq, mask, st.kq_scale[il], 0.0f);
-        a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                            // [n_q, n, n_head]
-        ggml_tensor * s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                  // [1, n, n_head]
+        if (kernel == KERNEL_FUSED_CUDA) {
+#ifdef PYLLMKV_CUDA
+            if (int32_t err = window_attn_cuda(st, stream, il, cell_i32, q_slot, mask, hm, q_weight, attn[l])) {
+                return err;
+            }
+#endif
+            continue;
+        }
+        ggml_tensor * head_mask = hm.empty() ? nullptr : g.input(GGML_TYPE_F32, n, n_head, hm);
+
+        ggml_tensor * q = ggml_get_rows(ctx, st.ring[il], slot_idx);                     // [hd*n_head, n_q]
+        ggml_tensor * s = nullptr;                                                       // [n, n_head] summed attention
+        if (kernel == KERNEL_FUSED_CPU) {
+            s = window_attn_cpu_op(ctx, stream_rows(ctx, st.kv->get_k_storage(il), stream), q, cell_idx, kq_mask, weight,
+                                   head_mask, n_head, &st.kq_scale[il]);
+        } else {
+            q = ggml_permute(ctx, ggml_reshape_3d(ctx, q, hd, n_head, n_q), 0, 2, 1, 3); // [hd, n_q, n_head]
+            ggml_tensor * k = gather_rows(ctx, st.kv->get_k_storage(il), stream, cell_idx); // [hd*n_kv, n]
+            k = ggml_permute(ctx, ggml_reshape_3d(ctx, k, hd, n_kv, n), 0, 2, 1, 3);     // [hd, n, n_kv]
+
+            ggml_tensor * kq = ggml_mul_mat(ctx, k, q);                                  // [n, n_q, n_head]
+            ggml_tensor * mask = kq_mask;
+            if (head_mask) {
+                mask = ggml_add(ctx, ggml_repeat_4d(ctx, kq_mask, n, n_q, n_head, 1), ggml_reshape_3d(ctx, head_mask, n, 1, n_head));
+            }
+            ggml_tensor * a = ggml_soft_max_ext(ctx, kq, mask, st.kq_scale[il], 0.0f);
+            a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                        // [n_q, n, n_head]
+            s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                            // [1, n, n_head]
+        }
         ggml_set_output(s);
         ggml_build_forward_expand(g.gf, s);
-        outs.push_back(s);
+        outs[l] = s;
     }
-    if (!g.compute(st)) {
-        return set_error(ERR_COMPUTE, "attention-score graph failed to allocate or compute");
+    if (kernel != KERNEL_FUSED_CUDA) {
+        if (!g.compute(st)) {
+            return set_error(ERR_COMPUTE, "attention-score graph failed to allocate or compute");
+        }
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            attn[l].resize(ggml_nelements(outs[l]));
+            ggml_backend_tensor_get(outs[l], attn[l].data(), 0, ggml_nbytes(outs[l]));
+        }
     }
 
     const bool pooled = p.policy != LLAMA_KV_EVICT_POLICY_H2O && p.policy != LLAMA_KV_EVICT_POLICY_TOVA;
@@ -403,8 +482,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         const int32_t il     = layer_ids[l];
         const int64_t n_head = hparams.n_head(il);
         const int64_t group  = n_head / n_kv;
-        std::vector<float> s(n * n_head);
-        ggml_backend_tensor_get(outs[l], s.data(), 0, s.size() * sizeof(float));
+        const std::vector<float> & s = attn[l];
 
         for (int64_t h = 0; h < n_head; ++h) {
             const float * sh = s.data() + h * n;

@@ -87,8 +87,9 @@ struct llama_kv_evict_state {
     ggml_backend_sched_ptr sched;
     int32_t sched_graph_size = 0;
 
-    int32_t value_norm_kernel = 0; // kv_evict::value_norm_kernel that computed the last norms
-    size_t  scoring_bytes     = 0; // largest compute buffers of the hook's graphs so far
+    int32_t value_norm_kernel  = 0; // kv_evict::scoring_kernel that computed the last norms
+    int32_t window_attn_kernel = 0; // kv_evict::scoring_kernel that computed the last window attention
+    size_t  scoring_bytes      = 0; // largest compute buffers of the hook's graphs so far
     int32_t n_evictions = 0;
     int64_t n_evicted   = 0;
     int64_t t_evict_us  = 0;

@@ -914,8 +914,9 @@ int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama
         stats->n_evictions = st->n_evictions;
         stats->n_evicted   = st->n_evicted;
         stats->t_evict_us  = st->t_evict_us;
-        stats->value_norm_kernel = st->value_norm_kernel;
-        stats->scoring_bytes     = st->scoring_bytes;
+        stats->value_norm_kernel  = st->value_norm_kernel;
+        stats->window_attn_kernel = st->window_attn_kernel;
+        stats->scoring_bytes      = st->scoring_bytes;
     }
     return 0;
 }

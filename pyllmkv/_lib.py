@@ -82,6 +82,7 @@ class EvictStats(ctypes.Structure):
         ("t_evict_us", ctypes.c_int64),
         ("kv_bytes", ctypes.c_size_t),
         ("value_norm_kernel", ctypes.c_int32),
+        ("window_attn_kernel", ctypes.c_int32),
         ("scoring_bytes", ctypes.c_size_t),
     ]
 
@@ -253,13 +254,15 @@ def adakv_shares(scores: np.ndarray, budget: int, alpha: float, cap: int) -> np.
     return share
 
 
-VALUE_NORM_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda"}
+SCORING_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda"}
 
 
 def stats(ctx, seq_id: int = 0) -> dict:
-    """Counters from llama.cpp and the hook; value_norm_kernel names what computed the projected-value norms."""
+    """Counters from llama.cpp and the hook; value_norm_kernel and window_attn_kernel name what computed the
+    projected-value norms and the window attention last."""
     s = EvictStats()
     _check(_get_stats(_ctx(ctx), seq_id, ctypes.byref(s)))
     out = {name: getattr(s, name) for name, _ in EvictStats._fields_}
-    out["value_norm_kernel"] = VALUE_NORM_KERNELS.get(out["value_norm_kernel"], str(out["value_norm_kernel"]))
+    for key in ("value_norm_kernel", "window_attn_kernel"):
+        out[key] = SCORING_KERNELS.get(out[key], str(out[key]))
     return out

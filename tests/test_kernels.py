@@ -1,5 +1,6 @@
-"""The fused projected-value-norm kernel (native/cpu/) against the plain ggml graph and the numpy reference, over
-weight types, cache types, head dims, GQA groups and odd cell counts; and the dispatch as kv_stats reports it."""
+"""The fused CPU kernels (native/cpu/: projected-value norms, window attention) against the plain ggml graphs and the
+numpy reference, over weight types, cache types, head dims, GQA groups, policies and odd cell counts; and the
+dispatch as kv_stats reports it."""
 
 from __future__ import annotations
 
@@ -12,29 +13,42 @@ from conftest import random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig
 from pyllmkv.session import Session
-from scoring_reference import value_norms
+from scoring_reference import head_scores, value_norms, window_attention
 from tinymodel import TinyRef, write_tiny_llama
 
-TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # GGML_TYPE_*
+TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q8_0": 8}  # GGML_TYPE_*
+FORCE_GRAPH = {"norms": "LLAMA_KV_EVICT_VALUE_NORMS", "attn": "LLAMA_KV_EVICT_WINDOW_ATTN"}
 
 
-def _norms(llama_cpp, path, cache, n_tokens, kernel, flash_attn=True, n_gpu_layers=0):
-    """Value norms of every layer as llama_kv_evict_scores reports them, computed by `kernel` (the dispatch's own
-    choice unless "ggml-graph"); and kv_stats."""
-    if kernel == "ggml-graph":
-        os.environ["LLAMA_KV_EVICT_VALUE_NORMS"] = "graph"
+def _scores(llama_cpp, path, cache, n_tokens, graph=(), policy="criticalkv", budget=256, window=8, flash_attn=True,
+            n_gpu_layers=0):
+    """Scores and value norms of every layer as llama_kv_evict_scores reports them, computed by the dispatch's own
+    choice of kernels except those named in `graph` ("norms", "attn"), forced to the ggml graphs; kv_stats; the model.
+    With a budget below n_tokens, one eviction happens before the last two tokens, and the scores are the next one's."""
+    for name in graph:
+        os.environ[FORCE_GRAPH[name]] = "graph"
     try:
         llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=256, n_ubatch=256, verbose=False, n_threads=2,
                               flash_attn=flash_attn, type_k=TYPES[cache], type_v=TYPES[cache], n_gpu_layers=n_gpu_layers)
         n_layer = int(llama_cpp.llama_model_n_layer(llm._model.model))
         n_kv = int(llama_cpp.llama_model_n_head_kv(llm._model.model))
-        sess = Session(llm, EvictConfig(budget=256, window=8))
+        sess = Session(llm, EvictConfig(budget=budget, window=window, policy=policy))
         tokens = random_tokens(n_tokens, seed=n_tokens)
-        sess.decode(tokens)
-        norms = np.stack([_lib.scores(llm, il, n_kv)[2] for il in range(n_layer)])
-        return tokens, norms, _lib.stats(llm)
+        sess.decode(tokens[:-2])
+        if budget < n_tokens:
+            sess.evict()
+        for t in tokens[-2:]:  # single-token decodes after the eviction: H2O has new queries to count
+            sess.decode([t])
+        per_layer = [_lib.scores(llm, il, n_kv) for il in range(n_layer)]
+        return tokens, np.stack([s for _, s, _ in per_layer]), np.stack([n for _, _, n in per_layer]), _lib.stats(llm), llm
     finally:
-        os.environ.pop("LLAMA_KV_EVICT_VALUE_NORMS", None)
+        for name in graph:
+            os.environ.pop(FORCE_GRAPH[name], None)
+
+
+def _norms(llama_cpp, path, cache, n_tokens, kernel, **kw):
+    tokens, _, norms, st, _ = _scores(llama_cpp, path, cache, n_tokens, graph=("norms",) if kernel == "ggml-graph" else (), **kw)
+    return tokens, norms, st
 
 
 # head_dim x GQA group (n_head / n_head_kv) x weight type; n_embd 128 throughout
@@ -70,3 +84,53 @@ def test_fused_norms_on_the_real_model(llama_cpp, smollm2_path):
     assert st["value_norm_kernel"] == "fused-cpu"
     _, graph, _ = _norms(llama_cpp, smollm2_path, "f16", 200, "ggml-graph")
     np.testing.assert_allclose(fused, graph, rtol=1e-4)
+
+
+# the window attention: head_dim x GQA group x policy (the query weights: window mean, last query, not yet counted)
+ATTN_SHAPES = [(32, 2, "snapkv"), (64, 1, "tova"), (64, 4, "h2o"), (128, 8, "criticalkv"), (256, 2, "snapkv")]
+
+
+@pytest.mark.parametrize("head_dim, group, policy", ATTN_SHAPES)
+def test_fused_window_attention_equals_graph_and_numpy(llama_cpp, tmp_path, head_dim, group, policy):
+    n_head_kv = 2 if group < 8 else 1
+    path = write_tiny_llama(tmp_path / "m.gguf", seed=head_dim * group, n_head=n_head_kv * group, n_head_kv=n_head_kv,
+                            head_dim=head_dim, dtype="f32")
+    tokens, fused, _, st, llm = _scores(llama_cpp, path, "f32", 101, policy=policy)  # 93 prefix cells: odd
+    assert st["window_attn_kernel"] == "fused-cpu"
+    # the numpy reference on the kernel's own inputs: the captured queries and the cache's K rows
+    pos = _lib.positions(llm)
+    expected = []
+    for il in range(len(fused)):
+        q_pos, q, scale = _lib.queries(llm, il)
+        k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
+        a = window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale)
+        expected.append(head_scores(a, len(q_pos), n_head_kv, policy))
+    np.testing.assert_allclose(fused, np.stack(expected), rtol=1e-4, atol=1e-7)
+    _, graph, _, st, _ = _scores(llama_cpp, path, "f32", 101, graph=("attn",), policy=policy)
+    assert st["window_attn_kernel"] == "ggml-graph"
+    np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("cache", ["f16", "bf16", "q8_0", "q4_0"])
+def test_fused_window_attention_equals_graph_for_cache_types(llama_cpp, tiny64_path, cache):
+    # the fused kernel dequantises K with ggml's own routine, the graph with get_rows: the same values
+    _, fused, _, _, _ = _scores(llama_cpp, tiny64_path, cache, 77, policy="snapkv")
+    _, graph, _, _, _ = _scores(llama_cpp, tiny64_path, cache, 77, graph=("attn",), policy="snapkv")
+    np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["criticalkv-ada", "h2o"])
+def test_fused_window_attention_after_an_eviction(llama_cpp, tiny64_path, policy):
+    # after a head-wise AdaKV eviction a KV head holds no token in some cells (the per-head mask); H2O counts only the
+    # queries decoded since its last eviction
+    _, fused, _, st, _ = _scores(llama_cpp, tiny64_path, "f16", 160, policy=policy, budget=64)
+    assert st["n_evictions"] >= 1 and st["window_attn_kernel"] == "fused-cpu"
+    _, graph, _, _, _ = _scores(llama_cpp, tiny64_path, "f16", 160, graph=("attn",), policy=policy, budget=64)
+    np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_window_attention_on_the_real_model(llama_cpp, smollm2_path):
+    _, fused, _, st, _ = _scores(llama_cpp, smollm2_path, "f16", 200, policy="snapkv")
+    assert st["window_attn_kernel"] == "fused-cpu"
+    _, graph, _, _, _ = _scores(llama_cpp, smollm2_path, "f16", 200, graph=("attn",), policy="snapkv")
+    np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)

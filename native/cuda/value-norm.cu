@@ -4,7 +4,7 @@
 // OUTS output rows at a time through shared memory, each thread forms one (cell, output) dot product and keeps
 // only its |.|; a reduction over the block's output lanes gives the cells' norms. Inputs are f32 device arrays that
 // the hook's ggml graph prepared on the CUDA backend (V gathered from the cache, W_O dequantised by get_rows).
-#include "value-norm-cuda.h"
+#include "kernels-cuda.h"
 
 #include <cuda_runtime.h>
 

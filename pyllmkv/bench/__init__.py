@@ -240,7 +240,7 @@ class Bench:
                 vals = [r[key] for r in reps]
                 row[key] = statistics.median(vals)
                 row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
-            for key in ("kv_bytes", "cells", "n_evictions", "n_shifts", "value_norm_kernel"):
+            for key in ("kv_bytes", "cells", "n_evictions", "n_shifts", "value_norm_kernel", "window_attn_kernel"):
                 if key in reps[0]:
                     row[key] = reps[0][key]
             rows.append(row)

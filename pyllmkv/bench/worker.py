@@ -113,7 +113,8 @@ class PyllmkvStream:
     def counters(self) -> dict:
         st = self.lib.stats(self.session.ctx)
         return {"cells": st["n_seq_cells"], "kv_bytes": st["kv_bytes"], "n_evictions": st["n_evictions"],
-                "t_evict_s": st["t_evict_us"] / 1e6, "value_norm_kernel": st["value_norm_kernel"]}
+                "t_evict_s": st["t_evict_us"] / 1e6, "value_norm_kernel": st["value_norm_kernel"],
+                "window_attn_kernel": st["window_attn_kernel"]}
 
 
 def open_stream(job: dict):
