@@ -10,6 +10,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -123,11 +124,16 @@ std::string validate(const llama_kv_evict_params & p, uint32_t kv_size) {
         return "budget (" + std::to_string(p.budget) + ") exceeds the cache size (" + std::to_string(kv_size) +
                " cells): the cache would fill before anything is evicted; create the context with n_ctx >= budget + n_batch";
     }
-    if (p.policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || p.policy > LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) {
-        return "unknown policy " + std::to_string((int) p.policy);
+    // the enums as the caller's bytes: a value outside an enum's range may not be loaded as the enum
+    int32_t policy, granularity;
+    static_assert(sizeof(p.policy) == sizeof(policy) && sizeof(p.granularity) == sizeof(granularity), "int-sized enums");
+    memcpy(&policy, &p.policy, sizeof(policy));
+    memcpy(&granularity, &p.granularity, sizeof(granularity));
+    if (policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || policy > LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) {
+        return "unknown policy " + std::to_string(policy);
     }
-    if (p.granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN && p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
-        return "unknown granularity " + std::to_string((int) p.granularity);
+    if (granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN && granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
+        return "unknown granularity " + std::to_string(granularity);
     }
     if ((p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || p.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) &&
         p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
