@@ -38,6 +38,13 @@ struct evict_graph {
         return t;
     }
 
+    // marks t as a result to read back after compute() and adds it to the graph
+    ggml_tensor * output(ggml_tensor * t) {
+        ggml_set_output(t);
+        ggml_build_forward_expand(gf, t);
+        return t;
+    }
+
     // inputs filled by llama.cpp itself (e.g. its Hadamard matrix), after allocation
     std::vector<std::function<void()>> fillers;
 

@@ -109,10 +109,8 @@ int32_t value_norms_cuda(llama_kv_evict_state & st, uint32_t stream, const std::
             w = ggml_mul(ctx, w, ggml_reshape_2d(ctx, model.layers[il].wo_s, 1, wo->ne[1]));
         }
         ggml_tensor * v = gather_v(g, st, stream, g.input(GGML_TYPE_I32, m, 1, idx), il);
-        ggml_set_output(w);
-        ggml_set_output(v);
-        ggml_build_forward_expand(g.gf, w);
-        ggml_build_forward_expand(g.gf, v);
+        g.output(w);
+        g.output(v);
         if (!g.compute(st)) {
             return set_error(ERR_COMPUTE, "value-norm input graph failed to allocate or compute");
         }
@@ -136,10 +134,8 @@ int32_t window_attn_cuda(llama_kv_evict_state & st, uint32_t stream, int32_t il,
     ggml_context * ctx = g.ctx.get();
     ggml_tensor * k = gather_rows(ctx, st.kv->get_k_storage(il), stream, g.input(GGML_TYPE_I32, n, 1, cells));
     ggml_tensor * q = ggml_get_rows(ctx, st.ring[il], g.input(GGML_TYPE_I32, n_q, 1, slots));
-    ggml_set_output(k);
-    ggml_set_output(q);
-    ggml_build_forward_expand(g.gf, k);
-    ggml_build_forward_expand(g.gf, q);
+    g.output(k);
+    g.output(q);
     if (!g.compute(st)) {
         return set_error(ERR_COMPUTE, "window-attention input graph failed to allocate or compute");
     }
@@ -220,9 +216,7 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
                 ggml_tensor * n = kernel == KERNEL_FUSED_CPU
                     ? value_norm_cpu_op(ctx, v, model.layers[il].wo, model.layers[il].wo_s, hparams.n_head(il)) // [m, n_head]
                     : value_norms_graph(ctx, g, model, v, il);                                                  // [1, m, n_head]
-                ggml_set_output(n);
-                ggml_build_forward_expand(g.gf, n);
-                outs.push_back(n);
+                outs.push_back(g.output(n));
             }
             if (!g.compute(st)) {
                 return set_error(ERR_COMPUTE, "value-norm graph failed to allocate or compute");
@@ -461,9 +455,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                        // [n_q, n, n_head]
             s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                            // [1, n, n_head]
         }
-        ggml_set_output(s);
-        ggml_build_forward_expand(g.gf, s);
-        outs[l] = s;
+        outs[l] = g.output(s);
     }
     if (kernel != KERNEL_FUSED_CUDA) {
         if (!g.compute(st)) {
