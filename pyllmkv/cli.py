@@ -257,6 +257,12 @@ def _float_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers")
 
 
+def _odd(ctx, param, value):
+    if value is not None and (value < 1 or value % 2 == 0):
+        raise click.BadParameter(f"{value} is not an odd number of cells (1, 3, 5, ...)")
+    return value
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="a reduced grid: under 10 minutes on 2 cores with SmolLM2-135M")
@@ -274,8 +280,13 @@ def _float_list(ctx, param, value):
 @click.option("--repeat", type=int, default=None, help="speed: interleaved repetitions [default: the grid's]")
 @click.option("--needle-contexts", callback=_int_list, help="needle: prompt lengths [default: the grid's]")
 @click.option("--needle-budgets", callback=_float_list, help="needle: budgets, in cells or below 1 a share of the context")
+@click.option("--needle-prefill", type=click.Choice(["chunked", "whole"]), default=None,
+              help="needle: the prompt in batches of -b, evicting between them (chunked, as chat does), or in one batch "
+                   "then one eviction with the question in the window (whole, the paper's setting) [default: chunked]")
 @click.option("--ppl-tokens", type=int, default=None, help="perplexity: tokens of text streamed [default: the grid's]")
 @click.option("--ppl-budgets", callback=_int_list, help="perplexity: budgets [default: the grid's]")
+@click.option("--pool-kernel", type=int, callback=_odd, default=None,
+              help="pooling kernel of the window scores, odd (1: none) [default: 5]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)

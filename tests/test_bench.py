@@ -94,6 +94,24 @@ def test_bounded_memory_and_stock_shift(results):
             assert r["kv_bytes"] == per_cell * _padded(r["budget"] + n_batch), r
 
 
+def test_needle_whole_prefill_evicts_once_after_the_prompt(tiny_path, tmp_path):
+    """--needle-prefill whole: pyllmkv reads the whole prompt, then evicts once down to its cells; stock shift as in
+    the chunked mode (its cache cannot hold the prompt)."""
+    import dataclasses
+
+    grid = dataclasses.replace(bench.TINY, needle_depths=[0.5], needle_budgets=[64], needle_prefill="whole")
+    opts = bench.Options(model=tiny_path, out=tmp_path, grid=grid, suites=["needle"], threads=2, command="test")
+    rows = bench.run(opts, _no_progress)["needle"]
+    assert len(rows) == 2 + len(bench.POLICIES)
+    for r in rows:
+        if r["engine"] == "pyllmkv":
+            cells = EvictConfig(budget=64, policy=r["policy"], window=grid.window).cells
+            assert r["n_evictions"] == 1 and r["cells"] <= cells + grid.n_answer, r
+        elif r["engine"] == "stock-shift":
+            assert r["n_shifts"] > 0 and r["cells"] <= 64 + grid.n_batch, r
+    assert "in one batch, then evicts once" in (tmp_path / "results.md").read_text()
+
+
 def _padded(n_ctx: int) -> int:
     return -(-n_ctx // 256) * 256  # llama.cpp sizes the cache in multiples of 256 cells
 
@@ -186,12 +204,16 @@ def test_perturbation_zero_when_all_kept_and_attention_reference():
 
 
 def test_cli(tiny_path, tmp_path):
-    """The command: prints the table, writes the files; refuses --quick with --tiny."""
+    """The command: prints the table, writes the files; refuses --quick with --tiny and an even pooling kernel."""
     cmd = [sys.executable, "-m", "pyllmkv", "bench", tiny_path, "--tiny", "--suite", "perturb", "-o", str(tmp_path / "o")]
-    proc = subprocess.run(cmd, cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + ["--pool-kernel", "3"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "## Output perturbation per head" in proc.stdout
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"results.json", "results.md", "perturbation.png"}
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["perturb"]["pool_kernel"] == results["meta"]["grid"]["pool_kernel"] == 3
+    proc = subprocess.run(cmd + ["--pool-kernel", "4"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "4 is not an odd number" in proc.stderr
     proc = subprocess.run(cmd + ["--quick"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "choose one of --quick and --tiny" in proc.stderr
     env = dict(os.environ, PYLLMKV_STOCK_LIB_DIR=str(tmp_path))

@@ -50,7 +50,11 @@ class Grid:
     perturb_context: int
     perturb_budget: int
     window: int = 32
+    pool_kernel: int = 5      # pooling of the window scores, every pyllmkv job and the perturbation suite
     n_answer: int = 10        # tokens generated for a needle answer
+    # needle, pyllmkv: "chunked" (batches of n_batch, evicting between them, as chat does) or "whole" (the prompt in
+    # one batch, then one eviction with the question in the window: the paper's and kvpress's setting)
+    needle_prefill: str = "chunked"
     n_batch: int = 512        # tokens per decode, unless -b says otherwise
 
 
@@ -118,9 +122,10 @@ class Runner:
     def job(self, suite: str, engine: str, tokens, budget: int = 0, policy: str = "", n_ctx: int = 0, **extra) -> dict:
         o = self.opts
         job = dict(suite=suite, engine=engine, tokens=[int(t) for t in tokens], budget=budget, policy=policy, n_ctx=n_ctx,
-                   window=o.grid.window, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+                   window=o.grid.window, pool_kernel=o.grid.pool_kernel, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
                    model=o.model, stock_lib=self.stock_lib, n_keep=N_KEEP, n_decode=o.grid.n_decode,
-                   n_answer=o.grid.n_answer, **extra)
+                   n_answer=o.grid.n_answer)
+        job.update(extra)
         self.n += 1
         path = self.tmp / f"job-{self.n}.json"
         path.write_text(json.dumps(job))
@@ -263,7 +268,9 @@ class Bench:
                 prompt = haystack.needle_prompt(self.tokenize, self.hay, context, depth, key)
                 for engine, policy, b in configs(g, g.needle_budgets, True):
                     cfg = (engine, policy, needle_budget(b, context) if b else 0)
-                    r = self.run_configs("needle", prompt, [cfg], context + g.n_answer + self.opts.n_batch)[0]
+                    whole = engine == "pyllmkv" and g.needle_prefill == "whole"
+                    extra = {"n_batch": len(prompt), "settle_prompt": True} if whole else {"settle_prompt": False}
+                    r = self.run_configs("needle", prompt, [cfg], context + g.n_answer + self.opts.n_batch, **extra)[0]
                     answer = self.vocab.detokenize(r.pop("answer_tokens")).decode("utf-8", "replace")
                     rows.append(dict(r, context=context, depth=depth, key=key, answer=answer, budget_label=budget_label(b) if b else "",
                                      correct=haystack.found(answer, key)))
@@ -293,7 +300,7 @@ class Bench:
         tokens = self.text_tokens(g.perturb_context)
         with self.progress("perturbation", 2) as bar:
             result = perturbation(o.model, tokens, g.perturb_budget, g.window, o.n_batch, o.threads, o.n_gpu_layers,
-                                  progress=bar.update)
+                                  progress=bar.update, pool_kernel=g.pool_kernel)
         result["summary"] = summary(result)
         return result
 

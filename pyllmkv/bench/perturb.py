@@ -70,18 +70,18 @@ def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads
 
 
 def perturbation(model_path: str, tokens, budget: int, window: int = 32, n_batch: int = 512, threads: int = 2,
-                 n_gpu_layers: int = 0, policies=("criticalkv", "snapkv"), progress=None) -> dict:
+                 n_gpu_layers: int = 0, policies=("criticalkv", "snapkv"), progress=None, pool_kernel: int = 5) -> dict:
     """Per-head output perturbation of each policy: {"layers": [...], "n_head": H, policy: [[per head] per layer]}.
     Needs an f16 K/V cache (the default)."""
     captured = {}
     for i, policy in enumerate(policies):
-        config = EvictConfig(budget=budget, policy=policy, granularity="head", window=window)
+        config = EvictConfig(budget=budget, policy=policy, granularity="head", window=window, pool_kernel=pool_kernel)
         captured[policy] = _capture(model_path, tokens, config, n_batch, threads, n_gpu_layers, read_rows=(i == 0))
         if progress:
             progress(1)
     queries, rows, _, n_kv = captured[policies[0]]
     w_o = output_projections(model_path, queries)
-    out = {"layers": sorted(queries), "budget": budget, "window": window, "context": len(tokens)}
+    out = {"layers": sorted(queries), "budget": budget, "window": window, "context": len(tokens), "pool_kernel": pool_kernel}
     for policy in policies:
         kept = captured[policy][2]
         per_layer = []

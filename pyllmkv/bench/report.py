@@ -8,6 +8,13 @@ import numpy as np
 
 from . import STOCK_FULL, STOCK_SHIFT
 
+NEEDLE_PREFILL = {
+    "chunked": "pyllmkv prefills the prompt in batches, evicting before a batch that would pass budget + batch cells "
+               "(as chat does), so the question is read after most of the prompt was evicted.",
+    "whole": "pyllmkv prefills the prompt in one batch, then evicts once down to the budget with the question in the "
+             "observation window (the paper's setting; cells while prefilling: budget + prompt). Stock shift as ever.",
+}
+
 
 def _label(r: dict) -> str:
     return r["policy"] if r["policy"] == STOCK_FULL else f"{r['policy']} @{r.get('budget_label', r['budget'])}"
@@ -90,7 +97,8 @@ def markdown(results: dict) -> str:
             out += [f"Skipped (stock's full cache would take over half of the memory): {m['speed_contexts_skipped']}.", ""]
     if "needle" in results:
         out += ["## Needle in a haystack (pass key, exact match)", "",
-                f"Depths {', '.join(f'{100 * d:.0f} %' for d in m['grid']['needle_depths'])}; accuracy over depths.", ""]
+                f"Depths {', '.join(f'{100 * d:.0f} %' for d in m['grid']['needle_depths'])}; accuracy over depths. "
+                + NEEDLE_PREFILL[m["grid"]["needle_prefill"]], ""]
         out += needle_table(results["needle"]) + [""]
     if "ppl" in results:
         r0 = results["ppl"][0]

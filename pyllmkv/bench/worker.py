@@ -131,15 +131,19 @@ def open_stream(job: dict):
     from pyllmkv import _lib
     from pyllmkv.session import Session, context_size, sliding_window
 
-    config = pyllmkv.EvictConfig(budget=job["budget"], policy=job["policy"], window=job["window"])
+    config = pyllmkv.EvictConfig(budget=job["budget"], policy=job["policy"], window=job["window"],
+                                 pool_kernel=job["pool_kernel"])
     n_ctx = context_size(sliding_window(job["model"]), config.cells, job["n_batch"])
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **common)
     return PyllmkvStream(_lib, Session(llm, config))
 
 
-def generate(stream, prompt, n_new: int) -> tuple[list[int], float]:
-    """Greedy continuation of prompt: (tokens, seconds spent generating them after the prompt)."""
+def generate(stream, prompt, n_new: int, settle: bool) -> tuple[list[int], float]:
+    """Greedy continuation of prompt: (tokens, seconds spent generating them after the prompt). With settle, the
+    cache is brought down to its budget once the prompt is in (scored with the prompt's end in the window)."""
     logits = stream.decode(prompt)
+    if settle:
+        stream.settle()
     out = [int(np.argmax(logits))]
     t0 = time.perf_counter()
     for _ in range(n_new - 1):
@@ -166,7 +170,7 @@ def run(job: dict) -> dict:
         result = {"prefill_s": prefill_s, "decode_s": decode_s, "prefill_tps": len(tokens) / prefill_s,
                   "decode_tps": job["n_decode"] / decode_s}
     elif job["suite"] == "needle":
-        answer, _ = generate(stream, tokens, job["n_answer"])
+        answer, _ = generate(stream, tokens, job["n_answer"], settle=job["settle_prompt"])
         result = {"answer_tokens": answer}
     elif job["suite"] == "ppl":
         nll, kept = [], []
