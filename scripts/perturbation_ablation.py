@@ -14,24 +14,16 @@ Reported per rule: the share of query heads where it perturbs less, and the geom
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from scoring_reference import _top, avg_pool  # noqa: E402 (the numpy oracle the hook's tests use)
 from pyllmkv._lib import EvictConfig, llama_cpp
 from pyllmkv.bench import haystack
 from pyllmkv.bench.perturb import _capture, attention, output_projections, perturbation, summary
-
-
-def pool(x: np.ndarray, kernel: int) -> np.ndarray:
-    """1-D average pooling with zero padding, as the hook pools the window scores."""
-    half = kernel // 2
-    c = np.concatenate([[0.0], np.cumsum(x)])
-    i = np.arange(len(x))
-    return (c[np.minimum(len(x), i + half + 1)] - c[np.maximum(0, i - half)]) / kernel
-
-
-def top(score: np.ndarray, k: int, keep: np.ndarray) -> np.ndarray:
-    return np.argsort(-np.where(keep, -np.inf, score), kind="stable")[:k]
 
 
 def numpy_rules(model: str, tokens, budget: int, window: int, threads: int) -> dict:
@@ -62,7 +54,7 @@ def numpy_rules(model: str, tokens, budget: int, window: int, threads: int) -> d
             s_raw = np.mean([a[h].mean(axis=0) for h in heads], axis=0)
             s_raw[in_window] = 0
             s_pool = s_raw.copy()
-            s_pool[~in_window] = pool(s_raw[~in_window], 5)
+            s_pool[~in_window] = avg_pool(s_raw[~in_window], 5)
             centred = np.mean([np.abs((v[:, g] - o[h].mean(axis=0)) @ w[h].T).sum(axis=1) for h in heads], axis=0)
             first_order = np.zeros(len(pos))
             for h in heads:
@@ -73,8 +65,8 @@ def numpy_rules(model: str, tokens, budget: int, window: int, threads: int) -> d
             def two_stage(s, c, ratio):
                 keep = in_window.copy()
                 n_first = int(np.floor(n_ranked * ratio))
-                keep[top(s, n_first, keep)] = True
-                keep[top(c, n_ranked - n_first, keep)] = True
+                keep[_top(s, n_first, keep)] = True
+                keep[_top(c, n_ranked - n_first, keep)] = True
                 return keep
 
             rules = {"snapkv pooled": two_stage(s_pool, s_pool, 1.0), "snapkv unpooled": two_stage(s_raw, s_raw, 1.0),
