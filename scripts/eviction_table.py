@@ -34,11 +34,11 @@ def text() -> str:
     raise SystemExit("no licence text found in /usr/share/common-licenses")
 
 
-def session(model: str, n_batch: int, config=None, n_ctx: int = 0, threads: int = 2) -> Session:
+def session(model: str, n_batch: int, config=None, n_ctx: int = 0, threads: int = 2, n_gpu_layers: int = 0) -> Session:
     """A context sized for `config` (budget + n_batch cells, more for -ada), or n_ctx cells without eviction."""
     n_ctx = config.cells + n_batch if config else n_ctx
     llm = pyllmkv.llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                  verbose=False, n_threads=threads, n_threads_batch=threads)
+                                  verbose=False, n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers)
     return Session(llm, config)
 
 

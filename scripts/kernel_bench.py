@@ -1,6 +1,7 @@
-"""The fused CPU scoring kernels vs the plain ggml graphs on SmolLM2 at 4k cells, side by side.
+"""The fused scoring kernels vs the plain ggml graphs at 4k cells, side by side, on SmolLM2 (or --model) on the CPU,
+or on the GPU with -ngl 99 in a CUDA build (--part norms: there the window attention is the ggml graph).
 
-    python scripts/kernel_bench.py [--part norms|attn] [--cells 4096] [--repeat 5] [--threads 2]
+    python scripts/kernel_bench.py [--part norms|attn] [--cells 4096] [--repeat 5] [--threads 2] [--model M] [-ngl N]
 
 One process decodes --cells tokens of text once, then alternates the fused kernel and the graph (the environment
 variable LLAMA_KV_EVICT_VALUE_NORMS=graph or LLAMA_KV_EVICT_WINDOW_ATTN=graph selects the graph) --repeat times,
@@ -33,19 +34,19 @@ PARTS = {"norms": ("LLAMA_KV_EVICT_VALUE_NORMS", "value_norm_kernel"),
 WINDOW = 32
 
 
-def prepared(cells: int, threads: int):
+def prepared(model: str, cells: int, threads: int, n_gpu_layers: int):
     config = pyllmkv.EvictConfig(budget=cells + 64, window=WINDOW)  # no eviction: every cell stays to be scored
-    sess = session(str(models.smollm2()), 512, config, threads=threads)
+    sess = session(model, 512, config, threads=threads, n_gpu_layers=n_gpu_layers)
     sess.decode(sess.llm.tokenize(text().encode())[:cells])
     return sess.llm, sess, config
 
 
-def timed_run(llm, sess, config, part: str, kernel: str):
-    """Seconds `kernel` takes for `part` on every cell (re-enabling drops the cached norms), and the compute buffers
-    the hook's graphs needed for it."""
+def timed_run(llm, sess, config, part: str, graph: bool):
+    """Seconds the dispatch's kernel (or, with `graph`, the ggml graph) takes for `part` on every cell (re-enabling
+    drops the cached norms), the kernel's name, and the compute buffers the hook's graphs needed for it."""
     env, stat = PARTS[part]
     os.environ.pop(env, None)
-    if kernel == "ggml-graph":
+    if graph:
         os.environ[env] = "graph"
     n_kv = int(pyllmkv.llama_cpp.llama_model_n_head_kv(llm._model.model))
     _lib.enable(llm, config)  # (enabling again empties the query ring)
@@ -57,9 +58,9 @@ def timed_run(llm, sess, config, part: str, kernel: str):
         _lib.scores(llm, 0, n_kv, value_norms=True)
     t2 = time.perf_counter()
     st = _lib.stats(llm)
-    assert st[stat] == kernel, (st[stat], kernel)
+    assert (st[stat] == "ggml-graph") == graph, st[stat]
     sess.truncate(sess.n_past - WINDOW)
-    return (t2 - t1) - (t1 - t0) if part == "norms" else t1 - t0, st["scoring_bytes"]
+    return (t2 - t1) - (t1 - t0) if part == "norms" else t1 - t0, st[stat], st["scoring_bytes"]
 
 
 def main():
@@ -68,27 +69,33 @@ def main():
     ap.add_argument("--cells", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     a = ap.parse_args()
-    llm, sess, config = prepared(a.cells, a.threads)
-    times = {"fused-cpu": [], "ggml-graph": []}
-    buffers = {}
+    path = a.model or str(models.smollm2())
+    llm, sess, config = prepared(path, a.cells, a.threads, a.n_gpu_layers)
+    times = {"fused": [], "ggml-graph": []}
+    names, buffers = {}, {}
     for _ in range(a.repeat):
         for kernel in times:
-            seconds, buffers[kernel] = timed_run(llm, sess, config, a.part, kernel)
+            seconds, names[kernel], buffers[kernel] = timed_run(llm, sess, config, a.part, kernel == "ggml-graph")
             times[kernel].append(seconds)
     model = llm._model.model
+    n_layer = int(pyllmkv.llama_cpp.llama_model_n_layer(model))
     n_head = int(pyllmkv.llama_cpp.llama_model_n_head(model))
     group = n_head // int(pyllmkv.llama_cpp.llama_model_n_head_kv(model))
     hd = int(pyllmkv.llama_cpp.llama_model_n_embd(model)) // n_head
     # a W_O tile; or the logits of a KV head's query heads and the transposed mask
     scratch = 32 * n_head * hd if a.part == "norms" else (group + 1) * WINDOW * (a.cells + WINDOW)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{a.part}: SmolLM2-135M-Instruct, {a.cells} cells x 30 layers x {n_head} heads, {a.threads} threads, "
-          f"median of {a.repeat}:")
+    print(f"{a.part}: {os.path.basename(path)}, {a.cells} cells x {n_layer} layers x {n_head} heads, "
+          f"{a.threads} threads, -ngl {a.n_gpu_layers}, median of {a.repeat}:")
     for k, v in times.items():
-        print(f"  {k:10s} {med[k]:.3f} s (min {min(v):.3f}, max {max(v):.3f}); hook compute buffers {buffers[k] / 2**20:.1f} MiB")
-    print(f"  fused kernel scratch {scratch * 4 * a.threads / 2**20:.2f} MiB ({a.threads} threads)")
-    print(f"  graph / fused = {med['ggml-graph'] / med['fused-cpu']:.2f}")
+        print(f"  {names[k]:10s} {med[k]:.4f} s (min {min(v):.4f}, max {max(v):.4f}); "
+              f"hook compute buffers {buffers[k] / 2**20:.1f} MiB")
+    if names["fused"] == "fused-cpu":
+        print(f"  fused kernel scratch {scratch * 4 * a.threads / 2**20:.2f} MiB ({a.threads} threads)")
+    print(f"  graph / fused = {med['ggml-graph'] / med['fused']:.2f}")
 
 
 if __name__ == "__main__":

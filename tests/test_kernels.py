@@ -86,6 +86,18 @@ def test_fused_norms_on_the_real_model(llama_cpp, smollm2_path):
     np.testing.assert_allclose(fused, graph, rtol=1e-4)
 
 
+def attention_reference(llm, n_layer, n_head_kv, group, head_dim, policy):
+    """The numpy window-attention scores on the kernel's own inputs: the captured queries and the f32 cache's K rows."""
+    pos = _lib.positions(llm)
+    expected = []
+    for il in range(n_layer):
+        q_pos, q, scale = _lib.queries(llm, il)
+        k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
+        a = window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale)
+        expected.append(head_scores(a, len(q_pos), n_head_kv, policy))
+    return np.stack(expected)
+
+
 # the window attention: head_dim x GQA group x policy (the query weights: window mean, last query, not yet counted)
 ATTN_SHAPES = [(32, 2, "snapkv"), (64, 1, "tova"), (64, 4, "h2o"), (128, 8, "criticalkv"), (256, 2, "snapkv")]
 
@@ -97,15 +109,8 @@ def test_fused_window_attention_equals_graph_and_numpy(llama_cpp, tmp_path, head
                             head_dim=head_dim, dtype="f32")
     tokens, fused, _, st, llm = _scores(llama_cpp, path, "f32", 101, policy=policy)  # 93 prefix cells: odd
     assert st["window_attn_kernel"] == "fused-cpu"
-    # the numpy reference on the kernel's own inputs: the captured queries and the cache's K rows
-    pos = _lib.positions(llm)
-    expected = []
-    for il in range(len(fused)):
-        q_pos, q, scale = _lib.queries(llm, il)
-        k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
-        a = window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale)
-        expected.append(head_scores(a, len(q_pos), n_head_kv, policy))
-    np.testing.assert_allclose(fused, np.stack(expected), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fused, attention_reference(llm, len(fused), n_head_kv, group, head_dim, policy),
+                               rtol=1e-4, atol=1e-7)
     _, graph, _, st, _ = _scores(llama_cpp, path, "f32", 101, graph=("attn",), policy=policy)
     assert st["window_attn_kernel"] == "ggml-graph"
     np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
