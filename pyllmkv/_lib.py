@@ -121,6 +121,24 @@ _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
 _adakv_shares = _bind("llama_kv_evict_adakv_shares", [_f_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, _i32_p], ctypes.c_int32)
 
 
+# A model kept on the CPU is loaded without llama.cpp's repacked weight layouts (CPU_REPACK: quantised rows interleaved
+# for its own matmul). The fused value-norm kernel reads W_O row by row and cannot read them: it would fall back to the
+# ggml graph (4.2x slower per eviction on Qwen2.5-Coder 1.5B Q4_K_M), and the repacked copies beside the mapped file
+# almost double the resident memory (2,420 vs 1,270 MiB there). llama.cpp offers no per-tensor way out: an override to
+# the CPU buffer type still picks the repacked one.
+_REPACK_CPU_WEIGHTS = False
+_model_init = llama_cpp._internals.LlamaModel.__init__
+
+
+def _init_model(self, *, path_model, params, verbose=True):
+    if not _REPACK_CPU_WEIGHTS and params.n_gpu_layers == 0:
+        params.use_extra_bufts = False
+    _model_init(self, path_model=path_model, params=params, verbose=verbose)
+
+
+llama_cpp._internals.LlamaModel.__init__ = _init_model
+
+
 def last_error() -> str:
     """The hook's last error message on this thread ("" if none)."""
     return _last_error().decode("utf-8", "replace")

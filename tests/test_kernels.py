@@ -139,3 +139,24 @@ def test_fused_window_attention_on_the_real_model(llama_cpp, smollm2_path):
     assert st["window_attn_kernel"] == "fused-cpu"
     _, graph, _, _, _ = _scores(llama_cpp, smollm2_path, "f16", 200, graph=("attn",), policy="snapkv")
     np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path, monkeypatch):
+    # llama.cpp repacks Q4_0 weights of a CPU model for its own matmul (CPU_REPACK), in a layout the fused kernel cannot
+    # read; pyllmkv loads CPU models without repacking, and the fused kernel reads W_O in the file's Q4_0
+    path = write_tiny_llama(tmp_path / "q4_0.gguf", seed=5, head_dim=64, dtype="q4_0")
+    ref = TinyRef(path)
+    tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101)
+    assert st["value_norm_kernel"] == "fused-cpu"
+    n_prefix, n_kv, hd = len(tokens) - 8, ref.n_head_kv, ref.head_dim
+    # the numpy reference on the kernel's own inputs: the cache's V rows and W_O dequantised by gguf-py
+    expected = np.stack([
+        value_norms(_lib.read_rows(llm, il, True, len(tokens)).view(np.float32).reshape(len(tokens), n_kv, hd),
+                    ref.w_o(il), ref.n_head)[:, :n_prefix]
+        for il in range(len(norms))])
+    np.testing.assert_allclose(norms, expected, rtol=1e-4)
+    # repacked, as stock llama.cpp loads it: the fused kernel cannot read W_O and the graph runs
+    monkeypatch.setattr(_lib, "_REPACK_CPU_WEIGHTS", True)
+    _, _, graph, st, _ = _scores(llama_cpp, path, "f32", 101)
+    assert st["value_norm_kernel"] == "ggml-graph"
+    np.testing.assert_allclose(graph, norms, rtol=5e-3)  # the graph rounds V to q8_0 for its Q4_0 matmul

@@ -82,7 +82,10 @@ def _finish(w, n_vocab: int, tensors, path) -> str:
     w.add_add_space_prefix(False)
 
     for name, arr in tensors:
-        w.add_tensor(name, arr)
+        if isinstance(arr, tuple):  # (raw bytes, quantisation type)
+            w.add_tensor(name, arr[0], raw_dtype=arr[1])
+        else:
+            w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -111,20 +114,21 @@ def write_tiny_llama(
 
     (str, not Path: llama_cpp.Llama calls ``model_path.encode()``.)
 
-    ``dtype`` ("f32" or "f16") applies to the 2-D matrices; 1-D norm weights
-    stay f32 like real converted checkpoints.  ``qk_scale`` sets the std of a
+    ``dtype`` ("f32", "f16" or "q4_0") applies to the 2-D matrices (q4_0: the
+    layers' only, as llama.cpp's own Q4_0 files); 1-D norm weights stay f32
+    like real converted checkpoints.  ``qk_scale`` sets the std of a
     q.k/sqrt(d) logit to roughly ``qk_scale**2`` so attention is peaked but not
     one-hot.
     """
-    if dtype not in ("f32", "f16"):
-        raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
+    if dtype not in ("f32", "f16", "q4_0"):
+        raise ValueError(f"dtype must be 'f32', 'f16' or 'q4_0', got {dtype!r}")
     if n_head % n_head_kv:
         raise ValueError("n_head must be a multiple of n_head_kv")
     if head_dim % 2:
         raise ValueError("head_dim must be even (RoPE rotates pairs)")
     path = Path(path)
     rng = np.random.default_rng(seed)
-    mat_dtype = np.float32 if dtype == "f32" else np.float16
+    mat_dtype = np.float16 if dtype == "f16" else np.float32
 
     def mat(n_out, n_in, std):
         # Always draw f32 first so the stream of random numbers (and hence the
@@ -159,10 +163,15 @@ def write_tiny_llama(
     tensors.append(("output_norm.weight", norm_w(n_embd)))
     if not tie_embeddings:
         tensors.append(("output.weight", mat(n_vocab, n_embd, 2.0 / np.sqrt(n_embd))))
+    if dtype == "q4_0":
+        q4_0 = gguf.GGMLQuantizationType.Q4_0
+        tensors = [(name, (gguf.quants.quantize(a, q4_0), q4_0)) if name.startswith("blk.") and a.ndim == 2 else (name, a)
+                   for name, a in tensors]
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("pyllmkv-tiny-llama")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype])
     w.add_vocab_size(n_vocab)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
@@ -318,13 +327,16 @@ class TinyRef:
             raise NotImplementedError("rope scaling is not modelled")
 
         t = {x.name: x for x in r.tensors}
+        plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         for x in r.tensors:
             # quantized tensors come back as raw bytes; refuse rather than misread
-            if x.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            if x.tensor_type not in (*plain, gguf.GGMLQuantizationType.Q4_0):
                 raise NotImplementedError(f"{x.name}: tensor type {x.tensor_type.name} not supported")
 
         def mat(name):  # gguf [n_out, n_in] -> [n_in, n_out]
-            return np.asarray(t[name].data, dtype=np.float64).T.copy()
+            x = t[name]
+            data = x.data if x.tensor_type in plain else gguf.quants.dequantize(x.data, x.tensor_type)
+            return np.asarray(data, dtype=np.float64).T.copy()
 
         def vec(name):
             return np.asarray(t[name].data, dtype=np.float64).reshape(-1).copy()
