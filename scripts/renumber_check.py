@@ -19,6 +19,7 @@ import numpy as np
 
 import pyllmkv
 from pyllmkv import _lib, models
+from pyllmkv.bench.worker import token_nll
 from pyllmkv.session import Session
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -43,12 +44,9 @@ def main():
     tokens = llm.tokenize((text() * 3).encode())[: a.tokens]
     nll = []
     for start in range(0, len(tokens) - 1, BATCH):
-        logits = sess.decode(tokens[start : start + BATCH], all_logits=True).astype(np.float64)
+        logits = sess.decode(tokens[start : start + BATCH], all_logits=True)
         following = tokens[start + 1 : start + BATCH + 1]
-        logits = logits[: len(following)]
-        top = logits.max(axis=1, keepdims=True)
-        log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
-        nll.extend(-log_probs[np.arange(len(following)), following])
+        nll.extend(token_nll(logits[: len(following)], np.array(following)))
     nll = np.array(nll)
     quarter = len(nll) // 4
     print(json.dumps({

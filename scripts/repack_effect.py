@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 def one_run(model: str, repacked: bool, threads: int, budget: int, policy: str) -> dict:
     import pyllmkv
     from pyllmkv import _lib
+    from pyllmkv.bench.worker import peak_rss_mib
     from pyllmkv.session import Session
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -46,7 +46,7 @@ def one_run(model: str, repacked: bool, threads: int, budget: int, policy: str) 
     sess.evict()
     t.append(time.perf_counter())
     return {"repacked": repacked, "prefill_s": t[1] - t[0], "evict1_s": t[2] - t[1], "decode32_s": t[3] - t[2],
-            "evict2_s": t[5] - t[4], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "evict2_s": t[5] - t[4], "peak_rss_mib": peak_rss_mib(),
             "value_norm_kernel": _lib.stats(llm)["value_norm_kernel"]}
 
 

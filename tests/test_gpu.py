@@ -11,38 +11,25 @@ import numpy as np
 import pytest
 
 from pyllmkv import _lib
-from scoring_reference import value_norms
-from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference
-from tinymodel import TinyRef, write_tiny_llama
+from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference, norms_reference, shaped_model
+from tinymodel import TinyRef
 
 pytestmark = pytest.mark.gpu
 GPU = {"n_gpu_layers": 99}
 
 
-def _model(tmp_path, head_dim, group, wtype="f32"):
-    n_head_kv = 2 if group < 8 else 1
-    path = write_tiny_llama(tmp_path / "m.gguf", seed=head_dim + group, n_head=n_head_kv * group, n_head_kv=n_head_kv,
-                            head_dim=head_dim, dtype=wtype)
-    return path, n_head_kv
-
-
 @pytest.mark.parametrize("head_dim, group, wtype", SHAPES)
 def test_cuda_value_norms_equal_numpy(llama_cpp, tmp_path, head_dim, group, wtype):
-    path, n_head_kv = _model(tmp_path, head_dim, group, wtype)
+    path, _ = shaped_model(tmp_path, head_dim, group, seed=head_dim + group, dtype=wtype)
     tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101, **GPU)  # 93 prefix cells: odd
     assert st["value_norm_kernel"] == "fused-cuda", "the model's weights and cache should be on the GPU"
-    ref = TinyRef(path, kv_cache_dtype="f32")
-    n_prefix = len(tokens) - 8
-    expected = []
-    for il in range(len(norms)):
-        v = _lib.read_rows(llm, il, True, len(tokens)).view(np.float32).reshape(len(tokens), n_head_kv, head_dim)
-        expected.append(value_norms(v, ref.w_o(il), ref.n_head)[:, :n_prefix])
-    np.testing.assert_allclose(norms, np.stack(expected), rtol=1e-4 if wtype == "f32" else 1e-3)
+    np.testing.assert_allclose(norms, norms_reference(llm, TinyRef(path), len(tokens), len(tokens) - 8),
+                               rtol=1e-4 if wtype == "f32" else 1e-3)
 
 
 @pytest.mark.parametrize("head_dim, group, policy", ATTN_SHAPES)
 def test_cuda_window_attention_equals_numpy(llama_cpp, tmp_path, head_dim, group, policy):
-    path, n_head_kv = _model(tmp_path, head_dim, group)
+    path, n_head_kv = shaped_model(tmp_path, head_dim, group, seed=head_dim + group)
     _, scores, _, st, llm = _scores(llama_cpp, path, "f32", 101, policy=policy, **GPU)
     assert st["window_attn_kernel"] == "ggml-graph"
     # ggml-cuda multiplies f32 matrices in TF32 (cuBLAS's tensor-op math mode): logits to ~1e-3

@@ -51,15 +51,29 @@ def _norms(llama_cpp, path, cache, n_tokens, kernel, **kw):
     return tokens, norms, st
 
 
+def shaped_model(tmp_path, head_dim, group, seed, dtype="f32"):
+    """A tiny model of this head dim and GQA group (n_head / n_head_kv), n_embd 128; returns (path, n_head_kv)."""
+    n_head_kv = 2 if group < 8 else 1
+    path = write_tiny_llama(tmp_path / "m.gguf", seed=seed, n_head=n_head_kv * group, n_head_kv=n_head_kv,
+                            head_dim=head_dim, dtype=dtype)
+    return path, n_head_kv
+
+
+def norms_reference(llm, ref, n_tokens, n_prefix):
+    """The numpy value norms on the kernel's own inputs: the f32 cache's V rows, and W_O as TinyRef reads the file."""
+    return np.stack([
+        value_norms(_lib.read_rows(llm, il, True, n_tokens).view(np.float32).reshape(n_tokens, ref.n_head_kv, ref.head_dim),
+                    ref.w_o(il), ref.n_head)[:, :n_prefix]
+        for il in range(ref.n_layer)])
+
+
 # head_dim x GQA group (n_head / n_head_kv) x weight type; n_embd 128 throughout
 SHAPES = [(32, 2, "f32"), (64, 1, "f16"), (64, 4, "f32"), (128, 8, "f16"), (256, 2, "f32")]
 
 
 @pytest.mark.parametrize("head_dim, group, wtype", SHAPES)
 def test_fused_norms_equal_graph_and_numpy(llama_cpp, tmp_path, head_dim, group, wtype):
-    n_head_kv = 2 if group < 8 else 1
-    path = write_tiny_llama(tmp_path / "m.gguf", seed=head_dim + group, n_head=n_head_kv * group, n_head_kv=n_head_kv,
-                            head_dim=head_dim, dtype=wtype)
+    path, _ = shaped_model(tmp_path, head_dim, group, seed=head_dim + group, dtype=wtype)
     ref = TinyRef(path, kv_cache_dtype="f32")
     tokens, fused, st = _norms(llama_cpp, path, "f32", 101, "fused-cpu")  # 93 prefix cells: odd
     assert st["value_norm_kernel"] == "fused-cpu"
@@ -104,9 +118,7 @@ ATTN_SHAPES = [(32, 2, "snapkv"), (64, 1, "tova"), (64, 4, "h2o"), (128, 8, "cri
 
 @pytest.mark.parametrize("head_dim, group, policy", ATTN_SHAPES)
 def test_fused_window_attention_equals_graph_and_numpy(llama_cpp, tmp_path, head_dim, group, policy):
-    n_head_kv = 2 if group < 8 else 1
-    path = write_tiny_llama(tmp_path / "m.gguf", seed=head_dim * group, n_head=n_head_kv * group, n_head_kv=n_head_kv,
-                            head_dim=head_dim, dtype="f32")
+    path, n_head_kv = shaped_model(tmp_path, head_dim, group, seed=head_dim * group)
     tokens, fused, _, st, llm = _scores(llama_cpp, path, "f32", 101, policy=policy)  # 93 prefix cells: odd
     assert st["window_attn_kernel"] == "fused-cpu"
     np.testing.assert_allclose(fused, attention_reference(llm, len(fused), n_head_kv, group, head_dim, policy),
@@ -148,13 +160,8 @@ def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path, monk
     ref = TinyRef(path)
     tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101)
     assert st["value_norm_kernel"] == "fused-cpu"
-    n_prefix, n_kv, hd = len(tokens) - 8, ref.n_head_kv, ref.head_dim
-    # the numpy reference on the kernel's own inputs: the cache's V rows and W_O dequantised by gguf-py
-    expected = np.stack([
-        value_norms(_lib.read_rows(llm, il, True, len(tokens)).view(np.float32).reshape(len(tokens), n_kv, hd),
-                    ref.w_o(il), ref.n_head)[:, :n_prefix]
-        for il in range(len(norms))])
-    np.testing.assert_allclose(norms, expected, rtol=1e-4)
+    # W_O dequantised by gguf-py
+    np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8), rtol=1e-4)
     # repacked, as stock llama.cpp loads it: the fused kernel cannot read W_O and the graph runs
     monkeypatch.setattr(_lib, "_REPACK_CPU_WEIGHTS", True)
     _, _, graph, st, _ = _scores(llama_cpp, path, "f32", 101)
