@@ -8,6 +8,7 @@
 #include "kv-evict-graph.h"
 
 #include "llama-context.h"
+#include "llama-impl.h"
 #include "llama-kv-cache.h"
 #include "llama-model.h"
 
@@ -127,20 +128,65 @@ int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::v
         }
         ggml_tensor * k  = st.kv->get_k_storage(il);
         const int64_t hd = hparams.n_embd_head_k(il);
+        const int64_t kv_size = k->ne[1];
+        // every head row of the layer as a row of its own, [hd, 1, kv_size * n_kv] (cell-major): one contiguous view,
+        // which a quantized cache needs (the K-shift writes it back through a copy), with one shift per (cell, head)
+        std::vector<int32_t> by(kv_size * n_kv, 0);
+        bool layer_any = false;
         for (int64_t h = 0; h < n_kv; ++h) {
-            if (shift[l * n_kv + h].empty()) {
-                continue;
+            const auto & sh = shift[l * n_kv + h];
+            for (size_t c = 0; c < sh.size(); ++c) {
+                by[c * n_kv + h] = sh[c];
             }
-            // head h of every cell: [hd, 1, kv_size], as llama.cpp's K-shift views all heads
-            ggml_tensor * rows = ggml_view_3d(ctx, k, hd, 1, k->ne[1], ggml_row_size(k->type, hd), k->nb[1],
-                                              stream * k->nb[2] + h * ggml_row_size(k->type, hd));
-            ggml_tensor * by = g.input(GGML_TYPE_I32, k->ne[1], 1, shift[l * n_kv + h]);
-            ggml_build_forward_expand(g.gf, st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rows, by, rot, il));
-            any = true;
+            layer_any |= !sh.empty();
         }
+        if (!layer_any) {
+            continue;
+        }
+        const size_t head_row = ggml_row_size(k->type, hd);
+        ggml_tensor * rows = ggml_view_3d(ctx, k, hd, 1, kv_size * n_kv, head_row, head_row, stream * k->nb[2]);
+        ggml_tensor * pos  = g.input(GGML_TYPE_I32, kv_size * n_kv, 1, by);
+        ggml_build_forward_expand(g.gf, st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rows, pos, rot, il));
+        any = true;
     }
     if (any && !g.compute(st)) {
         return set_error(ERR_COMPUTE, "head-row shift graph failed to allocate or compute");
+    }
+    return 0;
+}
+
+int32_t shift_queries(llama_kv_evict_state & st, llama_pos delta) {
+    const llama_hparams & hparams = st.lctx->get_model().hparams;
+    const int32_t graph_size = 16 * (int32_t) st.ring.size() + 256;
+    if (int32_t err = ensure_sched(st, graph_size)) {
+        return err;
+    }
+    evict_graph g(graph_size);
+    ggml_context * ctx = g.ctx.get();
+    // with a quantized K cache llama.cpp stores K, and build_attn's Q, Hadamard-rotated: undo it around the RoPE
+    ggml_tensor * rot = st.kv->build_input_k_rot(ctx);
+    if (rot) {
+        g.fillers.push_back([&st, rot]() { st.kv->set_input_k_rot(rot); });
+    }
+    ggml_tensor * by = g.input(GGML_TYPE_I32, st.params.window, 1, std::vector<int32_t>(st.params.window, delta));
+    bool any = false;
+    for (size_t il = 0; il < st.ring.size(); ++il) {
+        ggml_tensor * ring = st.ring[il];
+        if (!ring || !hparams.has_rope(il)) {
+            continue;
+        }
+        const int64_t hd = hparams.n_embd_head_k(il);
+        ggml_tensor * q = ggml_reshape_3d(ctx, ring, hd, ring->ne[0] / hd, ring->ne[1]);
+        ggml_tensor * turned = rot ? llama_mul_mat_hadamard(ctx, q, rot) : q;
+        turned = st.kv->build_k_shift(ctx, st.lctx->get_cparams(), turned, by, nullptr, il);
+        if (rot) {
+            turned = llama_mul_mat_hadamard(ctx, turned, rot);
+        }
+        ggml_build_forward_expand(g.gf, rot ? ggml_cpy(ctx, turned, q) : turned);
+        any = true;
+    }
+    if (any && !g.compute(st)) {
+        return set_error(ERR_COMPUTE, "query shift graph failed to allocate or compute");
     }
     return 0;
 }

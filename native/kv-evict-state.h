@@ -129,6 +129,9 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
 // head's K row of each cell by the cell's entry: a row compaction moved keeps its own token's position
 int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift);
 
+// RoPE-shifts the captured queries of every layer by delta, as the K-shift turns the keys of their cells
+int32_t shift_queries(llama_kv_evict_state & st, llama_pos delta);
+
 enum error_code : int32_t {
     ERR_INVALID     = -1,
     ERR_UNSUPPORTED = -2,

@@ -14,6 +14,7 @@
 #include <map>
 #include <set>
 #include <stdexcept>
+#include <tuple>
 #include <memory>
 
 namespace kv_evict {
@@ -713,47 +714,60 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     }
     ctx->synchronize();
 
-    // the numbering covers an iSWA model's sliding-window cache too, which may hold positions evicted from the
-    // full-attention cache, and the tokens whose rows head-wise compaction moved into other cells: one order for all
+    // the cells are numbered in order, together with an iSWA model's sliding-window cells (they may hold positions
+    // evicted from the full-attention cache): seq_add moves both caches
     const int64_t n_layer_kv = st->kv->get_layer_ids().size();
     const std::vector<std::pair<llama_pos, uint32_t>> pcs(st->kv->get_cells(seq_id).seq_pos_get(seq_id).begin(),
                                                          st->kv->get_cells(seq_id).seq_pos_get(seq_id).end());
-    std::set<llama_pos> held;
-    for (const auto & [pos, cell] : pcs) {
-        held.insert(pos);
-        for (int64_t l = 0; l < n_layer_kv; ++l) {
-            for (int64_t g = 0; g < st->n_head_kv; ++g) {
-                if (const llama_pos e = st->held_pos(l, cell, pos, g); e >= 0) {
-                    held.insert(e);
-                }
-            }
-        }
+    std::set<llama_pos> numbered;
+    for (const auto & pc : pcs) {
+        numbered.insert(pc.first);
     }
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
         for (const auto & pc : iswa->get_swa()->get_cells(seq_id).seq_pos_get(seq_id)) {
-            held.insert(pc.first);
+            numbered.insert(pc.first);
         }
     }
     std::map<llama_pos, llama_pos> new_pos;
-    for (llama_pos p : held) {
+    for (llama_pos p : numbered) {
         new_pos.emplace(p, (llama_pos) new_pos.size());
     }
 
-    // a moved row turns with its cell (below) and by the difference between its token's move and the cell's
-    std::vector<std::vector<int32_t>> row_shift(n_layer_kv * st->n_head_kv);
+    // Each KV head numbers its own rows: head-wise eviction keeps different tokens per head, and one numbering of all
+    // of them would leave a head's oldest token further back than the model was trained on (the tokens some head
+    // holds cover most of a long stream). A head's rows keep their order and end where the cells holding new tokens
+    // begin (every head holds those, at their cells' positions), so no row lies further back than the cells hold.
+    // llama.cpp's K-shift turns every row with its cell; a row whose number differs turns by the difference too.
+    llama_pos first_new = (llama_pos) new_pos.size();
     for (const auto & [pos, cell] : pcs) {
-        for (int64_t l = 0; l < n_layer_kv; ++l) {
-            for (int64_t g = 0; g < st->n_head_kv; ++g) {
-                const llama_pos held_by_head = st->held_pos(l, cell, pos, g);
-                llama_pos & e = st->head_pos[st->side(l, cell, g)];
-                if (held_by_head >= 0 && held_by_head != pos) { // a moved row
-                    auto & shift = row_shift[l * st->n_head_kv + g];
-                    shift.resize(st->kv_size, 0);
-                    shift[cell] = (new_pos.at(e) - e) - (new_pos.at(pos) - pos);
-                    e = new_pos.at(e);
-                } else if (e == pos) {
-                    e = new_pos.at(pos);
+        if (st->holds_new_token(cell, pos)) {
+            first_new = std::min(first_new, new_pos.at(pos));
+        }
+    }
+    std::vector<std::vector<int32_t>> row_shift(n_layer_kv * st->n_head_kv);
+    for (int64_t l = 0; l < n_layer_kv; ++l) {
+        for (int64_t g = 0; g < st->n_head_kv; ++g) {
+            std::vector<std::tuple<llama_pos, uint32_t, llama_pos>> rows; // (position RoPE gave the row, cell, cell's position)
+            for (const auto & [pos, cell] : pcs) {
+                if (const llama_pos e = st->held_pos(l, cell, pos, g); e >= 0 && !st->holds_new_token(cell, pos)) {
+                    rows.emplace_back(e, cell, pos);
                 }
+            }
+            std::sort(rows.begin(), rows.end());
+            const llama_pos first = first_new - (llama_pos) rows.size();
+            if (first < 0) { // a head holds no more rows than there are cells below the new ones
+                return set_error(ERR_COMPUTE, "head " + std::to_string(g) + " of layer " + std::to_string(l) +
+                                 " holds more rows than cells: the per-head bookkeeping is inconsistent");
+            }
+            auto & shift = row_shift[l * st->n_head_kv + g];
+            for (size_t r = 0; r < rows.size(); ++r) {
+                const auto [e, cell, pos] = rows[r];
+                const llama_pos to = first + (llama_pos) r;
+                if (const int32_t by = (to - e) - (new_pos.at(pos) - pos); by != 0) {
+                    shift.resize(st->kv_size, 0);
+                    shift[cell] = by;
+                }
+                st->head_pos[st->side(l, cell, g)] = to;
             }
         }
     }
@@ -776,7 +790,8 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     }
 
     // side data follows its cell; the window's queries moved with the last run, so offsetting the ring's slot
-    // numbering by that run's shift keeps them readable (older captured queries are dropped: they are never read)
+    // numbering by that run's shift keeps them readable, and turning them by it as the K-shift turns their keys keeps
+    // the scores of the next eviction (older captured queries are dropped: they are never read)
     auto moved = [&](llama_pos p) {
         const auto it = new_pos.find(p);
         return it == new_pos.end() ? -1 : it->second;
@@ -795,6 +810,9 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         st->slot_offset = ((st->slot_offset - delta_last) % st->params.window + st->params.window) % st->params.window;
         st->min_written = std::min<llama_pos>(st->min_written + delta_last, new_pos.size());
         st->h2o_last    = st->h2o_last < 0 ? -1 : st->h2o_last + delta_last;
+        if (int32_t err = delta_last != 0 ? shift_queries(*st, delta_last) : 0) {
+            return err;
+        }
     }
     return (int32_t) new_pos.size();
 }

@@ -110,10 +110,10 @@ class Session:
         return _lib.evict(self.ctx) if self.config is not None else 0
 
     def _renumber(self) -> None:
-        """Evicts, then renumbers the kept cells from 0. Head-wise eviction keeps a token while any head holds it, so
-        the new numbering (one position per token held) can stay near max_position; renumbering again before the
-        next eviction would give the same numbers at the cost of a scoring pass and a K shift per decoded token, so
-        until then positions go on past max_position."""
+        """Evicts, then renumbers the kept cells from 0 (each KV head's rows on their own, ending at the last cell). A
+        max_position below the cells kept cannot be met: renumbering again before the next eviction would give the
+        same numbers at the cost of a scoring pass and a K shift per decoded token, so until then positions go on
+        past max_position."""
         if _lib.stats(self.ctx)["n_evictions"] == self._renumbered_at:
             return
         self.evict()

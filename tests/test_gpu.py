@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pyllmkv import _lib
+from test_head_granularity import _context, renumbering_against_numpy
 from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference, norms_reference, shaped_model
 from tinymodel import TinyRef
 
@@ -51,3 +52,11 @@ def test_cuda_eviction_keeps_the_cells_the_cpu_keeps(llama_cpp, tiny64_path, pol
     for cpu, gpu in zip(held[0], held[99]):
         assert len(cpu) == len(gpu)
         assert len(cpu & gpu) >= 0.95 * len(cpu)
+
+
+@pytest.mark.parametrize("cache", ["f32", "q8_0"])
+def test_cuda_renumbering_equals_numpy(llama_cpp, tiny64_path, cache):
+    # renumbering's graphs on the GPU cache: each head's rows (one view of the layer, quantized or not) and the captured
+    # queries; logits to the GPU forward pass's rounding (TF32)
+    llm = _context(llama_cpp, tiny64_path, cache, flash_attn=cache != "f32", **GPU)
+    renumbering_against_numpy(llm, tiny64_path, "criticalkv", cache, atol=0.25, rope_atol=1e-4)

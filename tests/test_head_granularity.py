@@ -11,14 +11,14 @@ from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
 from test_hook import _llama, _reference_scores
-from tinymodel import TinyRef
+from tinymodel import _HADAMARD_64, TinyRef
 
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}  # GGML_TYPE_*
 
 
-def _context(llama_cpp, path, cache, flash_attn):
+def _context(llama_cpp, path, cache, flash_attn, n_gpu_layers=0):
     return llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=256, n_ubatch=256, verbose=False, flash_attn=flash_attn,
-                           n_threads=2, n_threads_batch=2, type_k=TYPES[cache], type_v=TYPES[cache])
+                           n_threads=2, n_threads_batch=2, type_k=TYPES[cache], type_v=TYPES[cache], n_gpu_layers=n_gpu_layers)
 
 
 def _per_head_bytes(rows, n_kv):
@@ -133,31 +133,61 @@ def test_truncating_after_head_eviction_removes_moved_rows_of_later_tokens(llama
 
 
 @pytest.mark.parametrize("policy", ["criticalkv", "snapkv-ada"])
-def test_compact_positions_turns_each_moved_row_to_its_tokens_new_position(llama_cpp, tiny_path, policy):
-    # renumbering positions moves cells by llama.cpp's K-shift; a row compaction moved into another cell must turn by
-    # its own token's move instead, or its RoPE position would lie past the new queries
-    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
-    llm = _llama(llama_cpp, tiny_path)
+@pytest.mark.parametrize("cache, atol", [("f32", 5e-5), ("q8_0", 0.1)])
+def test_compact_positions_numbers_each_heads_rows_on_their_own(llama_cpp, tiny64_path, policy, cache, atol):
+    # head-wise eviction keeps different tokens per KV head: renumbering gives each head's rows, in order, the
+    # positions that end at the last cell, so no head sees a token further back than the cells hold (one numbering of
+    # every token some head holds would stretch past the trained positions on long streams)
+    renumbering_against_numpy(_context(llama_cpp, tiny64_path, cache, flash_attn=cache != "f32"), tiny64_path, policy,
+                              cache, atol, rope_atol=2e-5)
+
+
+def renumbering_against_numpy(llm, path, policy, cache, atol, rope_atol):
+    """Evicts head-wise and renumbers; each row turns by its own move, the window's queries by theirs (q8_0: K is
+    stored Hadamard-rotated, and so are the captured queries; the K-shift requantizes the rows it turns), and the next
+    tokens attend each head's rows where they now are."""
+    ref = TinyRef(path, kv_cache_dtype=cache)
     sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head", policy=policy))
-    sess.decode(random_tokens(100, seed=15))
+    prefix = random_tokens(100, seed=15)
+    sess.decode(prefix)
     sess.evict()
     n_cells = _lib.stats(llm)["n_seq_cells"]
     held = held_positions(llm, ref)
-    rows = [_lib.read_rows(llm, il, False, n_cells).view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim) for il in range(ref.n_layer)]
+    rows = [_lib.read_rows(llm, il, False, n_cells).view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim) for il in range(ref.n_layer if cache == "f32" else 0)]
+    queries = [_lib.queries(llm, il) for il in range(ref.n_layer)]
     assert held.max() >= _lib.positions(llm)[-9], "compaction moved rows of later tokens into earlier cells"
-    numbered = np.union1d(held[held >= 0], _lib.positions(llm))  # every position a cell or a head's row holds
-    new_pos = np.full(100, -1)
-    new_pos[numbered] = np.arange(len(numbered))
+    assert len(np.union1d(held[held >= 0], _lib.positions(llm))) > n_cells, "the heads hold no more tokens than cells"
+    target = np.full_like(held, -1)  # the oracle: each head's tokens in order, the newest at the last cell
+    key_positions = np.zeros((ref.n_layer, ref.n_head_kv, len(prefix)), dtype=np.int64)
+    for il in range(ref.n_layer):
+        for g in range(ref.n_head_kv):
+            kept = np.flatnonzero(held[il, g] >= 0)
+            kept = kept[np.argsort(held[il, g][kept])]
+            target[il, g, kept] = n_cells - len(kept) + np.arange(len(kept))
+            key_positions[il, g, held[il, g][kept]] = target[il, g, kept]
 
     sess.n_past = _lib.compact_positions(llm)
-    assert sess.n_past == len(numbered)
-    sess.decode([7])  # the next decode applies llama.cpp's K-shift
-    after = held_positions(llm, ref, n_cells)
-    np.testing.assert_array_equal(after, np.where(held >= 0, new_pos[held], -1))
-    for il in range(ref.n_layer):
-        got = _lib.read_rows(llm, il, False, n_cells + 1).view(np.float32).reshape(n_cells + 1, ref.n_head_kv, ref.head_dim)
+    assert sess.n_past == n_cells
+    np.testing.assert_array_equal(_lib.positions(llm), np.arange(n_cells))
+    delta = n_cells - len(prefix)  # how far the window's cells moved
+    for il, (pos, q, _) in enumerate(queries):
+        pos_after, q_after, _ = _lib.queries(llm, il)
+        np.testing.assert_array_equal(pos_after, pos + delta)
+        rotate = (lambda x: (x.reshape(len(pos), -1, 64) @ _HADAMARD_64).reshape(x.shape)) if cache == "q8_0" else (lambda x: x)
+        turned = rotate(ref.rope(rotate(q.reshape(len(pos), ref.n_head, ref.head_dim).astype(np.float64)), np.full(len(pos), delta)))
+        np.testing.assert_allclose(q_after, turned.reshape(len(pos), -1), rtol=0, atol=rope_atol)
+
+    new = random_tokens(3, seed=16)
+    got = np.stack([sess.decode([t]) for t in new])  # the first decode applies llama.cpp's K-shift
+    np.testing.assert_array_equal(held_positions(llm, ref, n_cells), target)
+    for il in range(len(rows)):  # f32: bit for bit up to RoPE's rounding
+        after = _lib.read_rows(llm, il, False, n_cells + 3)[:n_cells].view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim)
         for g in range(ref.n_head_kv):
             kept = held[il, g] >= 0
-            delta = new_pos[held[il, g][kept]] - held[il, g][kept]
-            expected = ref.rope(rows[il][kept, g][:, None, :].astype(np.float64), delta)[:, 0]
-            np.testing.assert_allclose(got[:n_cells][kept, g], expected, rtol=0, atol=2e-5)
+            expected = ref.rope(rows[il][kept, g][:, None, :].astype(np.float64), target[il, g][kept] - held[il, g][kept])
+            np.testing.assert_allclose(after[kept, g], expected[:, 0], rtol=0, atol=rope_atol)
+    expected = ref.decode_with_cache(prefix, keep=keep_from_held(held, len(prefix)), new_tokens=new,
+                                     new_positions=n_cells + np.arange(3), key_positions=key_positions)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
+    assert _lib.evict(llm) >= 0  # the window's queries, turned, still score
+

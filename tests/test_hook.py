@@ -251,12 +251,16 @@ def test_evict_without_captured_queries_says_why(llama_cpp, tiny_path):
         _lib.evict(llm)
 
 
-def test_positions_are_compacted_below_the_trained_context(llama_cpp, tmp_path):
+@pytest.mark.parametrize("policy", ["criticalkv", "criticalkv-ada"])
+def test_positions_are_compacted_below_the_trained_context(llama_cpp, tmp_path, policy):
+    # head-wise, each KV head keeps other tokens, and the tokens some head holds outnumber the trained positions:
+    # each head's rows are numbered on their own
     from tinymodel import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "short.gguf", seed=1, n_ctx_train=256)
-    llm = _llama(llama_cpp, path, n_ctx=128, n_batch=32)
-    sess = Session(llm, EvictConfig(budget=64, window=8))
+    config = EvictConfig(budget=64, window=8, policy=policy)
+    llm = _llama(llama_cpp, path, n_ctx=config.cells + 32, n_batch=32)
+    sess = Session(llm, config)
     assert sess.max_position == 256
     highest = []
     tokens = random_tokens(1500, seed=6)
@@ -265,24 +269,21 @@ def test_positions_are_compacted_below_the_trained_context(llama_cpp, tmp_path):
         logits = sess.decode([t])
         highest.append(int(_lib.positions(llm)[-1]))
     assert max(highest) < 256
-    assert sess.n_past < 256 and _lib.stats(llm)["n_seq_cells"] <= 64 + 32
+    assert sess.n_past < 256 and _lib.stats(llm)["n_seq_cells"] <= config.cells + 32
     assert np.isfinite(logits).all()
 
 
-def test_positions_held_past_the_trained_context_are_renumbered_once_per_eviction(llama_cpp, tmp_path, monkeypatch):
-    # head-wise -ada heads hold different tokens: more distinct positions than the model was trained on, so a
-    # renumbering cannot bring them below it; decoding must not rescore and renumber at every token then
-    from tinymodel import write_tiny_llama
-
-    path = write_tiny_llama(tmp_path / "short.gguf", seed=1, n_ctx_train=128)
+def test_cells_past_max_position_are_renumbered_once_per_eviction(llama_cpp, tiny_path, monkeypatch):
+    # a cache of more cells than max_position: a renumbering cannot bring the positions below it, and decoding must
+    # not rescore and renumber at every token then
     config = EvictConfig(budget=64, window=8, policy="criticalkv-ada")
-    llm = _llama(llama_cpp, path, n_ctx=config.cells + 32, n_batch=32)
-    sess = Session(llm, config)
+    llm = _llama(llama_cpp, tiny_path, n_ctx=config.cells + 32, n_batch=32)
+    sess = Session(llm, config, max_position=64)
     renumbered = []
     compact = _lib.compact_positions
     monkeypatch.setattr(_lib, "compact_positions", lambda ctx, seq_id=0: renumbered.append(compact(ctx, seq_id)) or renumbered[-1])
     sess.decode(random_tokens(600, seed=9))
-    assert renumbered[-1] > 128  # the case this guards: the tokens held outnumber the positions
+    assert renumbered[-1] > 64  # the case this guards: the cells kept outnumber the positions
     n_renumbered, n_evictions = len(renumbered), _lib.stats(llm)["n_evictions"]
     n_past = sess.n_past
     for t in random_tokens(100, seed=10):

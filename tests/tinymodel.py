@@ -497,6 +497,7 @@ class TinyRef:
         new_tokens: Sequence[int] = (),
         prefix_positions=None,
         new_positions=None,
+        key_positions=None,
         return_trace: bool = False,
     ):
         """Logits [len(new_tokens), n_vocab] after evicting prefix cells.
@@ -511,6 +512,11 @@ class TinyRef:
         [n_layer, n_head_kv, n_prefix] (head-wise eviction).  New tokens'
         positions default to len(prefix) + i, which is what llama.cpp does when
         decoding continues at n_past after cells were removed.
+
+        ``key_positions`` [n_layer, n_head_kv, n_prefix]: the position each
+        head's K of each prefix token is turned to (RoPE is relative, so this is
+        where the new queries see it), as renumbering each head's rows does; the
+        prefix then lies before every new token.
         """
         prefix = self.trace(prefix_tokens, prefix_positions)
         n_prefix = len(prefix.positions)
@@ -525,9 +531,14 @@ class TinyRef:
         for il in range(self.n_layer):
             pl = prefix.layers[il]
             q, k, v = self.qkv(il, h, new_pos)
-            kk = np.concatenate([pl.k, k])
+            pk, ppos = pl.k, prefix.positions
+            if key_positions is not None:
+                turn = np.asarray(key_positions[il]) - prefix.positions[None, :]  # [n_head_kv, n_prefix]
+                pk = np.stack([self.rope(pl.k[:, g : g + 1], turn[g])[:, 0] for g in range(self.n_head_kv)], axis=1)
+                ppos = np.full(n_prefix, -1)
+            kk = np.concatenate([pk, k])
             vv = np.concatenate([pl.v, v])
-            kpos = np.concatenate([prefix.positions, new_pos])
+            kpos = np.concatenate([ppos, new_pos])
             allowed = np.concatenate(
                 [np.broadcast_to(keep[il][None], (n_new, self.n_head_kv, n_prefix)),
                  np.ones((n_new, self.n_head_kv, n_new), dtype=bool)],
