@@ -257,6 +257,16 @@ def _float_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers")
 
 
+def _policy_list(ctx, param, value):
+    if not value:
+        return None
+    policies = value.split(",")
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        raise click.BadParameter(f"unknown policies {', '.join(sorted(unknown))}: choose from {', '.join(POLICIES)}")
+    return policies
+
+
 def _odd(ctx, param, value):
     if value is not None and (value < 1 or value % 2 == 0):
         raise click.BadParameter(f"{value} is not an odd number of cells (1, 3, 5, ...)")
@@ -275,7 +285,7 @@ def _odd(ctx, param, value):
               help="English text for the needle haystack and perplexity [default: Debian's licence texts]")
 @click.option("--contexts", callback=_int_list, help="speed: prompt lengths, comma-separated [default: the grid's]")
 @click.option("--speed-budgets", callback=_int_list, help="speed: budgets [default: the grid's]")
-@click.option("--speed-policies", callback=lambda c, p, v: v and v.split(","),
+@click.option("--speed-policies", callback=_policy_list,
               help="speed: only these policies, comma-separated [default: criticalkv-ada,snapkv at every budget, the others at the largest]")
 @click.option("--repeat", type=int, default=None, help="speed: interleaved repetitions [default: the grid's]")
 @click.option("--needle-contexts", callback=_int_list, help="needle: prompt lengths [default: the grid's]")
@@ -285,6 +295,8 @@ def _odd(ctx, param, value):
                    "then one eviction with the question in the window (whole, the paper's setting) [default: chunked]")
 @click.option("--ppl-tokens", type=int, default=None, help="perplexity: tokens of text streamed [default: the grid's]")
 @click.option("--ppl-budgets", callback=_int_list, help="perplexity: budgets [default: the grid's]")
+@click.option("--ppl-policies", callback=_policy_list,
+              help="perplexity: only these policies, comma-separated, beside stock full and stock shift [default: all]")
 @click.option("--pool-kernel", type=int, callback=_odd, default=None,
               help="pooling kernel of the window scores, odd (1: none) [default: 5]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
@@ -309,9 +321,6 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
     out = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     grid = b.TINY if tiny else b.QUICK if quick else b.FULL
     if overrides["speed_policies"]:
-        unknown = set(overrides["speed_policies"]) - set(POLICIES)
-        if unknown:
-            raise click.BadParameter(f"unknown policies {', '.join(sorted(unknown))}: choose from {', '.join(POLICIES)}", param_hint="--speed-policies")
         overrides["other_policies"] = False
     grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
     opts = b.Options(model=str(model), out=out, grid=grid, suites=list(suites) or ["speed", "needle", "ppl", "perturb"],

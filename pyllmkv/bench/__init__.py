@@ -56,6 +56,7 @@ class Grid:
     # one batch, then one eviction with the question in the window: the paper's and kvpress's setting)
     needle_prefill: str = "chunked"
     n_batch: int = 512        # tokens per decode, unless -b says otherwise
+    ppl_policies: Optional[list] = None  # perplexity: only these POLICIES (stock full and shift always run); None: all
 
 
 FULL = Grid(contexts=[1024, 4096, 16384, 32768], speed_budgets=[256, 512, 1024], speed_policies=["criticalkv-ada", "snapkv"],
@@ -280,7 +281,7 @@ class Bench:
     def ppl(self) -> list[dict]:
         g, o = self.opts.grid, self.opts
         tokens = self.text_tokens(g.ppl_tokens)
-        cfgs = configs(g, g.ppl_budgets, True)
+        cfgs = [c for c in configs(g, g.ppl_budgets, True) if c[0] != "pyllmkv" or g.ppl_policies is None or c[1] in g.ppl_policies]
         rows = []
         with self.progress("perplexity", len(cfgs)) as bar:
             for i, cfg in enumerate(cfgs):
