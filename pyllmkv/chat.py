@@ -41,7 +41,7 @@ class Chat:
         self.llm = session.llm
         self.sampler = sampler
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.history: list[int] = []  # token at each position decoded so far
+        self.history: list[int] = []  # every token decoded so far (Session.truncate counts them, not positions)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self._formatter = self._make_formatter()
 

@@ -77,6 +77,7 @@ class Session:
         self.n_batch = llm.n_batch
         self.n_vocab = llm.n_vocab()
         self.n_past = 0  # position of the next token
+        self.n_tokens = 0  # tokens decoded into the sequence: n_past until positions are renumbered
         self._renumbered_at = -1  # the hook's eviction count when positions were last renumbered
         if config is not None:
             need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
@@ -97,14 +98,18 @@ class Session:
     def reset(self) -> None:
         """Empties the sequence; the hook stays enabled."""
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, -1, -1)
-        self.n_past = 0
+        self.n_past = self.n_tokens = 0
         self._renumbered_at = -1
 
     def truncate(self, n: int) -> int:
-        """Drops positions >= n so decoding can resume there; returns the position it resumes at (see truncate)."""
-        self.n_past = truncate(self.ctx, n)
+        """Drops the tokens decoded from the n-th on, so decoding can resume there; returns the number of tokens it
+        keeps: n, or fewer if the cell before was evicted (see truncate). Renumbering moved the positions down by
+        n_tokens - n_past; a token from before the renumbering counts as at its shifted position."""
+        shift = self.n_tokens - self.n_past
+        self.n_past = truncate(self.ctx, max(n - shift, 0))
+        self.n_tokens = self.n_past + shift if self.n_past > 0 else 0
         self._renumbered_at = -1  # fewer tokens held: a renumbering may now bring positions lower
-        return self.n_past
+        return self.n_tokens
 
     def evict(self) -> int:
         return _lib.evict(self.ctx) if self.config is not None else 0
@@ -147,6 +152,7 @@ class Session:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             self.n_past += len(chunk)
+            self.n_tokens += len(chunk)
             for i in range(len(chunk)):
                 if b.logits[i]:
                     row = start + i if all_logits else 0

@@ -101,3 +101,27 @@ def test_prompt_diverging_inside_the_evicted_part_is_answered(smollm2_path):
     assert second["usage"]["prompt_tokens"] == n_prompt
     assert list(llm.input_ids[:n_prompt]) == llm.tokenize(second_prompt.encode())
     assert llm.kv_stats()["n_seq_cells"] <= budget + 128
+
+
+def test_chat_after_renumbering_decodes_only_what_changed(llama_cpp, smollm2_path):
+    # past max_position the session renumbers positions, while the chat's history counts tokens: a prompt that
+    # diverges from the history near its end is decoded from there, not from the (much smaller) next position
+    from pyllmkv.chat import Chat, Sampler
+    from pyllmkv.session import Session
+
+    config = pyllmkv.EvictConfig(budget=128, window=32)
+    llm = llama_cpp.Llama(model_path=smollm2_path, n_ctx=config.cells + 128, n_batch=128, n_ubatch=128, n_threads=2,
+                          verbose=False)
+    sess = Session(llm, config, max_position=256)
+    chat = Chat(sess, Sampler(temp=0), system="You are a helpful assistant who answers in one sentence. " * 20)
+    for question in ["What is the capital of France?", "What is water made of?", "Why is the sky blue?"]:
+        assert "".join(chat.send(question, max_tokens=32)).strip()
+    shift = len(chat.history) - sess.n_past
+    assert shift > 100
+    decoded = []
+    decode = sess.decode
+    sess.decode = lambda tokens, **kw: decoded.append(len(tokens)) or decode(tokens, **kw)
+    chat.messages[-1]["content"] = chat.messages[-1]["content"][:-8] + "..."  # as a template might render it otherwise
+    assert "".join(chat.send("And the smallest?", max_tokens=8)).strip()
+    assert decoded[0] < 40 and sum(decoded) < shift, decoded
+    assert sess.n_tokens == len(chat.history) and sess.n_past <= 256
