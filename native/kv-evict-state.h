@@ -45,7 +45,7 @@ struct llama_kv_evict_state {
     // per-cell side data, [n_layer_kv][kv_size][n_head_kv]; valid while side_pos[cell] is the cell's position
     std::vector<float>     value_norm;
     std::vector<float>     h2o_acc;
-    std::vector<llama_pos> head_pos;    // position the token of each head had when decoded (moves with compaction)
+    std::vector<llama_pos> head_pos;    // position RoPE gave each head's row: its token's, or renumbering's (moves with compaction)
     std::vector<llama_pos> side_pos;
     std::vector<uint8_t>   norm_valid;  // [kv_size]
     // the head holds no token in this cell: its AdaKV share is shorter than the cells kept, and the layer's attention
@@ -66,8 +66,8 @@ struct llama_kv_evict_state {
         return any_absent && head_absent[side(l, cell, g)] && !holds_new_token(cell, pos);
     }
 
-    // position of the token whose row head g of layer l holds in the cell at pos: pos itself for a new token, another
-    // token's after head-wise compaction moved its row here, -1 where an -ada head holds none
+    // position RoPE gave the row head g of layer l holds in the cell at pos: pos itself for a new token, another
+    // token's after head-wise compaction moved its row here or renumbering turned it, -1 where an -ada head holds none
     llama_pos held_pos(int64_t l, uint32_t cell, llama_pos pos, int64_t g) const {
         if (holds_new_token(cell, pos)) {
             return pos;
