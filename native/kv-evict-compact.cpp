@@ -105,17 +105,19 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
     return 0;
 }
 
-int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift) {
+int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift,
+        llama_pos query_shift) {
     const llama_hparams & hparams = st.lctx->get_model().hparams;
     const auto layer_ids = st.kv->get_layer_ids();
     const int64_t n_kv = st.n_head_kv;
 
-    const int32_t graph_size = 16 * (int32_t) (layer_ids.size() * n_kv) + 256;
+    const int32_t graph_size = 16 * (int32_t) (layer_ids.size() * n_kv + st.ring.size()) + 256;
     if (int32_t err = ensure_sched(st, graph_size)) {
         return err;
     }
     evict_graph g(graph_size);
     ggml_context * ctx = g.ctx.get();
+    // with a quantized K cache llama.cpp stores K, and build_attn's Q, Hadamard-rotated
     ggml_tensor * rot = st.kv->build_input_k_rot(ctx);
     if (rot) {
         g.fillers.push_back([&st, rot]() { st.kv->set_input_k_rot(rot); });
@@ -140,53 +142,26 @@ int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::v
             }
             layer_any |= !sh.empty();
         }
-        if (!layer_any) {
-            continue;
+        if (layer_any) {
+            const size_t head_row = ggml_row_size(k->type, hd);
+            ggml_tensor * rows = ggml_view_3d(ctx, k, hd, 1, kv_size * n_kv, head_row, head_row, stream * k->nb[2]);
+            ggml_tensor * pos  = g.input(GGML_TYPE_I32, kv_size * n_kv, 1, by);
+            ggml_build_forward_expand(g.gf, st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rows, pos, rot, il));
+            any = true;
         }
-        const size_t head_row = ggml_row_size(k->type, hd);
-        ggml_tensor * rows = ggml_view_3d(ctx, k, hd, 1, kv_size * n_kv, head_row, head_row, stream * k->nb[2]);
-        ggml_tensor * pos  = g.input(GGML_TYPE_I32, kv_size * n_kv, 1, by);
-        ggml_build_forward_expand(g.gf, st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rows, pos, rot, il));
-        any = true;
-    }
-    if (any && !g.compute(st)) {
-        return set_error(ERR_COMPUTE, "head-row shift graph failed to allocate or compute");
-    }
-    return 0;
-}
-
-int32_t shift_queries(llama_kv_evict_state & st, llama_pos delta) {
-    const llama_hparams & hparams = st.lctx->get_model().hparams;
-    const int32_t graph_size = 16 * (int32_t) st.ring.size() + 256;
-    if (int32_t err = ensure_sched(st, graph_size)) {
-        return err;
-    }
-    evict_graph g(graph_size);
-    ggml_context * ctx = g.ctx.get();
-    // with a quantized K cache llama.cpp stores K, and build_attn's Q, Hadamard-rotated: undo it around the RoPE
-    ggml_tensor * rot = st.kv->build_input_k_rot(ctx);
-    if (rot) {
-        g.fillers.push_back([&st, rot]() { st.kv->set_input_k_rot(rot); });
-    }
-    ggml_tensor * by = g.input(GGML_TYPE_I32, st.params.window, 1, std::vector<int32_t>(st.params.window, delta));
-    bool any = false;
-    for (size_t il = 0; il < st.ring.size(); ++il) {
         ggml_tensor * ring = st.ring[il];
-        if (!ring || !hparams.has_rope(il)) {
-            continue;
+        if (query_shift != 0 && ring) {
+            // the ring is f32: the K-shift ropes it in place, so the Hadamard rotation is undone and redone around it
+            ggml_tensor * q = ggml_reshape_3d(ctx, ring, hd, ring->ne[0] / hd, ring->ne[1]);
+            ggml_tensor * pos = g.input(GGML_TYPE_I32, ring->ne[1], 1, std::vector<int32_t>(ring->ne[1], query_shift));
+            ggml_tensor * turned = st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rot ? llama_mul_mat_hadamard(ctx, q, rot) : q,
+                                                        pos, nullptr, il);
+            ggml_build_forward_expand(g.gf, rot ? ggml_cpy(ctx, llama_mul_mat_hadamard(ctx, turned, rot), q) : turned);
+            any = true;
         }
-        const int64_t hd = hparams.n_embd_head_k(il);
-        ggml_tensor * q = ggml_reshape_3d(ctx, ring, hd, ring->ne[0] / hd, ring->ne[1]);
-        ggml_tensor * turned = rot ? llama_mul_mat_hadamard(ctx, q, rot) : q;
-        turned = st.kv->build_k_shift(ctx, st.lctx->get_cparams(), turned, by, nullptr, il);
-        if (rot) {
-            turned = llama_mul_mat_hadamard(ctx, turned, rot);
-        }
-        ggml_build_forward_expand(g.gf, rot ? ggml_cpy(ctx, turned, q) : turned);
-        any = true;
     }
     if (any && !g.compute(st)) {
-        return set_error(ERR_COMPUTE, "query shift graph failed to allocate or compute");
+        return set_error(ERR_COMPUTE, "RoPE shift graph of the rows and queries failed to allocate or compute");
     }
     return 0;
 }

@@ -126,11 +126,10 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
         const std::vector<std::vector<uint32_t>> & src);
 
 // RoPE-shifts, for every layer l and KV head h with a non-empty shift[l*n_head_kv + h] (one entry per cell), that
-// head's K row of each cell by the cell's entry: a row compaction moved keeps its own token's position
-int32_t shift_head_rows(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift);
-
-// RoPE-shifts the captured queries of every layer by delta, as the K-shift turns the keys of their cells
-int32_t shift_queries(llama_kv_evict_state & st, llama_pos delta);
+// head's K row of each cell by the cell's entry, and the captured queries of every layer by query_shift (as the K-shift
+// turns the keys of their cells)
+int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift,
+        llama_pos query_shift);
 
 enum error_code : int32_t {
     ERR_INVALID     = -1,

@@ -771,7 +771,10 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
             }
         }
     }
-    if (int32_t err = shift_head_rows(*st, st->kv->get_stream(seq_id), row_shift)) {
+    // the window's cells move with the last run of cells: their captured queries turn as the K-shift turns their keys,
+    // so the next eviction scores them at the same distances
+    const llama_pos delta_last = new_pos.empty() ? 0 : new_pos.rbegin()->second - new_pos.rbegin()->first;
+    if (int32_t err = shift_rows_and_queries(*st, st->kv->get_stream(seq_id), row_shift, delta_last)) {
         return err;
     }
 
@@ -789,9 +792,8 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         it = end;
     }
 
-    // side data follows its cell; the window's queries moved with the last run, so offsetting the ring's slot
-    // numbering by that run's shift keeps them readable, and turning them by it as the K-shift turns their keys keeps
-    // the scores of the next eviction (older captured queries are dropped: they are never read)
+    // side data follows its cell; offsetting the ring's slot numbering by the last run's shift keeps the window's
+    // queries readable (older captured queries are dropped: they are never read)
     auto moved = [&](llama_pos p) {
         const auto it = new_pos.find(p);
         return it == new_pos.end() ? -1 : it->second;
@@ -802,7 +804,6 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         }
     }
     if (!new_pos.empty()) {
-        const llama_pos delta_last = new_pos.rbegin()->second - new_pos.rbegin()->first;
         for (llama_pos & p : st->slot_pos) {
             const llama_pos q = p >= 0 ? moved(p) : -1;
             p = q >= 0 && q - p == delta_last ? q : -1;
@@ -810,9 +811,6 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         st->slot_offset = ((st->slot_offset - delta_last) % st->params.window + st->params.window) % st->params.window;
         st->min_written = std::min<llama_pos>(st->min_written + delta_last, new_pos.size());
         st->h2o_last    = st->h2o_last < 0 ? -1 : st->h2o_last + delta_last;
-        if (int32_t err = delta_last != 0 ? shift_queries(*st, delta_last) : 0) {
-            return err;
-        }
     }
     return (int32_t) new_pos.size();
 }
