@@ -123,6 +123,7 @@ int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const
         g.fillers.push_back([&st, rot]() { st.kv->set_input_k_rot(rot); });
     }
     bool any = false;
+    ggml_tensor * query_pos = nullptr; // one shift for every captured query of every layer: one input serves them all
     for (size_t l = 0; l < layer_ids.size(); ++l) {
         const int32_t il = layer_ids[l];
         if (!hparams.has_rope(il)) {
@@ -153,9 +154,11 @@ int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const
         if (query_shift != 0 && ring) {
             // the ring is f32: the K-shift ropes it in place, so the Hadamard rotation is undone and redone around it
             ggml_tensor * q = ggml_reshape_3d(ctx, ring, hd, ring->ne[0] / hd, ring->ne[1]);
-            ggml_tensor * pos = g.input(GGML_TYPE_I32, ring->ne[1], 1, std::vector<int32_t>(ring->ne[1], query_shift));
+            if (!query_pos) {
+                query_pos = g.input(GGML_TYPE_I32, ring->ne[1], 1, std::vector<int32_t>(ring->ne[1], query_shift));
+            }
             ggml_tensor * turned = st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rot ? llama_mul_mat_hadamard(ctx, q, rot) : q,
-                                                        pos, nullptr, il);
+                                                        query_pos, nullptr, il);
             ggml_build_forward_expand(g.gf, rot ? ggml_cpy(ctx, llama_mul_mat_hadamard(ctx, turned, rot), q) : turned);
             any = true;
         }

@@ -745,6 +745,7 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         }
     }
     std::vector<std::vector<int32_t>> row_shift(n_layer_kv * st->n_head_kv);
+    std::vector<std::pair<size_t, llama_pos>> numbered_rows; // (side index, number): written once every head is checked and turned
     for (int64_t l = 0; l < n_layer_kv; ++l) {
         for (int64_t g = 0; g < st->n_head_kv; ++g) {
             std::vector<std::tuple<llama_pos, uint32_t, llama_pos>> rows; // (position RoPE gave the row, cell, cell's position)
@@ -767,7 +768,7 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
                     shift.resize(st->kv_size, 0);
                     shift[cell] = by;
                 }
-                st->head_pos[st->side(l, cell, g)] = to;
+                numbered_rows.emplace_back(st->side(l, cell, g), to);
             }
         }
     }
@@ -776,6 +777,9 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     const llama_pos delta_last = new_pos.empty() ? 0 : new_pos.rbegin()->second - new_pos.rbegin()->first;
     if (int32_t err = shift_rows_and_queries(*st, st->kv->get_stream(seq_id), row_shift, delta_last)) {
         return err;
+    }
+    for (const auto & [i, to] : numbered_rows) {
+        st->head_pos[i] = to;
     }
 
     // one seq_add per run of cells that move by the same amount; runs move down in ascending order, so a moved run

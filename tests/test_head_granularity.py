@@ -11,7 +11,7 @@ from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
 from test_hook import _llama, _reference_scores
-from tinymodel import _HADAMARD_64, TinyRef
+from tinymodel import TinyRef, hadamard64
 
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}  # GGML_TYPE_*
 
@@ -173,7 +173,7 @@ def renumbering_against_numpy(llm, path, policy, cache, atol, rope_atol):
     for il, (pos, q, _) in enumerate(queries):
         pos_after, q_after, _ = _lib.queries(llm, il)
         np.testing.assert_array_equal(pos_after, pos + delta)
-        rotate = (lambda x: (x.reshape(len(pos), -1, 64) @ _HADAMARD_64).reshape(x.shape)) if cache == "q8_0" else (lambda x: x)
+        rotate = hadamard64 if cache == "q8_0" else (lambda x: x)
         turned = rotate(ref.rope(rotate(q.reshape(len(pos), ref.n_head, ref.head_dim).astype(np.float64)), np.full(len(pos), delta)))
         np.testing.assert_allclose(q_after, turned.reshape(len(pos), -1), rtol=0, atol=rope_atol)
 

@@ -287,6 +287,11 @@ def _sylvester(n: int) -> np.ndarray:
 _HADAMARD_64 = _sylvester(64)
 
 
+def hadamard64(x: np.ndarray) -> np.ndarray:
+    """x with its last axis rotated in blocks of 64 by the Walsh-Hadamard matrix llama.cpp applies (its own inverse)."""
+    return (x.reshape(*x.shape[:-1], -1, 64) @ _HADAMARD_64).reshape(x.shape)
+
+
 class _Layer:
     pass
 
@@ -402,14 +407,14 @@ class TinyRef:
             # (H·H = I), and rotates Q and the attention output to match: the model sees quant(x H) H
             rot = self.head_dim % 64 == 0
             if rot:
-                x = (x.reshape(*x.shape[:-1], -1, 64) @ _HADAMARD_64).reshape(x.shape)
+                x = hadamard64(x)
             # blocks of 32: scale d = amax / 127 stored as f16, values round(x / d)
             b = x.astype(np.float32).reshape(*x.shape[:-1], -1, 32)
             d = np.abs(b).max(axis=-1, keepdims=True) / np.float32(127)
             q = np.round(b / np.where(d == 0, 1, d))
             x = (q * d.astype(np.float16).astype(np.float64)).reshape(x.shape)
             if rot:
-                x = (x.reshape(*x.shape[:-1], -1, 64) @ _HADAMARD_64).reshape(x.shape)
+                x = hadamard64(x)
         return x
 
     def qkv(self, il: int, h: np.ndarray, positions: np.ndarray):
