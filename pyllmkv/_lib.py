@@ -232,15 +232,19 @@ def positions(ctx, seq_id: int = 0) -> np.ndarray:
 
 def scores(ctx, layer: int, n_head_kv: int, seq_id: int = 0, value_norms: bool = True):
     """Scores of one layer as the next eviction would use them: (pos [n], score [n_head_kv, n], value_norm or None)."""
-    n = _check(_scores(_ctx(ctx), seq_id, layer, None, None, None, 0))
-    pos = np.zeros(n, dtype=np.int32)
-    score = np.zeros((n_head_kv, n), dtype=np.float32)
-    norm = np.zeros((n_head_kv, n), dtype=np.float32) if value_norms else None
-    _check(_scores(
+    # the scored cells are the sequence's less its window: sized by the cell count, so the scores are computed once
+    n_max = _check(_positions(_ctx(ctx), seq_id, None, 0))
+    pos = np.zeros(n_max, dtype=np.int32)
+    score = np.zeros(n_head_kv * n_max, dtype=np.float32)
+    norm = np.zeros(n_head_kv * n_max, dtype=np.float32) if value_norms else None
+    n = _check(_scores(
         _ctx(ctx), seq_id, layer, pos.ctypes.data_as(_i32_p), score.ctypes.data_as(_f_p),
-        norm.ctypes.data_as(_f_p) if value_norms else None, n,
+        norm.ctypes.data_as(_f_p) if value_norms else None, n_max,
     ))
-    return pos, score, norm
+    # the library lays out min(n, n_max) = n columns per head
+    score = score[: n_head_kv * n].reshape(n_head_kv, n)
+    norm = norm[: n_head_kv * n].reshape(n_head_kv, n) if value_norms else None
+    return pos[:n], score, norm
 
 
 def head_positions(ctx, layer: int, n_head_kv: int, seq_id: int = 0) -> np.ndarray:
