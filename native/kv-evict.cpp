@@ -522,19 +522,24 @@ void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t
     }
 }
 
+static const char * const ADA_STATE_REFUSED = "the cache holds an -ada eviction's per-head mask, which a saved state "
+                                              "cannot carry: save before evicting, or use a policy without -ada";
+
 void llama_kv_evict_on_state_write(const llama_kv_evict_state * st) {
     if (st->any_absent) {
-        const char * msg = "the cache holds an -ada eviction's per-head mask, which a saved state cannot carry: "
-                           "save before evicting, or use a policy without -ada";
-        set_error(ERR_UNSUPPORTED, msg);
-        throw std::runtime_error(msg);
+        set_error(ERR_UNSUPPORTED, ADA_STATE_REFUSED);
+        throw std::runtime_error(ADA_STATE_REFUSED);
     }
 }
 
 void llama_kv_evict_on_state_read(llama_kv_evict_state * st) {
+    // the loaded cells' rows sit at their cells' positions until llama_kv_evict_seq_set_data says otherwise; the
+    // captured queries belong to what the cache held before
     std::fill(st->side_pos.begin(), st->side_pos.end(), -1);
     std::fill(st->norm_valid.begin(), st->norm_valid.end(), 0);
+    std::fill(st->slot_pos.begin(), st->slot_pos.end(), -1);
     st->any_absent = false;
+    st->h2o_last   = -1;
 }
 
 void llama_kv_evict_state_free(llama_kv_evict_state * st) {
@@ -855,6 +860,151 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
         ++i;
     }
     return (int32_t) n;
+}
+
+// llama_kv_evict_seq_get_data's layout: this header; the cells' positions [n_cells]; the position RoPE gave each head's
+// row [n_layer_kv][n_cells][n_head_kv] (llama_pos) and its H2O sum (f32, same shape); the window's captured positions
+// [n_query]; then per layer of the cache their queries [n_query][n_embd_q] (f32)
+struct seq_data_header {
+    uint32_t  magic;
+    uint32_t  version;
+    int32_t   n_layer_kv;
+    int32_t   n_head_kv;
+    int32_t   n_cells;
+    int32_t   n_query;
+    llama_pos h2o_last;
+};
+static constexpr uint32_t SEQ_DATA_MAGIC   = 0x4845564b; // "KVEH"
+static constexpr uint32_t SEQ_DATA_VERSION = 1;
+
+static size_t seq_data_size(const llama_kv_evict_state & st, const seq_data_header & h) {
+    size_t n_embd_q = 0;
+    for (int32_t il : st.kv->get_layer_ids()) {
+        n_embd_q += st.ring[il]->ne[0];
+    }
+    const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
+    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * (side + h.n_query * n_embd_q);
+}
+
+int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, void * out, size_t size) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    if (st->any_absent) {
+        return set_error(ERR_UNSUPPORTED, ADA_STATE_REFUSED);
+    }
+    ctx->synchronize();
+    const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
+    std::vector<int32_t>   slots;
+    std::vector<llama_pos> q_pos;
+    st->window_slots(pcs.empty() ? -1 : pcs.rbegin()->first, slots, q_pos);
+    const auto layer_ids = st->kv->get_layer_ids();
+    const seq_data_header h = { SEQ_DATA_MAGIC, SEQ_DATA_VERSION, (int32_t) layer_ids.size(), (int32_t) st->n_head_kv,
+                                (int32_t) pcs.size(), (int32_t) q_pos.size(), st->h2o_last };
+    const size_t need = seq_data_size(*st, h);
+    if (!out || size < need) {
+        return (int64_t) need;
+    }
+    uint8_t * w = static_cast<uint8_t *>(out);
+    auto put = [&w](const void * src, size_t n) { std::memcpy(w, src, n); w += n; };
+    put(&h, sizeof(h));
+    for (const auto & pc : pcs) {
+        put(&pc.first, sizeof(llama_pos));
+    }
+    for (int64_t l = 0; l < h.n_layer_kv; ++l) {
+        for (const auto & [pos, cell] : pcs) {
+            for (int64_t g = 0; g < h.n_head_kv; ++g) {
+                const llama_pos e = st->held_pos(l, cell, pos, g);
+                put(&e, sizeof(e));
+            }
+        }
+    }
+    for (int64_t l = 0; l < h.n_layer_kv; ++l) {
+        for (const auto & [pos, cell] : pcs) {
+            for (int64_t g = 0; g < h.n_head_kv; ++g) {
+                const float acc = st->holds_new_token(cell, pos) ? 0.0f : st->h2o_acc[st->side(l, cell, g)];
+                put(&acc, sizeof(acc));
+            }
+        }
+    }
+    put(q_pos.data(), q_pos.size() * sizeof(llama_pos));
+    for (int32_t il : layer_ids) {
+        for (int32_t s : slots) {
+            ggml_backend_tensor_get(st->ring[il], w, s * st->ring[il]->nb[1], st->ring[il]->nb[1]);
+            w += st->ring[il]->nb[1];
+        }
+    }
+    return (int64_t) need;
+}
+
+int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, const void * data, size_t size) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    seq_data_header h{};
+    if (!data || size < sizeof(h)) {
+        return set_error(ERR_INVALID, "the data is shorter than its header: pass what llama_kv_evict_seq_get_data wrote");
+    }
+    std::memcpy(&h, data, sizeof(h));
+    const auto layer_ids = st->kv->get_layer_ids();
+    if (h.magic != SEQ_DATA_MAGIC || h.version != SEQ_DATA_VERSION || h.n_cells < 0 || h.n_query < 0 ||
+        h.n_query > st->params.window || h.n_layer_kv != (int32_t) layer_ids.size() || h.n_head_kv != (int32_t) st->n_head_kv ||
+        size != seq_data_size(*st, h)) {
+        return set_error(ERR_INVALID, "the data was not written by llama_kv_evict_seq_get_data for this model and window");
+    }
+    const uint8_t * r = static_cast<const uint8_t *>(data) + sizeof(h);
+    const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
+    std::vector<llama_pos> pos(h.n_cells), head_pos(side), q_pos(h.n_query);
+    std::vector<float>     h2o_acc(side);
+    auto read_into = [&r](void * dst, size_t n) { std::memcpy(dst, r, n); r += n; };
+    read_into(pos.data(), pos.size() * sizeof(llama_pos));
+    read_into(head_pos.data(), side * sizeof(llama_pos));
+    read_into(h2o_acc.data(), side * sizeof(float));
+    read_into(q_pos.data(), q_pos.size() * sizeof(llama_pos));
+
+    ctx->synchronize();
+    const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
+    if (!std::equal(pos.begin(), pos.end(), pcs.begin(), pcs.end(), [](llama_pos p, const auto & pc) { return p == pc.first; })) {
+        return set_error(ERR_INVALID, "the data belongs to other cells than the sequence holds: load the state it was saved "
+                                      "beside first");
+    }
+    const llama_pos pos_max = pos.empty() ? -1 : pos.back();
+    if (std::any_of(head_pos.begin(), head_pos.end(), [](llama_pos p) { return p < 0; }) ||
+        !std::is_sorted(q_pos.begin(), q_pos.end()) ||
+        std::any_of(q_pos.begin(), q_pos.end(), [&](llama_pos p) { return p > pos_max || p <= pos_max - st->params.window; })) {
+        return set_error(ERR_INVALID, "the data holds a head without a row or queries outside the window: it cannot be restored");
+    }
+
+    // the cells count as scored: their side data is set (norms are computed again from the rows)
+    int64_t i = 0;
+    for (const auto & [p, cell] : pcs) {
+        st->side_pos[cell]   = p;
+        st->norm_valid[cell] = 0;
+        for (int64_t l = 0; l < h.n_layer_kv; ++l) {
+            for (int64_t g = 0; g < h.n_head_kv; ++g) {
+                const size_t at = st->side(l, cell, g), from = (l * h.n_cells + i) * h.n_head_kv + g;
+                st->head_pos[at]    = head_pos[from];
+                st->h2o_acc[at]     = h2o_acc[from];
+                st->head_absent[at] = 0;
+            }
+        }
+        ++i;
+    }
+    st->min_written = pos_max + 1;
+    st->h2o_last    = h.h2o_last;
+    std::fill(st->slot_pos.begin(), st->slot_pos.end(), -1);
+    for (llama_pos p : q_pos) {
+        st->slot_pos[st->slot(p)] = p;
+    }
+    for (int32_t il : layer_ids) {
+        for (llama_pos p : q_pos) {
+            ggml_backend_tensor_set(st->ring[il], r, st->slot(p) * st->ring[il]->nb[1], st->ring[il]->nb[1]);
+            r += st->ring[il]->nb[1];
+        }
+    }
+    return 0;
 }
 
 int64_t llama_kv_evict_read_rows(llama_context * ctx, llama_seq_id seq_id, int32_t il, bool is_v, void * out, size_t size) {

@@ -112,6 +112,8 @@ _disable = _bind("llama_kv_evict_disable", [_ctx_p], None)
 _evict = _bind("llama_kv_evict", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 _scores = _bind("llama_kv_evict_scores", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, _f_p, ctypes.c_int32], ctypes.c_int32)
 _compact_positions = _bind("llama_kv_evict_compact_positions", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
+_seq_get_data = _bind("llama_kv_evict_seq_get_data", [_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
+_seq_set_data = _bind("llama_kv_evict_seq_set_data", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 _head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
@@ -253,6 +255,20 @@ def head_positions(ctx, layer: int, n_head_kv: int, seq_id: int = 0) -> np.ndarr
     out = np.zeros((n_head_kv, n), dtype=np.int32)
     _check(_head_positions(_ctx(ctx), seq_id, layer, out.ctypes.data_as(_i32_p), n))
     return out
+
+
+def seq_data(ctx, seq_id: int = 0) -> bytes:
+    """What a llama.cpp state of the sequence leaves out (the position each KV head's row was given, the window's
+    queries, the H2O sums), to save beside it."""
+    need = _check(_seq_get_data(_ctx(ctx), seq_id, None, 0))
+    out = ctypes.create_string_buffer(need)
+    _check(_seq_get_data(_ctx(ctx), seq_id, out, need))
+    return out.raw
+
+
+def set_seq_data(ctx, data: bytes, seq_id: int = 0) -> None:
+    """Restores seq_data's bytes, right after loading the state saved beside them."""
+    _check(_seq_set_data(_ctx(ctx), seq_id, data, len(data)))
 
 
 def read_rows(ctx, layer: int, is_v: bool, n_cells: int, seq_id: int = 0) -> np.ndarray:

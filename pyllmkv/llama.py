@@ -67,10 +67,23 @@ class Llama(llama_cpp.Llama):
 
     def save_state(self) -> "llama_cpp.LlamaState":
         """llama-cpp-python's save_state, refusing (KVEvictError) a state llama.cpp could not write instead of
-        returning an empty one (after an -ada eviction the cache relies on a per-head mask a state cannot carry)."""
+        returning an empty one (after an -ada eviction the cache relies on a per-head mask a state cannot carry).
+        The state also holds, as `kv_evict`, what llama.cpp's state leaves out: the position each KV head's row was
+        given (head granularity moves rows between cells), the window's queries and the H2O sums, so that a loaded
+        sequence truncates and evicts as the original."""
         if llama_cpp.llama_state_get_size(self._ctx.ctx) == 0:
             raise _lib.KVEvictError(-2, _lib.last_error() or "llama.cpp could not save the state")
-        return super().save_state()
+        state = super().save_state()
+        state.kv_evict = _lib.seq_data(self._ctx.ctx)
+        return state
+
+    def load_state(self, state: "llama_cpp.LlamaState") -> None:
+        """llama-cpp-python's load_state; a state saved by pyllmkv.Llama restores the hook's bookkeeping too (one
+        saved by llama_cpp.Llama has none: its rows count as their cells' tokens, and the next eviction waits for
+        queries of the tokens decoded after the load)."""
+        super().load_state(state)
+        if getattr(state, "kv_evict", None):
+            _lib.set_seq_data(self._ctx.ctx, state.kv_evict)
 
     def eval(self, tokens: Sequence[int]):
         resume = truncate(self._ctx.ctx, self.n_tokens)

@@ -1,20 +1,24 @@
 """Session save and restore after eviction: a head-compacted sequence saved with llama.cpp's state API continues with
 identical logits in a context with or without the hook; a state the hook's per-head mask would be missing from is
-refused clearly; loading a state into a hooked context starts the hook's bookkeeping afresh."""
+refused clearly; loading a state into a hooked context starts the hook's bookkeeping afresh, and what pyllmkv.Llama
+saves beside llama.cpp's state (where each head's row came from, the window's queries, the H2O sums) restores it: the
+loaded sequence truncates and evicts as the original."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 
 import numpy as np
 import pytest
 
 import pyllmkv
-from conftest import random_tokens
+from conftest import held_positions, random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError, llama_cpp
 from pyllmkv.session import Session
 from test_hook import _llama
+from tinymodel import TinyRef
 
 
 def _save(llm) -> bytes:
@@ -102,3 +106,85 @@ def test_llama_cpp_python_save_and_load_state_after_head_compaction(tiny_path):
     other.load_state(state)
     other.eval([7])
     np.testing.assert_allclose(last_logits(other), expected, rtol=0, atol=1e-5)
+
+
+def test_loaded_state_keeps_where_each_head_row_came_from(tiny_path):
+    # head granularity moves rows between cells; a truncation after loading must drop the same cells as in the
+    # context that saved the state (the one whose bookkeeping the numpy oracles of test_head_granularity check)
+    def fresh():
+        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, verbose=False, type_k=0, type_v=0)
+
+    ref = TinyRef(tiny_path)
+    llm = fresh()
+    llm.eval(random_tokens(150, seed=38))
+    state = llm.save_state()
+    held = held_positions(llm, ref)
+    cells = _lib.positions(llm)
+    moved = np.sort(held[held > cells])  # rows that sit in a cell numbered below their token's
+    assert len(moved) > 0
+    cut = int(moved[len(moved) // 2])
+
+    other = fresh()
+    other.load_state(state)
+    np.testing.assert_array_equal(held_positions(other, ref), held)
+    # a state without them (as llama_cpp.Llama saves it) takes every row at its cell's position
+    bare = fresh()
+    bare_state = copy.copy(state)
+    bare_state.kv_evict = None
+    bare.load_state(bare_state)
+    assert (held_positions(bare, ref) != held).any()
+
+    def cut_and_continue(m):
+        m.n_tokens = cut  # a prompt that diverges at `cut`, as llama-cpp-python's generate sets it
+        m.eval([7])
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),)).copy()
+        return _lib.positions(m), held_positions(m, ref), logits
+
+    expected = cut_and_continue(llm)
+    got = cut_and_continue(other)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+    # the bare load keeps cells holding moved rows of the removed tokens: the model attends to tokens it was told
+    # to forget
+    assert np.abs(cut_and_continue(bare)[2] - expected[2]).max() > 1e-2
+
+
+def test_seq_data_is_refused_for_other_cells(tiny_path):
+    llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, verbose=False, type_k=0, type_v=0)
+    llm.eval(random_tokens(100, seed=39))
+    data = _lib.seq_data(llm)
+    llm.eval([5])
+    with pytest.raises(KVEvictError, match="other cells than the sequence holds: load the state"):
+        _lib.set_seq_data(llm, data)
+    with pytest.raises(KVEvictError, match="not written by llama_kv_evict_seq_get_data"):
+        _lib.set_seq_data(llm, data[:-4])
+
+
+@pytest.mark.parametrize("policy", ["criticalkv", "h2o"])
+def test_loaded_state_evicts_as_the_original(tiny_path, policy):
+    # the window's queries and the H2O sums travel with the state, so the evictions after a load choose the cells the
+    # original context chooses; the loading context held other tokens first, whose queries must not count
+    def fresh():
+        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, policy=policy, verbose=False, type_k=0,
+                             type_v=0)
+
+    ref = TinyRef(tiny_path)
+    llm = fresh()
+    llm.eval(random_tokens(150, seed=40))
+    state = llm.save_state()
+    other = fresh()
+    other.eval(random_tokens(60, seed=41))
+    other.load_state(state)
+
+    def go_on(m):
+        before = m.kv_stats()["n_evictions"]
+        m.eval(random_tokens(100, seed=42))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),)).copy()
+        return m.kv_stats()["n_evictions"] - before, _lib.positions(m), held_positions(m, ref), logits
+
+    expected = go_on(llm)
+    assert expected[0] >= 2
+    got = go_on(other)
+    assert got[0] == expected[0]
+    for e, g in zip(expected[1:], got[1:]):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
