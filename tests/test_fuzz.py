@@ -4,6 +4,8 @@ kv_size cells, positions increasing, no head holding a token at or past the next
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -44,6 +46,7 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("seq_rm"), st.integers(0, 400)),       # the user's own llama_memory_seq_rm of a tail
     st.tuples(st.just("seq_rm_middle"), st.integers(0, 400)),
     st.tuples(st.just("compact_positions"), st.just(0)),
+    st.tuples(st.just("save_load"), st.just(0)),              # llama.cpp's state of the sequence and the hook's, reloaded
     st.tuples(st.just("disable"), st.just(0)),
 ), min_size=1, max_size=25)
 
@@ -63,6 +66,23 @@ def _consistent(llm, sess):
                 assert held.max() < sess.n_past
         except KVEvictError as e:  # disabled: the per-head bookkeeping is gone, which is a clean error
             assert "not enabled" in str(e)
+
+
+def _save_and_load(llm, mem):
+    """Saves the sequence (llama.cpp's state and the hook's data), clears it, loads both: nothing may change."""
+    data = _lib.seq_data(llm)  # refused when the hook is disabled or after an -ada eviction
+    pos = _lib.positions(llm)
+    held = [_lib.head_positions(llm, il, 2) for il in range(2)]
+    ctx = llm._ctx.ctx
+    n = llama_cpp.llama_state_seq_get_size(ctx, 0)
+    buf = (ctypes.c_uint8 * n)()
+    assert llama_cpp.llama_state_seq_get_data(ctx, buf, n, 0) == n
+    llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
+    assert llama_cpp.llama_state_seq_set_data(ctx, buf, n, 0) == n
+    _lib.set_seq_data(llm, data)
+    np.testing.assert_array_equal(_lib.positions(llm), pos)
+    for il in range(2):
+        np.testing.assert_array_equal(_lib.head_positions(llm, il, 2), held[il])
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -95,6 +115,8 @@ def test_random_call_orders_keep_the_cache_consistent(tiny_path, ops, seed):
                 sess.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
             elif op == "compact_positions":
                 sess.n_past = _lib.compact_positions(llm)
+            elif op == "save_load":
+                _save_and_load(llm, mem)
             elif op == "disable":
                 _lib.disable(llm)
                 sess.config = None
