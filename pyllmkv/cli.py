@@ -225,17 +225,24 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
-def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, port):
+@click.option("--cache", is_flag=True,
+              help="keep the states of earlier prompts in RAM and resume a prompt from the longest shared prefix "
+                   "(llama-cpp-python's prompt cache)")
+@click.option("--cache-size", type=int, default=2 << 30, show_default=True, help="bytes of RAM --cache may hold")
+def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, port, cache, cache_size):
     """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
     from .server import create_app, port_in_use
 
     _check_budget(budget, window)
+    if cache and policy.endswith("-ada"):
+        raise click.BadParameter(f"--cache saves llama.cpp states, which cannot hold {policy}'s per-head mask: choose "
+                                 f"--policy {policy[:-4]}, or leave out --cache", param_hint="--cache")
     model = _model_path(model)
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
     try:
         app = create_app(str(model), kv_budget=budget, policy=policy, window=window, n_ctx=n_ctx, n_batch=n_batch,
-                         n_gpu_layers=n_gpu_layers)
+                         n_gpu_layers=n_gpu_layers, cache=cache, cache_type="ram", cache_size=cache_size)
     except (RuntimeError, ValueError) as e:
         raise click.ClickException(str(e))
     import uvicorn

@@ -125,3 +125,25 @@ def test_chat_after_renumbering_decodes_only_what_changed(llama_cpp, smollm2_pat
     assert "".join(chat.send("And the smallest?", max_tokens=8)).strip()
     assert decoded[0] < 40 and sum(decoded) < shift, decoded
     assert sess.n_tokens == len(chat.history) and sess.n_past <= 256
+
+
+def test_prompt_cache_resumes_as_the_live_cache(llama_cpp, smollm2_path):
+    # llama-cpp-python's prompt cache (pyllmkv serve --cache) saves a state after each completion and loads the one
+    # with the longest shared prefix: with the hook's data in the state, a conversation resumed from the cache, past
+    # evictions, answers as the one whose cache stayed live
+    budget = 128
+    first = "The baker opened the shop at dawn and sold bread to the fishermen. " * 25 + "Question: who bought the bread? Answer:"
+    live, cached = _budgeted(smollm2_path, budget), _budgeted(smollm2_path, budget)
+    cached.set_cache(llama_cpp.LlamaRAMCache())
+    loads = []
+    load_state = cached.load_state
+    cached.load_state = lambda state: (loads.append(state.n_tokens), load_state(state))
+    answer = live(first, max_tokens=16, temperature=0.0)["choices"][0]["text"]
+    assert cached(first, max_tokens=16, temperature=0.0)["choices"][0]["text"] == answer
+    cached("Something else: the weather today is", max_tokens=8, temperature=0.0)  # its cells now hold another prompt
+    second = first + answer + "\nQuestion: when did the shop open? Answer:"
+    expected = live(second, max_tokens=16, temperature=0.0)["choices"][0]["text"]
+    got = cached(second, max_tokens=16, temperature=0.0)["choices"][0]["text"]
+    assert loads and loads[-1] > budget, "the second prompt was not resumed from a state past the budget"
+    assert live.kv_stats()["n_evictions"] > 0 and cached.kv_stats()["n_evictions"] > 0
+    assert got == expected

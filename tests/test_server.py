@@ -37,9 +37,14 @@ SERVER_PID = {}  # port -> pid of the server process
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
+    yield from _serve(smollm2_path)
+
+
+def _serve(model_path, *args):
+    """Starts `pyllmkv serve` on a free port, yields the port once it answers, stops it."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "--kv-budget", "128", "-b", "128", "--port", str(port)],
+        [sys.executable, "-m", "pyllmkv", "serve", model_path, "--kv-budget", "128", "-b", "128", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=SUBPROCESS_CWD,
     )
     deadline = time.time() + 120
@@ -136,4 +141,25 @@ def test_port_in_use_is_a_clear_error(smollm2_path):
                            capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
     assert r.returncode != 0
     assert f"port {port} on 127.0.0.1 is in use" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_prompt_cache_resumes_a_conversation_past_evictions(smollm2_path):
+    # --cache: llama-cpp-python saves a state after each completion and resumes the next prompt from the longest
+    # shared prefix; resuming a state whose cache is full needs the hook's data (the window's queries) to evict
+    # (tests/test_api.py checks the answers against a live cache)
+    for port in _serve(smollm2_path, "--cache"):
+        first = "The baker opened the shop at dawn and sold bread to the fishermen. " * 25 + "Question: who bought the bread? Answer:"
+        answer = _post(port, "/v1/completions", {"prompt": first, "max_tokens": 16, "temperature": 0})["choices"][0]["text"]
+        _post(port, "/v1/completions", {"prompt": "Something else: the weather today is", "max_tokens": 8, "temperature": 0})
+        out = _post(port, "/v1/completions", {"prompt": first + answer + "\nQuestion: when did the shop open? Answer:", "max_tokens": 16,
+                                              "temperature": 0})
+        assert out["usage"]["completion_tokens"] > 0, (answer, out)
+
+
+def test_prompt_cache_with_an_ada_policy_is_a_clear_error(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "--cache", "--policy", "snapkv-ada"],
+                       capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
+    assert r.returncode != 0
+    assert "cannot hold snapkv-ada's per-head mask: choose --policy snapkv" in r.stderr
     assert "Traceback" not in r.stderr
