@@ -77,6 +77,14 @@ class Llama(llama_cpp.Llama):
         state.kv_evict = _lib.seq_data(self._ctx.ctx)
         return state
 
+    def set_cache(self, cache) -> None:
+        """llama-cpp-python's prompt cache, which saves a state after every completion: refused up front with an -ada
+        policy, whose per-head mask a state cannot hold (the first save after an eviction would fail the request)."""
+        if cache is not None and self.evict_config.policy.endswith("-ada"):
+            raise ValueError(f"a prompt cache saves llama.cpp states, which cannot hold {self.evict_config.policy}'s "
+                             f"per-head mask: use policy={self.evict_config.policy[:-4]!r}, or no cache")
+        super().set_cache(cache)
+
     def load_state(self, state: "llama_cpp.LlamaState") -> None:
         """llama-cpp-python's load_state; a state saved by pyllmkv.Llama restores the hook's bookkeeping too (one
         saved by llama_cpp.Llama has none: its rows count as their cells' tokens, and the next eviction waits for

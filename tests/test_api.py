@@ -147,3 +147,9 @@ def test_prompt_cache_resumes_as_the_live_cache(llama_cpp, smollm2_path):
     assert loads and loads[-1] > budget, "the second prompt was not resumed from a state past the budget"
     assert live.kv_stats()["n_evictions"] > 0 and cached.kv_stats()["n_evictions"] > 0
     assert got == expected
+
+
+def test_prompt_cache_with_an_ada_policy_is_refused(llama_cpp, tiny_path):
+    llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, policy="criticalkv-ada", verbose=False)
+    with pytest.raises(ValueError, match="cannot hold criticalkv-ada's per-head mask: use policy='criticalkv'"):
+        llm.set_cache(llama_cpp.LlamaRAMCache())
