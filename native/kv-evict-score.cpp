@@ -350,7 +350,8 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     st.window_slots(pos_max, q_slot, q_pos);
     const int64_t n_q = q_slot.size();
     if (n_q == 0) {
-        return set_error(ERR_NO_QUERIES, "no queries were captured for this sequence: decode at least one token after llama_kv_evict_enable");
+        return set_error(ERR_NO_QUERIES, "no queries were captured for this sequence: decode at least one token after llama_kv_evict_enable, or "
+                                         "after loading a state without what llama_kv_evict_seq_get_data saved beside it");
     }
 
     // how much each query counts: the window mean, the last query alone (TOVA), or the queries not yet accumulated (H2O)
