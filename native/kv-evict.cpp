@@ -907,7 +907,12 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
         return (int64_t) need;
     }
     uint8_t * w = static_cast<uint8_t *>(out);
-    auto put = [&w](const void * src, size_t n) { std::memcpy(w, src, n); w += n; };
+    auto put = [&w](const void * src, size_t n) { // an empty vector's data() may be null, which memcpy may not take
+        if (n > 0) {
+            std::memcpy(w, src, n);
+            w += n;
+        }
+    };
     put(&h, sizeof(h));
     for (const auto & pc : pcs) {
         put(&pc.first, sizeof(llama_pos));
@@ -958,7 +963,12 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
     std::vector<llama_pos> pos(h.n_cells), head_pos(side), q_pos(h.n_query);
     std::vector<float>     h2o_acc(side);
-    auto read_into = [&r](void * dst, size_t n) { std::memcpy(dst, r, n); r += n; };
+    auto read_into = [&r](void * dst, size_t n) {
+        if (n > 0) {
+            std::memcpy(dst, r, n);
+            r += n;
+        }
+    };
     read_into(pos.data(), pos.size() * sizeof(llama_pos));
     read_into(head_pos.data(), side * sizeof(llama_pos));
     read_into(h2o_acc.data(), side * sizeof(float));
