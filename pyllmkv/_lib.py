@@ -163,6 +163,11 @@ def _ctx(ctx) -> int:
     return ctx
 
 
+def is_ada(policy: str) -> bool:
+    """Whether POLICY shares the budget between heads (AdaKV): a per-head mask, which llama.cpp's states cannot hold."""
+    return policy.endswith("-ada")
+
+
 @dataclass
 class EvictConfig:
     """Parameters of the hook; defaults are the paper's and kvpress's (see llama_kv_evict_default_params)."""
@@ -181,7 +186,7 @@ class EvictConfig:
     def cells(self) -> int:
         """Most cells the sequence holds after an eviction: the budget; with an -ada policy the window plus the largest
         AdaKV head share, which the hook caps at twice the per-head budget."""
-        return 2 * self.budget - self.window if self.policy.endswith("-ada") else self.budget
+        return 2 * self.budget - self.window if is_ada(self.policy) else self.budget
 
     def to_c(self) -> EvictParams:
         if self.policy not in POLICIES:

@@ -13,7 +13,7 @@ from typing import Optional
 import click
 
 from . import models
-from ._lib import GRANULARITIES, POLICIES
+from ._lib import GRANULARITIES, POLICIES, is_ada
 
 CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
@@ -234,7 +234,7 @@ def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, por
     from .server import create_app, port_in_use
 
     _check_budget(budget, window)
-    if cache and policy.endswith("-ada"):
+    if cache and is_ada(policy):
         raise click.BadParameter(f"--cache saves llama.cpp states, which cannot hold {policy}'s per-head mask: choose "
                                  f"--policy {policy[:-4]}, or leave out --cache", param_hint="--cache")
     model = _model_path(model)

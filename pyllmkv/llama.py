@@ -80,7 +80,7 @@ class Llama(llama_cpp.Llama):
     def set_cache(self, cache) -> None:
         """llama-cpp-python's prompt cache, which saves a state after every completion: refused up front with an -ada
         policy, whose per-head mask a state cannot hold (the first save after an eviction would fail the request)."""
-        if cache is not None and self.evict_config.policy.endswith("-ada"):
+        if cache is not None and _lib.is_ada(self.evict_config.policy):
             raise ValueError(f"a prompt cache saves llama.cpp states, which cannot hold {self.evict_config.policy}'s "
                              f"per-head mask: use policy={self.evict_config.policy[:-4]!r}, or no cache")
         super().set_cache(cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -37,11 +38,13 @@ SERVER_PID = {}  # port -> pid of the server process
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    yield from _serve(smollm2_path)
+    with _serve(smollm2_path) as port:
+        yield port
 
 
+@contextlib.contextmanager
 def _serve(model_path, *args):
-    """Starts `pyllmkv serve` on a free port, yields the port once it answers, stops it."""
+    """Starts `pyllmkv serve` on a free port, yields the port once it answers, stops it (also when the test fails)."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyllmkv", "serve", model_path, "--kv-budget", "128", "-b", "128", "--port", str(port), *args],
@@ -60,9 +63,11 @@ def _serve(model_path, *args):
         proc.kill()
         pytest.fail("server did not start within 120 s")
     SERVER_PID[port] = proc.pid
-    yield port
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_chat_completion_over_http(server):
@@ -148,7 +153,7 @@ def test_prompt_cache_resumes_a_conversation_past_evictions(smollm2_path):
     # --cache: llama-cpp-python saves a state after each completion and resumes the next prompt from the longest
     # shared prefix; resuming a state whose cache is full needs the hook's data (the window's queries) to evict
     # (tests/test_api.py checks the answers against a live cache)
-    for port in _serve(smollm2_path, "--cache"):
+    with _serve(smollm2_path, "--cache") as port:
         first = "The baker opened the shop at dawn and sold bread to the fishermen. " * 25 + "Question: who bought the bread? Answer:"
         answer = _post(port, "/v1/completions", {"prompt": first, "max_tokens": 16, "temperature": 0})["choices"][0]["text"]
         _post(port, "/v1/completions", {"prompt": "Something else: the weather today is", "max_tokens": 8, "temperature": 0})
