@@ -877,13 +877,43 @@ struct seq_data_header {
 static constexpr uint32_t SEQ_DATA_MAGIC   = 0x4845564b; // "KVEH"
 static constexpr uint32_t SEQ_DATA_VERSION = 1;
 
-static size_t seq_data_size(const llama_kv_evict_state & st, const seq_data_header & h) {
-    size_t n_embd_q = 0;
+// bytes of one query across the layers of the evicted cache, as the window's queries are read and written
+static size_t query_bytes(const llama_kv_evict_state & st) {
+    size_t n = 0;
     for (int32_t il : st.kv->get_layer_ids()) {
-        n_embd_q += st.ring[il]->ne[0];
+        n += st.ring[il]->nb[1];
     }
+    return n;
+}
+
+// the queries of the given ring slots, per layer of the cache [n_slots][n_embd_q] f32, to w; returns the end
+static uint8_t * get_queries(const llama_kv_evict_state & st, const std::vector<int32_t> & slots, uint8_t * w) {
+    for (int32_t il : st.kv->get_layer_ids()) {
+        for (int32_t s : slots) {
+            ggml_backend_tensor_get(st.ring[il], w, s * st.ring[il]->nb[1], st.ring[il]->nb[1]);
+            w += st.ring[il]->nb[1];
+        }
+    }
+    return w;
+}
+
+// makes q_pos the captured positions (the ring holds nothing else) and their queries those at r, laid out as get_queries
+static void set_queries(llama_kv_evict_state & st, const std::vector<llama_pos> & q_pos, const uint8_t * r) {
+    std::fill(st.slot_pos.begin(), st.slot_pos.end(), -1);
+    for (llama_pos p : q_pos) {
+        st.slot_pos[st.slot(p)] = p;
+    }
+    for (int32_t il : st.kv->get_layer_ids()) {
+        for (llama_pos p : q_pos) {
+            ggml_backend_tensor_set(st.ring[il], r, st.slot(p) * st.ring[il]->nb[1], st.ring[il]->nb[1]);
+            r += st.ring[il]->nb[1];
+        }
+    }
+}
+
+static size_t seq_data_size(const llama_kv_evict_state & st, const seq_data_header & h) {
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
-    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * (side + h.n_query * n_embd_q);
+    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * side + h.n_query * query_bytes(st);
 }
 
 int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, void * out, size_t size) {
@@ -934,12 +964,7 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
         }
     }
     put(q_pos.data(), q_pos.size() * sizeof(llama_pos));
-    for (int32_t il : layer_ids) {
-        for (int32_t s : slots) {
-            ggml_backend_tensor_get(st->ring[il], w, s * st->ring[il]->nb[1], st->ring[il]->nb[1]);
-            w += st->ring[il]->nb[1];
-        }
-    }
+    get_queries(*st, slots, w);
     return (int64_t) need;
 }
 
@@ -1004,16 +1029,46 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     }
     st->min_written = pos_max + 1;
     st->h2o_last    = h.h2o_last;
-    std::fill(st->slot_pos.begin(), st->slot_pos.end(), -1);
-    for (llama_pos p : q_pos) {
-        st->slot_pos[st->slot(p)] = p;
+    set_queries(*st, q_pos, r);
+    return 0;
+}
+
+int64_t llama_kv_evict_get_window_queries(llama_context * ctx, llama_seq_id seq_id, void * out, size_t size) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
     }
-    for (int32_t il : layer_ids) {
-        for (llama_pos p : q_pos) {
-            ggml_backend_tensor_set(st->ring[il], r, st->slot(p) * st->ring[il]->nb[1], st->ring[il]->nb[1]);
-            r += st->ring[il]->nb[1];
-        }
+    ctx->synchronize();
+    std::vector<int32_t>   slots;
+    std::vector<llama_pos> q_pos;
+    st->window_slots(st->kv->seq_pos_max(seq_id), slots, q_pos);
+    const size_t need = slots.size() * query_bytes(*st);
+    if (out && size >= need) {
+        get_queries(*st, slots, static_cast<uint8_t *>(out));
     }
+    return (int64_t) need;
+}
+
+int32_t llama_kv_evict_set_window_queries(llama_context * ctx, llama_seq_id seq_id, const void * data, size_t size) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    const size_t row = query_bytes(*st);
+    if (!data || size == 0 || size % row != 0 || size / row > (size_t) st->params.window) {
+        return set_error(ERR_INVALID, "the queries are not 1 to window queries of this model: pass what "
+                                      "llama_kv_evict_get_window_queries wrote on a context of the same model and window");
+    }
+    const llama_pos n = (llama_pos) (size / row), pos_max = st->kv->seq_pos_max(seq_id);
+    if (pos_max + 1 < n) {
+        return set_error(ERR_INVALID, "the sequence holds fewer positions than the queries: nothing to evict yet");
+    }
+    std::vector<llama_pos> q_pos(n);
+    for (llama_pos i = 0; i < n; ++i) {
+        q_pos[i] = pos_max - n + 1 + i;
+    }
+    ctx->synchronize();
+    set_queries(*st, q_pos, static_cast<const uint8_t *>(data));
     return 0;
 }
 

@@ -114,6 +114,8 @@ _scores = _bind("llama_kv_evict_scores", [_ctx_p, ctypes.c_int32, ctypes.c_int32
 _compact_positions = _bind("llama_kv_evict_compact_positions", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 _seq_get_data = _bind("llama_kv_evict_seq_get_data", [_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _seq_set_data = _bind("llama_kv_evict_seq_set_data", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
+_get_window_queries = _bind("llama_kv_evict_get_window_queries", [_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
+_set_window_queries = _bind("llama_kv_evict_set_window_queries", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 _head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
@@ -181,6 +183,8 @@ class EvictConfig:
     epsilon: float = 1e-4
     n_sink: int = 4
     ada_alpha: float = 0.2
+    # a prompt decoded in several batches is evicted with the queries of its last `window` tokens (session.PromptTail)
+    prompt_tail: bool = True
 
     @property
     def cells(self) -> int:
@@ -262,13 +266,28 @@ def head_positions(ctx, layer: int, n_head_kv: int, seq_id: int = 0) -> np.ndarr
     return out
 
 
+def _get_bytes(fn, ctx, seq_id: int) -> bytes:
+    """What a `fn(ctx, seq_id, out, size)` of the C API writes: asked for its size first, then filled."""
+    need = _check(fn(_ctx(ctx), seq_id, None, 0))
+    out = ctypes.create_string_buffer(need)
+    _check(fn(_ctx(ctx), seq_id, out, need))
+    return out.raw
+
+
 def seq_data(ctx, seq_id: int = 0) -> bytes:
     """What a llama.cpp state of the sequence leaves out (the position each KV head's row was given, the window's
     queries, the H2O sums), to save beside it."""
-    need = _check(_seq_get_data(_ctx(ctx), seq_id, None, 0))
-    out = ctypes.create_string_buffer(need)
-    _check(_seq_get_data(_ctx(ctx), seq_id, out, need))
-    return out.raw
+    return _get_bytes(_seq_get_data, ctx, seq_id)
+
+
+def window_queries(ctx, seq_id: int = 0) -> bytes:
+    """The window's captured queries, every layer of the cache, as set_window_queries takes them."""
+    return _get_bytes(_get_window_queries, ctx, seq_id)
+
+
+def set_window_queries(ctx, data: bytes, seq_id: int = 0) -> None:
+    """Makes window_queries' bytes from a context of the same model and window the queries the next evict scores with."""
+    _check(_set_window_queries(_ctx(ctx), seq_id, data, len(data)))
 
 
 def set_seq_data(ctx, data: bytes, seq_id: int = 0) -> None:

@@ -52,6 +52,12 @@ def _check_budget(budget: int, window: int) -> None:
         raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
 
 
+_prompt_tail_option = click.option(
+    "--prompt-tail/--no-prompt-tail", default=True, show_default=True,
+    help="evict a prompt longer than the cache with the queries of its last --window tokens (decoded alone first), so "
+         "that what its end asks for is kept; --no-prompt-tail: with those of each batch's end")
+
+
 def model_options(fn):
     opts = [
         click.argument("model", required=False, type=click.Path(path_type=Path)),
@@ -60,6 +66,7 @@ def model_options(fn):
         click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="head", show_default=True,
                      help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
         click.option("--window", type=int, default=32, show_default=True, help="observation window: recent queries that score the cache"),
+        _prompt_tail_option,
         click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]"),
         click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
@@ -75,7 +82,7 @@ def model_options(fn):
     return fn
 
 
-def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, n_ctx: int, n_batch: int,
+def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, prompt_tail: bool, n_ctx: int, n_batch: int,
          n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int):
     """Validates the arguments, loads the model and returns a Session with eviction enabled."""
     from ._lib import EvictConfig, KVEvictError, llama_cpp
@@ -85,7 +92,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     model = _model_path(model)
     from .session import context_size, sliding_window
 
-    config = EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window)
+    config = EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window, prompt_tail=prompt_tail)
     try:
         need = context_size(sliding_window(str(model)), config.cells, n_batch)
     except (ValueError, KeyError, IndexError) as e:
@@ -220,6 +227,7 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
 @click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence")
 @click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True)
 @click.option("--window", type=int, default=32, show_default=True)
+@_prompt_tail_option
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="logical context: longest prompt + answer [default: the model's]")
 @click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True)
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
@@ -229,7 +237,7 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
               help="keep the states of earlier prompts in RAM and resume a prompt from the longest shared prefix "
                    "(llama-cpp-python's prompt cache)")
 @click.option("--cache-size", type=int, default=2 << 30, show_default=True, help="bytes of RAM --cache may hold")
-def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, port, cache, cache_size):
+def serve(model, budget, policy, window, prompt_tail, n_ctx, n_batch, n_gpu_layers, host, port, cache, cache_size):
     """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
     from .server import create_app, port_in_use
 
@@ -241,7 +249,7 @@ def serve(model, budget, policy, window, n_ctx, n_batch, n_gpu_layers, host, por
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
     try:
-        app = create_app(str(model), kv_budget=budget, policy=policy, window=window, n_ctx=n_ctx, n_batch=n_batch,
+        app = create_app(str(model), kv_budget=budget, policy=policy, window=window, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
                          n_gpu_layers=n_gpu_layers, cache=cache, cache_type="ram", cache_size=cache_size)
     except (RuntimeError, ValueError) as e:
         raise click.ClickException(str(e))
@@ -300,6 +308,9 @@ def _odd(ctx, param, value):
 @click.option("--needle-prefill", type=click.Choice(["chunked", "whole"]), default=None,
               help="needle: the prompt in batches of -b, evicting between them (chunked, as chat does), or in one batch "
                    "then one eviction with the question in the window (whole, the paper's setting) [default: chunked]")
+@click.option("--prompt-tail/--no-prompt-tail", default=None,
+              help="pyllmkv jobs: evict a prompt longer than the cache with the queries of its last window tokens "
+                   "(chat's default) or with those of each batch's end [default: --prompt-tail]")
 @click.option("--ppl-tokens", type=int, default=None, help="perplexity: tokens of text streamed [default: the grid's]")
 @click.option("--ppl-budgets", callback=_int_list, help="perplexity: budgets [default: the grid's]")
 @click.option("--ppl-policies", callback=_policy_list,

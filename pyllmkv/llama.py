@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
-from .session import context_size, evict_to_fit, sliding_window, truncate
+from .session import PromptTail, context_size, evict_to_fit, sliding_window, truncate
 
 
 class Llama(llama_cpp.Llama):
@@ -32,19 +32,24 @@ class Llama(llama_cpp.Llama):
         policy: str = "criticalkv",
         granularity: str = "head",
         window: int = 32,
+        prompt_tail: bool = True,
         n_ctx: int = 0,
         n_batch: int = 512,
         **kwargs,
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: cells kept per sequence;
         `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or "token"; `window`: recent queries that score the cache (always kept);
+        `prompt_tail`: a prompt longer than the cache is evicted with the queries of its last `window` tokens
+        (pyllmkv.session.PromptTail), else with those of each batch's end;
         `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`."""
-        self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window)
+        self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window,
+                                        prompt_tail=prompt_tail)
         self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
         kwargs.setdefault("n_ubatch", n_batch)
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
         _lib.enable(self._ctx.ctx, self.evict_config)
+        self._tail = PromptTail(self, self.evict_config)
 
         self._n_ctx = n_ctx or self._model.n_ctx_train()
         self.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
@@ -99,7 +104,8 @@ class Llama(llama_cpp.Llama):
             # the cell before n_tokens was evicted: decode again from the last kept cell
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
+        tail = self._tail.queries(self._ctx.ctx, tokens, self.n_tokens, self.n_batch)
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start : start + self.n_batch]
-            evict_to_fit(self._ctx.ctx, self.evict_config.cells, self.n_batch, len(batch))
+            evict_to_fit(self._ctx.ctx, self.evict_config.cells, self.n_batch, len(batch), tail)
             super().eval(batch)

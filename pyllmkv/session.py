@@ -50,17 +50,82 @@ def truncate(ctx, n: int) -> int:
     return int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
 
 
-def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int) -> None:
-    """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells."""
+def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[bytes] = None) -> None:
+    """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells; scored
+    with `queries` (PromptTail's) when given, else with those the last decode captured."""
     st = _lib.stats(ctx)
     if st["n_seq_cells"] + n_new > cells + n_batch:
         try:
+            if queries:
+                _lib.set_window_queries(ctx, queries)
             _lib.evict(ctx)
         except _lib.KVEvictError as e:
             # enabled on a sequence decoded before: nothing scores it until this batch captured queries, so let the
             # batch in if the cache has room (the next batch evicts)
             if e.code != _lib.ERR_NO_QUERIES or st["n_seq_cells"] + n_new > st["kv_size"]:
                 raise
+
+
+def fill_batch(batch, tokens: Sequence[int], pos0: int, logits: Callable[[int], bool]) -> None:
+    """Sets `batch` to `tokens` of sequence 0 at positions pos0, pos0 + 1, ...; logits(i): whether token i's are wanted."""
+    batch.n_tokens = len(tokens)
+    for i, tok in enumerate(tokens):
+        batch.token[i] = tok
+        batch.pos[i] = pos0 + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = logits(i)
+
+
+class PromptTail:
+    """The queries of a long prompt's last `window` tokens, for the evictions made while the prompt is decoded.
+
+    A prompt longer than the cache is decoded and evicted batch by batch, each eviction scored by the last queries of
+    the batch before it: text that only the prompt's end (the question) will ask for has been evicted by the time
+    the end is read. Decoding the end alone first, at its own positions, in a small context of the same model, gives
+    queries close to those the whole prompt will give it (exact in the first layer, where a query depends only on the
+    token and its position), and every eviction of the prompt scores with them (EvictConfig.prompt_tail)."""
+
+    def __init__(self, llm: "llama_cpp.Llama", config: EvictConfig):
+        self.llm, self.config = llm, config
+        self._ctx = None
+        self._batch = None
+
+    def _open(self) -> None:
+        from llama_cpp._internals import LlamaContext
+
+        w = self.config.window
+        params = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = w + 1, w, w, 1
+        self._ctx = LlamaContext(model=self.llm._model, params=params, verbose=False)
+        # the hook only captures the queries here (budget and policy unused: nothing is evicted)
+        _lib.enable(self._ctx.ctx, EvictConfig(budget=w + 1, window=w, n_sink=0, policy="snapkv", granularity="token"))
+        self._batch = llama_cpp.llama_batch_init(w, 0, 1)
+        # freed before the model and the context llama-cpp-python frees on close (its exit stack runs last-in first)
+        self.llm._stack.callback(self.close)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+
+    def queries(self, ctx, tokens: Sequence[int], n_past: int, n_batch: int) -> Optional[bytes]:
+        """For decoding `tokens` from position n_past into the sequence of `ctx`: the queries of their last window
+        tokens, or None when the tokens fit in the cache without an eviction or are fewer than the window."""
+        w = self.config.window
+        if not self.config.prompt_tail or len(tokens) < w or \
+                _lib.stats(ctx)["n_seq_cells"] + len(tokens) <= self.config.cells + n_batch:
+            return None
+        if self._ctx is None:
+            self._open()
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), 0, -1, -1)
+        fill_batch(self._batch, tokens[-w:], n_past + len(tokens) - w, lambda i: i == w - 1)
+        if llama_cpp.llama_decode(self._ctx.ctx, self._batch) != 0:
+            raise RuntimeError("llama_decode failed on the prompt's tail")
+        return _lib.window_queries(self._ctx.ctx)
 
 
 class Session:
@@ -87,6 +152,7 @@ class Session:
                     "model its window + n_batch (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
+            self._tail = PromptTail(llm, config)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def __del__(self):
@@ -134,20 +200,17 @@ class Session:
         """Decodes `tokens` in batches of n_batch; returns the logits of the last token ([n_vocab]) or of all
         tokens ([len(tokens), n_vocab]). `on_batch(n_done, n_total)` is called after each batch."""
         out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
+        # positions renumbered during the prompt would no longer match its tail's
+        tail = self._tail.queries(self.ctx, tokens, self.n_past, self.n_batch) \
+            if self.config is not None and self.n_past + len(tokens) <= self.max_position else None
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             if self.config is not None:
-                evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk))
+                evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk), tail)
                 if self.n_past + len(chunk) > self.max_position:
                     self._renumber()
             b = self._batch
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = self.n_past + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = all_logits or (start + i == len(tokens) - 1)
+            fill_batch(b, chunk, self.n_past, lambda i: all_logits or start + i == len(tokens) - 1)
             rc = llama_cpp.llama_decode(self.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")

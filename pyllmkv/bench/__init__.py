@@ -57,6 +57,7 @@ class Grid:
     needle_prefill: str = "chunked"
     n_batch: int = 512        # tokens per decode, unless -b says otherwise
     ppl_policies: Optional[list] = None  # perplexity: only these POLICIES (stock full and shift always run); None: all
+    prompt_tail: bool = True  # pyllmkv: EvictConfig.prompt_tail
 
 
 FULL = Grid(contexts=[1024, 4096, 16384, 32768], speed_budgets=[256, 512, 1024], speed_policies=["criticalkv-ada", "snapkv"],
@@ -123,7 +124,7 @@ class Runner:
     def job(self, suite: str, engine: str, tokens, budget: int = 0, policy: str = "", n_ctx: int = 0, **extra) -> dict:
         o = self.opts
         job = dict(suite=suite, engine=engine, tokens=[int(t) for t in tokens], budget=budget, policy=policy, n_ctx=n_ctx,
-                   window=o.grid.window, pool_kernel=o.grid.pool_kernel, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+                   window=o.grid.window, pool_kernel=o.grid.pool_kernel, prompt_tail=o.grid.prompt_tail, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
                    model=o.model, stock_lib=self.stock_lib, n_keep=N_KEEP, n_decode=o.grid.n_decode,
                    n_answer=o.grid.n_answer)
         job.update(extra)
@@ -286,7 +287,8 @@ class Bench:
         with self.progress("perplexity", len(cfgs)) as bar:
             for i, cfg in enumerate(cfgs):
                 extra = {"dump_logits": str(o.out / f"ppl-logits-{i}.npy")} if o.dump_logits else {}
-                r = self.run_configs("ppl", tokens, [cfg], len(tokens) + o.n_batch, **extra)[0]
+                # no prompt tail: each batch's logits would depend on evictions its own later tokens chose
+                r = self.run_configs("ppl", tokens, [cfg], len(tokens) + o.n_batch, prompt_tail=False, **extra)[0]
                 rows.append(dict(r, tokens=len(tokens), **({"logits": extra["dump_logits"]} if extra else {})))
                 bar.update(1)
         full = next(r["ppl"] for r in rows if r["policy"] == STOCK_FULL)

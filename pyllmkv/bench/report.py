@@ -85,7 +85,11 @@ def markdown(results: dict) -> str:
     out = [f"# pyllmkv bench: {Path(m['model']).name}", "",
            f"`{m['command']}` ({m['started']}; {m['threads']} threads, batch {m['n_batch']}, -ngl {m['n_gpu_layers']}). "
            f"Stock: the same pinned llama.cpp (llama-cpp-python {m['llama_cpp_python']}'s) unpatched. Text: {m['text']}. "
-           f"The model was trained on {m['n_ctx_train']} positions.", ""]
+           f"The model was trained on {m['n_ctx_train']} positions."
+           # runs from before the prompt tail existed have no such key: their prompts were evicted by each batch's end
+           + (" pyllmkv evicts a prompt longer than the cache with the queries of its last window tokens (prompt tail; "
+              "not in the perplexity suite, where it would choose evictions with the tokens being scored)."
+              if m["grid"].get("prompt_tail") else ""), ""]
     if "speed" in results:
         g = m["grid"]
         out += ["## Speed and memory", "",

@@ -132,7 +132,7 @@ def open_stream(job: dict):
     from pyllmkv.session import Session, context_size, sliding_window
 
     config = pyllmkv.EvictConfig(budget=job["budget"], policy=job["policy"], window=job["window"],
-                                 pool_kernel=job["pool_kernel"])
+                                 pool_kernel=job["pool_kernel"], prompt_tail=job["prompt_tail"])
     n_ctx = context_size(sliding_window(job["model"]), config.cells, job["n_batch"])
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **common)
     return PyllmkvStream(_lib, Session(llm, config))
