@@ -49,7 +49,7 @@ class Llama(llama_cpp.Llama):
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
         _lib.enable(self._ctx.ctx, self.evict_config)
-        self._tail = PromptTail(self, self.evict_config)
+        self._tail = PromptTail(self)
 
         self._n_ctx = n_ctx or self._model.n_ctx_train()
         self.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
@@ -104,7 +104,7 @@ class Llama(llama_cpp.Llama):
             # the cell before n_tokens was evicted: decode again from the last kept cell
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
-        tail = self._tail.queries(self._ctx.ctx, tokens, self.n_tokens, self.n_batch)
+        tail = self._tail.queries(self._ctx.ctx, self.evict_config, tokens, self.n_tokens, self.n_batch)
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start : start + self.n_batch]
             evict_to_fit(self._ctx.ctx, self.evict_config.cells, self.n_batch, len(batch), tail)

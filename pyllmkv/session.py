@@ -86,23 +86,25 @@ class PromptTail:
     queries close to those the whole prompt will give it (exact in the first layer, where a query depends only on the
     token and its position), and every eviction of the prompt scores with them (EvictConfig.prompt_tail)."""
 
-    def __init__(self, llm: "llama_cpp.Llama", config: EvictConfig):
-        self.llm, self.config = llm, config
+    def __init__(self, llm: "llama_cpp.Llama"):
+        self.llm = llm
         self._ctx = None
         self._batch = None
+        self._window = 0
+        # freed before the model and the context llama-cpp-python frees on close (its exit stack runs last-in first)
+        llm._stack.callback(self.close)
 
-    def _open(self) -> None:
+    def _open(self, window: int) -> None:
         from llama_cpp._internals import LlamaContext
 
-        w = self.config.window
+        self.close()
         params = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)
-        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = w + 1, w, w, 1
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = window + 1, window, window, 1
         self._ctx = LlamaContext(model=self.llm._model, params=params, verbose=False)
         # the hook only captures the queries here (budget and policy unused: nothing is evicted)
-        _lib.enable(self._ctx.ctx, EvictConfig(budget=w + 1, window=w, n_sink=0, policy="snapkv", granularity="token"))
-        self._batch = llama_cpp.llama_batch_init(w, 0, 1)
-        # freed before the model and the context llama-cpp-python frees on close (its exit stack runs last-in first)
-        self.llm._stack.callback(self.close)
+        _lib.enable(self._ctx.ctx, EvictConfig(budget=window + 1, window=window, n_sink=0, policy="snapkv", granularity="token"))
+        self._batch = llama_cpp.llama_batch_init(window, 0, 1)
+        self._window = window
 
     def close(self) -> None:
         if self._batch is not None:
@@ -112,15 +114,16 @@ class PromptTail:
             self._ctx.close()
             self._ctx = None
 
-    def queries(self, ctx, tokens: Sequence[int], n_past: int, n_batch: int) -> Optional[bytes]:
-        """For decoding `tokens` from position n_past into the sequence of `ctx`: the queries of their last window
-        tokens, or None when the tokens fit in the cache without an eviction or are fewer than the window."""
-        w = self.config.window
-        if not self.config.prompt_tail or len(tokens) < w or \
-                _lib.stats(ctx)["n_seq_cells"] + len(tokens) <= self.config.cells + n_batch:
+    def queries(self, ctx, config: Optional[EvictConfig], tokens: Sequence[int], n_past: int, n_batch: int) -> Optional[bytes]:
+        """For decoding `tokens` from position n_past into the sequence of `ctx` evicted by `config`: the queries of
+        their last window tokens, or None when there is no config, no prompt tail, or the tokens fit in the cache
+        without an eviction or are fewer than the window."""
+        if config is None or not config.prompt_tail or len(tokens) < config.window or \
+                _lib.stats(ctx)["n_seq_cells"] + len(tokens) <= config.cells + n_batch:
             return None
-        if self._ctx is None:
-            self._open()
+        w = config.window
+        if self._window != w:
+            self._open(w)
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), 0, -1, -1)
         fill_batch(self._batch, tokens[-w:], n_past + len(tokens) - w, lambda i: i == w - 1)
         if llama_cpp.llama_decode(self._ctx.ctx, self._batch) != 0:
@@ -152,7 +155,7 @@ class Session:
                     "model its window + n_batch (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
-            self._tail = PromptTail(llm, config)
+        self._tail = PromptTail(llm)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def __del__(self):
@@ -201,8 +204,8 @@ class Session:
         tokens ([len(tokens), n_vocab]). `on_batch(n_done, n_total)` is called after each batch."""
         out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
         # positions renumbered during the prompt would no longer match its tail's
-        tail = self._tail.queries(self.ctx, tokens, self.n_past, self.n_batch) \
-            if self.config is not None and self.n_past + len(tokens) <= self.max_position else None
+        tail = self._tail.queries(self.ctx, self.config, tokens, self.n_past, self.n_batch) \
+            if self.n_past + len(tokens) <= self.max_position else None
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             if self.config is not None:

@@ -33,7 +33,7 @@ def test_tail_queries_equal_the_numpy_forward_of_the_tail_alone(llama_cpp, tiny_
     sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
     tokens = random_tokens(100, seed=40)
     n_past = 17  # as after an earlier turn: the tail sits at n_past + 92 .. n_past + 99
-    data = PromptTail(llm, sess.config).queries(sess.ctx, tokens, n_past, 32)
+    data = PromptTail(llm).queries(sess.ctx, sess.config, tokens, n_past, 32)
     pos = np.arange(n_past + len(tokens) - WINDOW, n_past + len(tokens))
     trace = ref.trace(tokens[-WINDOW:], positions=pos)
     got = _layer_queries(data, ref)
@@ -47,13 +47,17 @@ def test_tail_queries_equal_the_numpy_forward_of_the_tail_alone(llama_cpp, tiny_
 def test_no_tail_for_a_prompt_that_fits_or_is_shorter_than_the_window(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
     sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
-    tail = PromptTail(llm, sess.config)
-    assert tail.queries(sess.ctx, random_tokens(72), 0, 32) is None  # 72 <= budget + n_batch: no eviction
+    tail, config = PromptTail(llm), sess.config
+    assert tail.queries(sess.ctx, config, random_tokens(72), 0, 32) is None  # 72 <= budget + n_batch: no eviction
     sess.decode(random_tokens(70))
-    assert tail.queries(sess.ctx, random_tokens(WINDOW - 1), 70, 32) is None
-    assert tail.queries(sess.ctx, random_tokens(WINDOW), 70, 32) is not None
-    off = PromptTail(llm, EvictConfig(budget=40, window=WINDOW, prompt_tail=False))
-    assert off.queries(sess.ctx, random_tokens(100), 70, 32) is None
+    assert tail.queries(sess.ctx, config, random_tokens(WINDOW - 1), 70, 32) is None
+    assert tail.queries(sess.ctx, config, random_tokens(WINDOW), 70, 32) is not None
+    off = EvictConfig(budget=40, window=WINDOW, prompt_tail=False)
+    assert tail.queries(sess.ctx, off, random_tokens(100), 70, 32) is None
+    assert tail.queries(sess.ctx, None, random_tokens(100), 70, 32) is None
+    # another window on the same model: the tail's context is made again for it
+    assert len(tail.queries(sess.ctx, EvictConfig(budget=40, window=4), random_tokens(100), 70, 32)) == \
+        len(tail.queries(sess.ctx, config, random_tokens(100), 70, 32)) // 2
 
 
 @pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "h2o"])
@@ -63,7 +67,7 @@ def test_set_tail_queries_score_the_cache_as_numpy_does(llama_cpp, tiny_path, po
     sess = Session(llm, EvictConfig(budget=40, window=WINDOW, policy=policy))
     prefix, prompt = random_tokens(60, seed=41), random_tokens(50, seed=42)
     sess.decode(prefix)
-    data = PromptTail(llm, sess.config).queries(sess.ctx, prompt, len(prefix), 32)
+    data = PromptTail(llm).queries(sess.ctx, sess.config, prompt, len(prefix), 32)
     _lib.set_window_queries(llm, data)
 
     # the tail's queries stand as the last `window` positions of the sequence, until a decode captures new ones
@@ -88,7 +92,7 @@ def test_wrong_queries_are_refused_clearly(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
     sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
     with pytest.raises(KVEvictError, match="fewer positions than the queries"):
-        _lib.set_window_queries(llm, PromptTail(llm, sess.config).queries(sess.ctx, random_tokens(100), 0, 32))
+        _lib.set_window_queries(llm, PromptTail(llm).queries(sess.ctx, sess.config, random_tokens(100), 0, 32))
     sess.decode(random_tokens(50))
     data = _lib.window_queries(llm)
     for bad in (data[:-4], data + data, b""):
