@@ -10,9 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import random_tokens
 from pyllmkv import _lib
+from pyllmkv._lib import EvictConfig
+from pyllmkv.session import PromptTail, Session
+from scoring_reference import head_scores, window_attention
 from test_head_granularity import _context, renumbering_against_numpy
 from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference, norms_reference, shaped_model
+from test_hook import _llama
 from tinymodel import TinyRef
 
 pytestmark = pytest.mark.gpu
@@ -60,3 +65,25 @@ def test_cuda_renumbering_equals_numpy(llama_cpp, tiny64_path, cache):
     # queries; logits to the GPU forward pass's rounding (TF32)
     llm = _context(llama_cpp, tiny64_path, cache, flash_attn=cache != "f32", **GPU)
     renumbering_against_numpy(llm, tiny64_path, "criticalkv", cache, atol=0.25, rope_atol=1e-4)
+
+
+def test_cuda_prompt_tail_queries_and_their_scores_equal_numpy(llama_cpp, tiny64_path):
+    # the query ring on the GPU read out (the tail's context) and written in (the evicting context), then scored there
+    ref, window = TinyRef(tiny64_path, kv_cache_dtype="f32"), 8
+    llm = _llama(llama_cpp, tiny64_path, n_batch=32, **GPU)
+    sess = Session(llm, EvictConfig(budget=40, window=window))
+    prefix, prompt = random_tokens(60, seed=41), random_tokens(50, seed=42)
+    sess.decode(prefix)
+    data = PromptTail(llm).queries(sess.ctx, sess.config, prompt, len(prefix), 32)
+    _lib.set_window_queries(llm, data)
+    assert _lib.window_queries(llm) == data
+
+    end = len(prefix) + len(prompt)
+    q_tail = ref.trace(prompt[-window:], positions=np.arange(end - window, end))
+    pos, trace = np.arange(len(prefix)), ref.trace(prefix)
+    got = np.frombuffer(data, dtype=np.float32).reshape(ref.n_layer, window, ref.n_head, ref.head_dim)
+    for il in range(ref.n_layer):
+        np.testing.assert_allclose(got[il], q_tail.layers[il].q, rtol=0, atol=2e-2)  # TF32 projections
+        a = window_attention(got[il], pos[-window:], trace.layers[il].k, pos, 1.0 / np.sqrt(ref.head_dim))
+        _, score, _ = _lib.scores(llm, il, ref.n_head_kv)
+        np.testing.assert_allclose(score, head_scores(a, window, ref.n_head_kv, "criticalkv"), rtol=1e-2, atol=1e-5)
