@@ -50,11 +50,15 @@ def truncate(ctx, n: int) -> int:
     return int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
 
 
+def will_evict(ctx, cells: int, n_batch: int, n_new: int) -> bool:
+    """Whether `n_new` more tokens would take sequence 0 past `cells` + n_batch cells (evict_to_fit evicts then)."""
+    return _lib.stats(ctx)["n_seq_cells"] + n_new > cells + n_batch
+
+
 def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[bytes] = None) -> None:
     """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells; scored
     with `queries` (PromptTail's) when given, else with those the last decode captured."""
-    st = _lib.stats(ctx)
-    if st["n_seq_cells"] + n_new > cells + n_batch:
+    if will_evict(ctx, cells, n_batch, n_new):
         try:
             if queries:
                 _lib.set_window_queries(ctx, queries)
@@ -62,6 +66,7 @@ def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[by
         except _lib.KVEvictError as e:
             # enabled on a sequence decoded before: nothing scores it until this batch captured queries, so let the
             # batch in if the cache has room (the next batch evicts)
+            st = _lib.stats(ctx)
             if e.code != _lib.ERR_NO_QUERIES or st["n_seq_cells"] + n_new > st["kv_size"]:
                 raise
 
@@ -119,7 +124,7 @@ class PromptTail:
         their last window tokens, or None when there is no config, no prompt tail, or the tokens fit in the cache
         without an eviction or are fewer than the window."""
         if config is None or not config.prompt_tail or len(tokens) < config.window or \
-                _lib.stats(ctx)["n_seq_cells"] + len(tokens) <= config.cells + n_batch:
+                not will_evict(ctx, config.cells, n_batch, len(tokens)):
             return None
         w = config.window
         if self._window != w:
@@ -159,6 +164,9 @@ class Session:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def __del__(self):
+        tail = getattr(self, "_tail", None)
+        if tail is not None:
+            tail.close()  # its context, now: else it lives as long as the llm (whose exit stack holds it)
         batch = getattr(self, "_batch", None)
         if batch is not None:
             llama_cpp.llama_batch_free(batch)

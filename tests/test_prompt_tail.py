@@ -4,6 +4,7 @@ queries, and the scores they give), the queries a plain decode captures, and on 
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -58,6 +59,21 @@ def test_no_tail_for_a_prompt_that_fits_or_is_shorter_than_the_window(llama_cpp,
     # another window on the same model: the tail's context is made again for it
     assert len(tail.queries(sess.ctx, EvictConfig(budget=40, window=4), random_tokens(100), 70, 32)) == \
         len(tail.queries(sess.ctx, config, random_tokens(100), 70, 32)) // 2
+
+
+def test_a_dropped_session_frees_its_tail_context(llama_cpp, tiny_path):
+    llm = _llama(llama_cpp, tiny_path, n_batch=32)
+    sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    sess.decode(random_tokens(100))
+    tail = sess._tail
+    assert tail._ctx is not None
+    del sess
+    gc.collect()
+    assert tail._ctx is None and tail._batch is None
+    again = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    again.reset()
+    again.decode(random_tokens(100))  # the llm decodes on, with a tail of its own
+    assert again._tail._ctx is not None
 
 
 @pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "h2o"])
@@ -145,7 +161,7 @@ def test_the_prompt_tail_keeps_a_needle_the_batches_would_evict(smollm2_path):
     tok = lambda t, bos: vocab.tokenize(t.encode(), add_bos=bos, special=False)  # noqa: E731
     text, _ = haystack.text()
     key = "86556"
-    prompt = haystack.needle_prompt(tok, tok(text, False)[:2000], 1024, 0.0, key)
+    prompt = haystack.needle_prompt(tok, tok(text[:8000], False), 1024, 0.0, key)  # ~1,800 tokens of it
     needle = tok(haystack.NEEDLE.format(key=key), False)
     start = next(i for i in range(len(prompt)) if prompt[i : i + len(needle)] == needle)
     held = {}
