@@ -305,6 +305,8 @@ def _odd(ctx, param, value):
 @click.option("--repeat", type=int, default=None, help="speed: interleaved repetitions [default: the grid's]")
 @click.option("--needle-contexts", callback=_int_list, help="needle: prompt lengths [default: the grid's]")
 @click.option("--needle-budgets", callback=_float_list, help="needle: budgets, in cells or below 1 a share of the context")
+@click.option("--needle-policies", callback=_policy_list,
+              help="needle: only these policies, comma-separated, beside stock full and shift [default: all]")
 @click.option("--needle-prefill", type=click.Choice(["chunked", "whole"]), default=None,
               help="needle: the prompt in batches of -b, evicting between them (chunked, as chat does), or in one batch "
                    "then one eviction with the question in the window (whole, the paper's setting) [default: chunked]")

@@ -112,15 +112,19 @@ def test_needle_whole_prefill_evicts_once_after_the_prompt(tiny_path, tmp_path):
     assert "in one batch, then evicts once" in (tmp_path / "results.md").read_text()
 
 
-def test_perplexity_of_chosen_policies_beside_stock(tiny_path, tmp_path):
+def test_perplexity_and_needle_of_chosen_policies_beside_stock(tiny_path, tmp_path):
     import dataclasses
 
-    grid = dataclasses.replace(bench.TINY, ppl_budgets=[64], ppl_policies=["criticalkv"])
-    opts = bench.Options(model=tiny_path, out=tmp_path, grid=grid, suites=["ppl"], threads=2, command="test")
-    rows = bench.run(opts, _no_progress)["ppl"]
-    assert [(r["engine"], r["policy"], r["budget"]) for r in rows] == [
-        ("stock", bench.STOCK_FULL, 0), ("stock-shift", bench.STOCK_SHIFT, 64), ("pyllmkv", "criticalkv", 64)]
+    grid = dataclasses.replace(bench.TINY, ppl_budgets=[64], ppl_policies=["criticalkv"], needle_budgets=[64],
+                               needle_depths=[0.5], needle_policies=["snapkv", "tova"])
+    opts = bench.Options(model=tiny_path, out=tmp_path, grid=grid, suites=["ppl", "needle"], threads=2, command="test")
+    results = bench.run(opts, _no_progress)
+    rows = results["ppl"]
+    stock = [("stock", bench.STOCK_FULL, 0), ("stock-shift", bench.STOCK_SHIFT, 64)]
+    assert [(r["engine"], r["policy"], r["budget"]) for r in rows] == stock + [("pyllmkv", "criticalkv", 64)]
     assert rows[0]["ppl_vs_full"] == 1.0 and np.isfinite(rows[2]["ppl_vs_full"])
+    assert [(r["engine"], r["policy"], r["budget"]) for r in results["needle"]] == \
+        stock + [("pyllmkv", "snapkv", 64), ("pyllmkv", "tova", 64)]
 
 
 def _padded(n_ctx: int) -> int:
@@ -227,8 +231,9 @@ def test_cli(tiny_path, tmp_path):
     assert proc.returncode == 2 and "4 is not an odd number" in proc.stderr
     proc = subprocess.run(cmd + ["--quick"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "choose one of --quick and --tiny" in proc.stderr
-    proc = subprocess.run(cmd + ["--ppl-policies", "criticalkv,lru"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "unknown policies lru" in proc.stderr
+    for option in ("--ppl-policies", "--needle-policies"):
+        proc = subprocess.run(cmd + [option, "criticalkv,lru"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "unknown policies lru" in proc.stderr
     env = dict(os.environ, PYLLMKV_STOCK_LIB_DIR=str(tmp_path))
     proc = subprocess.run(cmd, cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and "stock llama.cpp is not in" in proc.stderr

@@ -57,6 +57,7 @@ class Grid:
     needle_prefill: str = "chunked"
     n_batch: int = 512        # tokens per decode, unless -b says otherwise
     ppl_policies: Optional[list] = None  # perplexity: only these POLICIES (stock full and shift always run); None: all
+    needle_policies: Optional[list] = None  # needle: the same
     prompt_tail: bool = True  # pyllmkv: EvictConfig.prompt_tail
 
 
@@ -136,6 +137,11 @@ class Runner:
             raise RuntimeError(f"bench job {suite}/{engine}/{policy or '-'}/budget {budget} failed "
                                f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(Path(str(path) + ".out").read_text())
+
+
+def chosen(cfgs: list, policies: Optional[list]) -> list:
+    """The configs of stock and of `policies` (None: all)."""
+    return [c for c in cfgs if c[0] != "pyllmkv" or policies is None or c[1] in policies]
 
 
 def configs(grid: Grid, budgets: list, every_policy: bool) -> list[tuple[str, str, int]]:
@@ -262,13 +268,13 @@ class Bench:
         g = self.opts.grid
         rng = np.random.default_rng(0)
         cells = [(c, d) for c in g.needle_contexts for d in g.needle_depths]
-        n_cfg = len(configs(g, g.needle_budgets, True))
+        cfgs = chosen(configs(g, g.needle_budgets, True), g.needle_policies)
         rows = []
-        with self.progress("needle", len(cells) * n_cfg) as bar:
+        with self.progress("needle", len(cells) * len(cfgs)) as bar:
             for context, depth in cells:
                 key = str(rng.integers(10000, 100000))
                 prompt = haystack.needle_prompt(self.tokenize, self.hay, context, depth, key)
-                for engine, policy, b in configs(g, g.needle_budgets, True):
+                for engine, policy, b in cfgs:
                     cfg = (engine, policy, needle_budget(b, context) if b else 0)
                     whole = engine == "pyllmkv" and g.needle_prefill == "whole"
                     extra = {"n_batch": len(prompt), "settle_prompt": True} if whole else {"settle_prompt": False}
@@ -282,7 +288,7 @@ class Bench:
     def ppl(self) -> list[dict]:
         g, o = self.opts.grid, self.opts
         tokens = self.text_tokens(g.ppl_tokens)
-        cfgs = [c for c in configs(g, g.ppl_budgets, True) if c[0] != "pyllmkv" or g.ppl_policies is None or c[1] in g.ppl_policies]
+        cfgs = chosen(configs(g, g.ppl_budgets, True), g.ppl_policies)
         rows = []
         with self.progress("perplexity", len(cfgs)) as bar:
             for i, cfg in enumerate(cfgs):
