@@ -191,13 +191,15 @@ class Session:
     def evict(self) -> int:
         return _lib.evict(self.ctx) if self.config is not None else 0
 
-    def _renumber(self) -> None:
-        """Evicts, then renumbers the kept cells from 0 (each KV head's rows on their own, ending at the last cell). A
-        max_position below the cells kept cannot be met: renumbering again before the next eviction would give the
-        same numbers at the cost of a scoring pass and a K shift per decoded token, so until then positions go on
-        past max_position."""
+    def _renumber(self, queries: Optional[bytes]) -> None:
+        """Evicts (scored with `queries` when given), then renumbers the kept cells from 0 (each KV head's rows on
+        their own, ending at the last cell). A max_position below the cells kept cannot be met: renumbering again
+        before the next eviction would give the same numbers at the cost of a scoring pass and a K shift per decoded
+        token, so until then positions go on past max_position."""
         if _lib.stats(self.ctx)["n_evictions"] == self._renumbered_at:
             return
+        if queries:
+            _lib.set_window_queries(self.ctx, queries)
         self.evict()
         self.n_past = _lib.compact_positions(self.ctx)
         self._renumbered_at = _lib.stats(self.ctx)["n_evictions"]
@@ -211,15 +213,15 @@ class Session:
         """Decodes `tokens` in batches of n_batch; returns the logits of the last token ([n_vocab]) or of all
         tokens ([len(tokens), n_vocab]). `on_batch(n_done, n_total)` is called after each batch."""
         out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
-        # positions renumbered during the prompt would no longer match its tail's
-        tail = self._tail.queries(self.ctx, self.config, tokens, self.n_past, self.n_batch) \
-            if self.n_past + len(tokens) <= self.max_position else None
+        tail = self._tail.queries(self.ctx, self.config, tokens, self.n_past, self.n_batch)
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             if self.config is not None:
                 evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk), tail)
                 if self.n_past + len(chunk) > self.max_position:
-                    self._renumber()
+                    self._renumber(tail)
+                    # the rest of the prompt now follows the renumbered cells: its tail, at the positions it will have
+                    tail = self._tail.queries(self.ctx, self.config, tokens[start:], self.n_past, self.n_batch)
             b = self._batch
             fill_batch(b, chunk, self.n_past, lambda i: all_logits or start + i == len(tokens) - 1)
             rc = llama_cpp.llama_decode(self.ctx, b)

@@ -154,6 +154,22 @@ def test_every_eviction_of_a_prompt_scores_with_its_tail(llama_cpp, tiny_path, m
     assert all(np.abs(q.reshape(tail_q.shape) - tail_q).max() > 1e-2 for q in seen[n:])
 
 
+def test_a_renumbered_prompt_is_evicted_with_its_tail_at_the_positions_it_gets(llama_cpp, tiny_path, monkeypatch):
+    # max_position 100: the batch at 96 renumbers the kept cells from 0, and the rest of the prompt follows them
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    prompt = random_tokens(150, seed=45)
+    seen = _record_evictions(monkeypatch)
+    sess = Session(_llama(llama_cpp, tiny_path, n_batch=32), EvictConfig(budget=40, window=WINDOW), max_position=100)
+    sess.decode(prompt)
+    assert sess.n_tokens == 150 and sess.n_past < 100
+    tail_q = lambda end: ref.trace(prompt[-WINDOW:], positions=np.arange(end - WINDOW, end)).layers[0].q  # noqa: E731
+    # before the batches at 64 and 96 and in the renumbering: the tail at the prompt's own positions; before the
+    # batch at 128: at those it ends at after the renumbering
+    assert len(seen) == 4
+    for q, end in zip(seen, [150, 150, 150, sess.n_past]):
+        np.testing.assert_allclose(q.reshape(WINDOW, ref.n_head, ref.head_dim), tail_q(end), rtol=0, atol=2e-5)
+
+
 def test_the_prompt_tail_keeps_a_needle_the_batches_would_evict(smollm2_path):
     # a pass key at the start of a 1,024-token prompt, budget 128: without the tail every eviction is scored by the
     # end of the batch before it, which has no reason to look at the key; with it, by the question
