@@ -52,6 +52,8 @@ struct llama_kv_evict_state {
     // masks the cell for that head (valid while the cell holds no new token)
     std::vector<uint8_t>   head_absent;
     bool any_absent = false;
+    // llama_kv_evict_seq_get_data wrote the mask as it is: a llama.cpp state written now is saved beside it
+    bool mask_saved = false;
     llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
 
     // whether the cell at pos holds K/V decoded since its side data was last set (reused cell, or a new write)

@@ -344,6 +344,7 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
             st.any_absent     |= j >= k;
         }
     }
+    st.mask_saved = false;
     for (uint32_t cell : dst) {
         // criticalkv computed every prefix cell's norms; other policies did not, and recompute them from the rows
         st.norm_valid[cell] = critical;
@@ -522,11 +523,12 @@ void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t
     }
 }
 
-static const char * const ADA_STATE_REFUSED = "the cache holds an -ada eviction's per-head mask, which a saved state "
-                                              "cannot carry: save before evicting, or use a policy without -ada";
+static const char * const ADA_STATE_REFUSED = "the cache holds an -ada eviction's per-head mask, which llama.cpp's state "
+                                              "leaves out: read llama_kv_evict_seq_get_data first and save it beside the "
+                                              "state (pyllmkv.Llama.save_state does)";
 
 void llama_kv_evict_on_state_write(const llama_kv_evict_state * st) {
-    if (st->any_absent) {
+    if (st->any_absent && !st->mask_saved) {
         set_error(ERR_UNSUPPORTED, ADA_STATE_REFUSED);
         throw std::runtime_error(ADA_STATE_REFUSED);
     }
@@ -921,9 +923,6 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
     if (int32_t err = check_seq(st, seq_id)) {
         return err;
     }
-    if (st->any_absent) {
-        return set_error(ERR_UNSUPPORTED, ADA_STATE_REFUSED);
-    }
     ctx->synchronize();
     const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
     std::vector<int32_t>   slots;
@@ -965,6 +964,7 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
     }
     put(q_pos.data(), q_pos.size() * sizeof(llama_pos));
     get_queries(*st, slots, w);
+    st->mask_saved = true;
     return (int64_t) need;
 }
 
@@ -1006,14 +1006,16 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
                                       "beside first");
     }
     const llama_pos pos_max = pos.empty() ? -1 : pos.back();
-    if (std::any_of(head_pos.begin(), head_pos.end(), [](llama_pos p) { return p < 0; }) ||
+    if (std::any_of(head_pos.begin(), head_pos.end(), [](llama_pos p) { return p < -1; }) ||
         !std::is_sorted(q_pos.begin(), q_pos.end()) ||
         std::any_of(q_pos.begin(), q_pos.end(), [&](llama_pos p) { return p > pos_max || p <= pos_max - st->params.window; })) {
-        return set_error(ERR_INVALID, "the data holds a head without a row or queries outside the window: it cannot be restored");
+        return set_error(ERR_INVALID, "the data holds a row at a negative position or queries outside the window: it cannot be restored");
     }
 
-    // the cells count as scored: their side data is set (norms are computed again from the rows)
+    // the cells count as scored: their side data is set (norms are computed again from the rows); -1: an -ada head
+    // holds no token in the cell, which the mask hides from it
     int64_t i = 0;
+    st->any_absent = false;
     for (const auto & [p, cell] : pcs) {
         st->side_pos[cell]   = p;
         st->norm_valid[cell] = 0;
@@ -1022,13 +1024,15 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
                 const size_t at = st->side(l, cell, g), from = (l * h.n_cells + i) * h.n_head_kv + g;
                 st->head_pos[at]    = head_pos[from];
                 st->h2o_acc[at]     = h2o_acc[from];
-                st->head_absent[at] = 0;
+                st->head_absent[at] = head_pos[from] == -1;
+                st->any_absent     |= head_pos[from] == -1;
             }
         }
         ++i;
     }
     st->min_written = pos_max + 1;
     st->h2o_last    = h.h2o_last;
+    st->mask_saved  = false; // a state written from here is saved beside data read again
     set_queries(*st, q_pos, r);
     return 0;
 }

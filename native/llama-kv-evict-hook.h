@@ -29,8 +29,8 @@ ggml_tensor * llama_kv_evict_attn(
 void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t p0, int32_t p1);
 
 // Called from llama_kv_cache::state_write while eviction is enabled: throws std::runtime_error (llama.cpp's state API
-// then reports the error and writes nothing) if the cache relies on the hook's per-head mask, which a saved state
-// cannot carry
+// then reports the error and writes nothing) if the cache relies on the hook's per-head mask, which llama.cpp's state
+// leaves out, and llama_kv_evict_seq_get_data has not written it since it last changed
 void llama_kv_evict_on_state_write(const llama_kv_evict_state * st);
 
 // Called from llama_kv_cache::state_read while eviction is enabled: the cells hold other tokens now, so the hook's

@@ -166,7 +166,7 @@ def _ctx(ctx) -> int:
 
 
 def is_ada(policy: str) -> bool:
-    """Whether POLICY shares the budget between heads (AdaKV): a per-head mask, which llama.cpp's states cannot hold."""
+    """Whether POLICY shares the budget between heads (AdaKV): the cache holds up to 2 x budget - window cells then."""
     return policy.endswith("-ada")
 
 

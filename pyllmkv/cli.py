@@ -13,7 +13,7 @@ from typing import Optional
 import click
 
 from . import models
-from ._lib import GRANULARITIES, POLICIES, is_ada
+from ._lib import GRANULARITIES, POLICIES
 
 CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
@@ -242,9 +242,6 @@ def serve(model, budget, policy, window, prompt_tail, n_ctx, n_batch, n_gpu_laye
     from .server import create_app, port_in_use
 
     _check_budget(budget, window)
-    if cache and is_ada(policy):
-        raise click.BadParameter(f"--cache saves llama.cpp states, which cannot hold {policy}'s per-head mask: choose "
-                                 f"--policy {policy[:-4]}, or leave out --cache", param_hint="--cache")
     model = _model_path(model)
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")

@@ -71,29 +71,22 @@ class Llama(llama_cpp.Llama):
         return stats
 
     def save_state(self) -> "llama_cpp.LlamaState":
-        """llama-cpp-python's save_state, refusing (KVEvictError) a state llama.cpp could not write instead of
-        returning an empty one (after an -ada eviction the cache relies on a per-head mask a state cannot carry).
-        The state also holds, as `kv_evict`, what llama.cpp's state leaves out: the position each KV head's row was
-        given (head granularity moves rows between cells), the window's queries and the H2O sums, so that a loaded
-        sequence truncates and evicts as the original."""
+        """llama-cpp-python's save_state; the state also holds, as `kv_evict`, what llama.cpp's state leaves out: the
+        position each KV head's row was given (head granularity moves rows between cells), the -ada policies'
+        per-head mask, the window's queries and the H2O sums, so that a loaded sequence attends, truncates and evicts
+        as the original. Read first: llama.cpp writes the state of an -ada cache only once they have been. Raises
+        KVEvictError where llama.cpp cannot write the state (instead of returning an empty one)."""
+        kv_evict = _lib.seq_data(self._ctx.ctx)
         if llama_cpp.llama_state_get_size(self._ctx.ctx) == 0:
             raise _lib.KVEvictError(-2, _lib.last_error() or "llama.cpp could not save the state")
         state = super().save_state()
-        state.kv_evict = _lib.seq_data(self._ctx.ctx)
+        state.kv_evict = kv_evict
         return state
-
-    def set_cache(self, cache) -> None:
-        """llama-cpp-python's prompt cache, which saves a state after every completion: refused up front with an -ada
-        policy, whose per-head mask a state cannot hold (the first save after an eviction would fail the request)."""
-        if cache is not None and _lib.is_ada(self.evict_config.policy):
-            raise ValueError(f"a prompt cache saves llama.cpp states, which cannot hold {self.evict_config.policy}'s "
-                             f"per-head mask: use policy={self.evict_config.policy[:-4]!r}, or no cache")
-        super().set_cache(cache)
 
     def load_state(self, state: "llama_cpp.LlamaState") -> None:
         """llama-cpp-python's load_state; a state saved by pyllmkv.Llama restores the hook's bookkeeping too (one
         saved by llama_cpp.Llama has none: its rows count as their cells' tokens, and the next eviction waits for
-        queries of the tokens decoded after the load)."""
+        queries of the tokens decoded after the load). A state of an -ada cache needs its `kv_evict` (the mask)."""
         super().load_state(state)
         if getattr(state, "kv_evict", None):
             _lib.set_seq_data(self._ctx.ctx, state.kv_evict)

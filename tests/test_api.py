@@ -127,13 +127,14 @@ def test_chat_after_renumbering_decodes_only_what_changed(llama_cpp, smollm2_pat
     assert sess.n_tokens == len(chat.history) and sess.n_past <= 256
 
 
-def test_prompt_cache_resumes_as_the_live_cache(llama_cpp, smollm2_path):
+@pytest.mark.parametrize("policy", ["criticalkv", "criticalkv-ada"])
+def test_prompt_cache_resumes_as_the_live_cache(llama_cpp, smollm2_path, policy):
     # llama-cpp-python's prompt cache (pyllmkv serve --cache) saves a state after each completion and loads the one
     # with the longest shared prefix: with the hook's data in the state, a conversation resumed from the cache, past
     # evictions, answers as the one whose cache stayed live
     budget = 128
     first = "The baker opened the shop at dawn and sold bread to the fishermen. " * 25 + "Question: who bought the bread? Answer:"
-    live, cached = _budgeted(smollm2_path, budget), _budgeted(smollm2_path, budget)
+    live, cached = _budgeted(smollm2_path, budget, policy=policy), _budgeted(smollm2_path, budget, policy=policy)
     cached.set_cache(llama_cpp.LlamaRAMCache())
     loads = []
     load_state = cached.load_state
@@ -149,7 +150,3 @@ def test_prompt_cache_resumes_as_the_live_cache(llama_cpp, smollm2_path):
     assert got == expected
 
 
-def test_prompt_cache_with_an_ada_policy_is_refused(llama_cpp, tiny_path):
-    llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, policy="criticalkv-ada", verbose=False)
-    with pytest.raises(ValueError, match="cannot hold criticalkv-ada's per-head mask: use policy='criticalkv'"):
-        llm.set_cache(llama_cpp.LlamaRAMCache())

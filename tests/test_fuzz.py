@@ -70,7 +70,7 @@ def _consistent(llm, sess):
 
 def _save_and_load(llm, mem):
     """Saves the sequence (llama.cpp's state and the hook's data), clears it, loads both: nothing may change."""
-    data = _lib.seq_data(llm)  # refused when the hook is disabled or after an -ada eviction
+    data = _lib.seq_data(llm)  # refused when the hook is disabled; after an -ada eviction, llama.cpp's state needs it read first
     pos = _lib.positions(llm)
     held = [_lib.head_positions(llm, il, 2) for il in range(2)]
     ctx = llm._ctx.ctx

@@ -1,6 +1,6 @@
 """Session save and restore after eviction: a head-compacted sequence saved with llama.cpp's state API continues with
 identical logits in a context with or without the hook; a state the hook's per-head mask would be missing from is
-refused clearly; loading a state into a hooked context starts the hook's bookkeeping afresh, and what pyllmkv.Llama
+refused clearly, and written once the mask has been read to save beside it; loading a state into a hooked context starts the hook's bookkeeping afresh, and what pyllmkv.Llama
 saves beside llama.cpp's state (where each head's row came from, the window's queries, the H2O sums) restores it: the
 loaded sequence truncates and evicts as the original."""
 
@@ -56,14 +56,34 @@ def test_state_after_eviction_continues_identically_with_and_without_the_hook(ll
         np.testing.assert_allclose(np.stack([other_sess.decode([t]) for t in nxt]), expected, rtol=0, atol=1e-5)
 
 
-def test_state_after_ada_eviction_is_refused_clearly(llama_cpp, tiny_path):
+def test_state_after_ada_eviction_is_written_only_beside_its_mask(llama_cpp, tiny_path):
+    # llama.cpp's state leaves out the per-head mask: it is written only once llama_kv_evict_seq_get_data has been
+    # read since the mask last changed, and a load restores the mask from it (-1: the head holds no token there)
+    ref = TinyRef(tiny_path)
     llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, policy="criticalkv-ada", n_batch=32, verbose=False,
                         type_k=0, type_v=0)
     llm.eval(random_tokens(200, seed=33))
-    assert llm.kv_stats()["n_evictions"] > 0
+    held = held_positions(llm, ref)
+    assert llm.kv_stats()["n_evictions"] > 0 and (held == -1).any()
     assert llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0) == 0  # llama.cpp reports the error and writes nothing
-    with pytest.raises(KVEvictError, match="per-head mask, which a saved state cannot carry"):
-        llm.save_state()
+    assert "read llama_kv_evict_seq_get_data first" in _lib.last_error()
+    data = _lib.seq_data(llm)
+    assert llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0) > 0
+    state = _save(llm)
+
+    other = _llama(llama_cpp, tiny_path, n_batch=32)
+    sess = Session(other, EvictConfig(budget=40, window=8, policy="criticalkv-ada"))
+    sess.decode(random_tokens(60, seed=34))  # other cells and another mask first
+    sess.evict()
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(other._ctx.ctx), 0, -1, -1)
+    _load(other, state)
+    _lib.set_seq_data(other, data)
+    np.testing.assert_array_equal(held_positions(other, ref), held)
+    assert llama_cpp.llama_state_seq_get_size(other._ctx.ctx, 0) == 0  # what it loaded is read again before a save
+
+    llm.eval(random_tokens(60, seed=35))  # an eviction changes the mask: read it again
+    assert llm.kv_stats()["n_evictions"] > 1
+    assert llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0) == 0
 
 
 def test_loading_a_state_resets_the_hooks_bookkeeping(llama_cpp, tiny_path):
@@ -160,7 +180,7 @@ def test_seq_data_is_refused_for_other_cells(tiny_path):
         _lib.set_seq_data(llm, data[:-4])
 
 
-@pytest.mark.parametrize("policy", ["criticalkv", "h2o"])
+@pytest.mark.parametrize("policy", ["criticalkv", "h2o", "criticalkv-ada", "snapkv-ada"])
 def test_loaded_state_evicts_as_the_original(tiny_path, policy):
     # the window's queries and the H2O sums travel with the state, so the evictions after a load choose the cells the
     # original context chooses; the loading context held other tokens first, whose queries must not count
