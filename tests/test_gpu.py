@@ -87,3 +87,29 @@ def test_cuda_prompt_tail_queries_and_their_scores_equal_numpy(llama_cpp, tiny64
         a = window_attention(got[il], pos[-window:], trace.layers[il].k, pos, 1.0 / np.sqrt(ref.head_dim))
         _, score, _ = _lib.scores(llm, il, ref.n_head_kv)
         np.testing.assert_allclose(score, head_scores(a, window, ref.n_head_kv, "criticalkv"), rtol=1e-2, atol=1e-5)
+
+
+def test_cuda_ada_state_restores_the_mask_and_continues_as_the_original(tiny64_path):
+    # an -ada cache's state and its per-head mask, saved from and loaded into GPU caches
+    import pyllmkv
+    from conftest import held_positions
+
+    def fresh():
+        return pyllmkv.Llama(tiny64_path, kv_budget=40, window=8, n_batch=32, policy="criticalkv-ada", verbose=False,
+                             type_k=0, type_v=0, **GPU)
+
+    def go_on(m):
+        m.eval(random_tokens(60, seed=51))
+        logits = np.ctypeslib.as_array(_lib.llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),)).copy()
+        return held_positions(m, ref), logits
+
+    ref = TinyRef(tiny64_path)
+    llm = fresh()
+    llm.eval(random_tokens(200, seed=50))
+    assert (held_positions(llm, ref) == -1).any()
+    other = fresh()
+    other.load_state(llm.save_state())
+    np.testing.assert_array_equal(held_positions(other, ref), held_positions(llm, ref))
+    expected, got = go_on(llm), go_on(other)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=1e-3)
