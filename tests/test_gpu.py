@@ -10,14 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import random_tokens
 from pyllmkv import _lib
-from pyllmkv._lib import EvictConfig
-from pyllmkv.session import PromptTail, Session
-from scoring_reference import head_scores, window_attention
 from test_head_granularity import _context, renumbering_against_numpy
-from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference, norms_reference, shaped_model
 from test_hook import _llama
+from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference, norms_reference, shaped_model
+from test_prompt_tail import tail_scores_against_numpy
+from test_state import loaded_state_against_the_original
 from tinymodel import TinyRef
 
 pytestmark = pytest.mark.gpu
@@ -68,48 +66,13 @@ def test_cuda_renumbering_equals_numpy(llama_cpp, tiny64_path, cache):
 
 
 def test_cuda_prompt_tail_queries_and_their_scores_equal_numpy(llama_cpp, tiny64_path):
-    # the query ring on the GPU read out (the tail's context) and written in (the evicting context), then scored there
-    ref, window = TinyRef(tiny64_path, kv_cache_dtype="f32"), 8
+    # the query ring on the GPU read out (the tail's context) and written in (the evicting context), then scored there;
+    # the projections round as TF32
     llm = _llama(llama_cpp, tiny64_path, n_batch=32, **GPU)
-    sess = Session(llm, EvictConfig(budget=40, window=window))
-    prefix, prompt = random_tokens(60, seed=41), random_tokens(50, seed=42)
-    sess.decode(prefix)
-    data = PromptTail(llm).queries(sess.ctx, sess.config, prompt, len(prefix), 32)
-    _lib.set_window_queries(llm, data)
-    assert _lib.window_queries(llm) == data
-
-    end = len(prefix) + len(prompt)
-    q_tail = ref.trace(prompt[-window:], positions=np.arange(end - window, end))
-    pos, trace = np.arange(len(prefix)), ref.trace(prefix)
-    got = np.frombuffer(data, dtype=np.float32).reshape(ref.n_layer, window, ref.n_head, ref.head_dim)
-    for il in range(ref.n_layer):
-        np.testing.assert_allclose(got[il], q_tail.layers[il].q, rtol=0, atol=2e-2)  # TF32 projections
-        a = window_attention(got[il], pos[-window:], trace.layers[il].k, pos, 1.0 / np.sqrt(ref.head_dim))
-        _, score, _ = _lib.scores(llm, il, ref.n_head_kv)
-        np.testing.assert_allclose(score, head_scores(a, window, ref.n_head_kv, "criticalkv"), rtol=1e-2, atol=1e-5)
+    tail_scores_against_numpy(llm, tiny64_path, "criticalkv", q_atol=2e-2, score_tol=dict(rtol=1e-2, atol=1e-5))
 
 
-def test_cuda_ada_state_restores_the_mask_and_continues_as_the_original(tiny64_path):
-    # an -ada cache's state and its per-head mask, saved from and loaded into GPU caches
-    import pyllmkv
-    from conftest import held_positions
-
-    def fresh():
-        return pyllmkv.Llama(tiny64_path, kv_budget=40, window=8, n_batch=32, policy="criticalkv-ada", verbose=False,
-                             type_k=0, type_v=0, **GPU)
-
-    def go_on(m):
-        m.eval(random_tokens(60, seed=51))
-        logits = np.ctypeslib.as_array(_lib.llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),)).copy()
-        return held_positions(m, ref), logits
-
-    ref = TinyRef(tiny64_path)
-    llm = fresh()
-    llm.eval(random_tokens(200, seed=50))
-    assert (held_positions(llm, ref) == -1).any()
-    other = fresh()
-    other.load_state(llm.save_state())
-    np.testing.assert_array_equal(held_positions(other, ref), held_positions(llm, ref))
-    expected, got = go_on(llm), go_on(other)
-    np.testing.assert_array_equal(got[0], expected[0])
-    np.testing.assert_allclose(got[1], expected[1], rtol=0, atol=1e-3)
+@pytest.mark.parametrize("policy", ["criticalkv", "criticalkv-ada"])
+def test_cuda_loaded_state_evicts_as_the_original(tiny64_path, policy):
+    # a cache's state with its hook data (the -ada per-head mask included), saved from and loaded into GPU caches
+    loaded_state_against_the_original(tiny64_path, policy, atol=1e-3, **GPU)

@@ -78,26 +78,34 @@ def test_a_dropped_session_frees_its_tail_context(llama_cpp, tiny_path):
 
 @pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "h2o"])
 def test_set_tail_queries_score_the_cache_as_numpy_does(llama_cpp, tiny_path, policy):
-    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
+    tail_scores_against_numpy(llm, tiny_path, policy, q_atol=2e-5, score_tol=SCORE_TOL["f32"])
+
+
+def tail_scores_against_numpy(llm, path, policy, q_atol, score_tol):
+    """Take a prompt's tail after a 60-token prefix, set it, and check the ring and the scores against numpy's forward
+    pass: the tail's queries stand as the last `window` positions of the sequence until a decode captures new ones."""
+    ref = TinyRef(path, kv_cache_dtype="f32")
     sess = Session(llm, EvictConfig(budget=40, window=WINDOW, policy=policy))
     prefix, prompt = random_tokens(60, seed=41), random_tokens(50, seed=42)
     sess.decode(prefix)
     data = PromptTail(llm).queries(sess.ctx, sess.config, prompt, len(prefix), 32)
     _lib.set_window_queries(llm, data)
+    assert _lib.window_queries(llm) == data
 
-    # the tail's queries stand as the last `window` positions of the sequence, until a decode captures new ones
-    q_tail = ref.trace(prompt[-WINDOW:], positions=np.arange(len(prefix) + len(prompt) - WINDOW, len(prefix) + len(prompt)))
+    end = len(prefix) + len(prompt)
+    q_tail = ref.trace(prompt[-WINDOW:], positions=np.arange(end - WINDOW, end))
     pos = np.arange(len(prefix))
     trace = ref.trace(prefix)
     for il in range(ref.n_layer):
         q_pos, q, _ = _lib.queries(llm, il)
         np.testing.assert_array_equal(q_pos, pos[-WINDOW:])
-        np.testing.assert_allclose(q.reshape(WINDOW, ref.n_head, ref.head_dim), q_tail.layers[il].q, rtol=0, atol=2e-5)
-        a = window_attention(q_tail.layers[il].q, pos[-WINDOW:], trace.layers[il].k, pos, 1.0 / math.sqrt(ref.head_dim))
+        q = q.reshape(WINDOW, ref.n_head, ref.head_dim)
+        np.testing.assert_allclose(q, q_tail.layers[il].q, rtol=0, atol=q_atol)
+        a = window_attention(q, pos[-WINDOW:], trace.layers[il].k, pos, 1.0 / math.sqrt(ref.head_dim))
         got_pos, score, _ = _lib.scores(llm, il, ref.n_head_kv)
         np.testing.assert_array_equal(got_pos, pos[:-WINDOW])
-        np.testing.assert_allclose(score, head_scores(a, WINDOW, ref.n_head_kv, policy), **SCORE_TOL["f32"])
+        np.testing.assert_allclose(score, head_scores(a, WINDOW, ref.n_head_kv, policy), **score_tol)
 
     sess.decode(prompt[:3])
     q_pos, _, _ = _lib.queries(llm, 0)
