@@ -13,7 +13,7 @@ from typing import Optional
 import click
 
 from . import models
-from ._lib import GRANULARITIES, POLICIES
+from ._lib import GRANULARITIES, POLICIES, EvictConfig
 
 CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
@@ -52,10 +52,22 @@ def _check_budget(budget: int, window: int) -> None:
         raise click.BadParameter(f"({budget}) must be larger than --window ({window}): the window is always kept", param_hint="--kv-budget")
 
 
+def _odd(ctx, param, value):
+    if value is not None and (value < 1 or value % 2 == 0):
+        raise click.BadParameter(f"{value} is not an odd number of cells (1, 3, 5, ...)")
+    return value
+
+
 _prompt_tail_option = click.option(
     "--prompt-tail/--no-prompt-tail", default=True, show_default=True,
     help="evict a prompt longer than the cache with the queries of its last --window tokens (decoded alone first), so "
          "that what its end asks for is kept; --no-prompt-tail: with those of each batch's end")
+
+
+_pool_kernel_option = click.option(
+    "--pool-kernel", type=int, callback=_odd, default=EvictConfig.pool_kernel, show_default=True,
+    help="cells the window's scores are averaged over (odd; 1: no pooling): a cell the window attends to keeps its "
+         "neighbours, so a span it retrieves stays whole")
 
 
 def model_options(fn):
@@ -66,6 +78,7 @@ def model_options(fn):
         click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="head", show_default=True,
                      help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
         click.option("--window", type=int, default=32, show_default=True, help="observation window: recent queries that score the cache"),
+        _pool_kernel_option,
         _prompt_tail_option,
         click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]"),
         click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
@@ -82,17 +95,18 @@ def model_options(fn):
     return fn
 
 
-def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, prompt_tail: bool, n_ctx: int, n_batch: int,
+def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_ctx: int, n_batch: int,
          n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int):
     """Validates the arguments, loads the model and returns a Session with eviction enabled."""
-    from ._lib import EvictConfig, KVEvictError, llama_cpp
+    from ._lib import KVEvictError, llama_cpp
     from .session import Session
 
     _check_budget(budget, window)
     model = _model_path(model)
     from .session import context_size, sliding_window
 
-    config = EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window, prompt_tail=prompt_tail)
+    config = EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window, pool_kernel=pool_kernel,
+                         prompt_tail=prompt_tail)
     try:
         need = context_size(sliding_window(str(model)), config.cells, n_batch)
     except (ValueError, KeyError, IndexError) as e:
@@ -227,6 +241,7 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
 @click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence")
 @click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True)
 @click.option("--window", type=int, default=32, show_default=True)
+@_pool_kernel_option
 @_prompt_tail_option
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="logical context: longest prompt + answer [default: the model's]")
 @click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True)
@@ -237,7 +252,7 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
               help="keep the states of earlier prompts in RAM and resume a prompt from the longest shared prefix "
                    "(llama-cpp-python's prompt cache)")
 @click.option("--cache-size", type=int, default=2 << 30, show_default=True, help="bytes of RAM --cache may hold")
-def serve(model, budget, policy, window, prompt_tail, n_ctx, n_batch, n_gpu_layers, host, port, cache, cache_size):
+def serve(model, budget, policy, window, pool_kernel, prompt_tail, n_ctx, n_batch, n_gpu_layers, host, port, cache, cache_size):
     """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
     from .server import create_app, port_in_use
 
@@ -246,7 +261,7 @@ def serve(model, budget, policy, window, prompt_tail, n_ctx, n_batch, n_gpu_laye
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
     try:
-        app = create_app(str(model), kv_budget=budget, policy=policy, window=window, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
+        app = create_app(str(model), kv_budget=budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
                          n_gpu_layers=n_gpu_layers, cache=cache, cache_type="ram", cache_size=cache_size)
     except (RuntimeError, ValueError) as e:
         raise click.ClickException(str(e))
@@ -277,12 +292,6 @@ def _policy_list(ctx, param, value):
     if unknown:
         raise click.BadParameter(f"unknown policies {', '.join(sorted(unknown))}: choose from {', '.join(POLICIES)}")
     return policies
-
-
-def _odd(ctx, param, value):
-    if value is not None and (value < 1 or value % 2 == 0):
-        raise click.BadParameter(f"{value} is not an odd number of cells (1, 3, 5, ...)")
-    return value
 
 
 @main.command()

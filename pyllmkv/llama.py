@@ -32,6 +32,7 @@ class Llama(llama_cpp.Llama):
         policy: str = "criticalkv",
         granularity: str = "head",
         window: int = 32,
+        pool_kernel: int = EvictConfig.pool_kernel,
         prompt_tail: bool = True,
         n_ctx: int = 0,
         n_batch: int = 512,
@@ -39,11 +40,12 @@ class Llama(llama_cpp.Llama):
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: cells kept per sequence;
         `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or "token"; `window`: recent queries that score the cache (always kept);
+        `pool_kernel`: cells the window's scores are averaged over (odd; 1: none);
         `prompt_tail`: a prompt longer than the cache is evicted with the queries of its last `window` tokens
         (pyllmkv.session.PromptTail), else with those of each batch's end;
         `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`."""
         self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window,
-                                        prompt_tail=prompt_tail)
+                                        pool_kernel=pool_kernel, prompt_tail=prompt_tail)
         self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
         kwargs.setdefault("n_ubatch", n_batch)
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)

@@ -82,6 +82,27 @@ def test_unknown_policy_fails_before_loading(smollm2_path):
         pyllmkv.Llama(smollm2_path, kv_budget=256, policy="lru", verbose=False)
 
 
+def test_pool_kernel_is_the_one_the_session_evicts_with(llama_cpp, tiny_path):
+    # pyllmkv.Llama(pool_kernel=k) keeps the cells a Session with EvictConfig(pool_kernel=k) keeps (whose pooling
+    # test_hook checks against numpy), and the kernel changes them
+    from conftest import held_positions, random_tokens
+    from pyllmkv._lib import EvictConfig
+    from pyllmkv.session import Session
+    from tinymodel import TinyRef
+
+    ref, tokens, held = TinyRef(tiny_path), random_tokens(150, seed=60), {}
+    for k in (1, 9):
+        llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, pool_kernel=k, verbose=False, type_k=0, type_v=0)
+        llm.eval(tokens)
+        plain = llama_cpp.Llama(model_path=tiny_path, n_ctx=72, n_batch=32, n_ubatch=32, type_k=0, type_v=0, verbose=False)
+        Session(plain, EvictConfig(budget=40, window=8, pool_kernel=k)).decode(tokens)
+        held[k] = held_positions(llm, ref)
+        np.testing.assert_array_equal(held[k], held_positions(plain, ref))
+    assert (held[1] != held[9]).any()
+    with pytest.raises(KVEvictError, match="pool_kernel must be odd"):
+        pyllmkv.Llama(tiny_path, kv_budget=40, pool_kernel=4, verbose=False)
+
+
 def test_budget_below_window_is_refused(smollm2_path):
     with pytest.raises(KVEvictError, match="larger than window"):
         pyllmkv.Llama(smollm2_path, kv_budget=16, window=32, verbose=False)

@@ -85,6 +85,10 @@ def test_unknown_policy(smollm2_path):
     _fails_with([smollm2_path, "-p", "hi", "--policy", "lru"], "'lru' is not one of")
 
 
+def test_even_pool_kernel(smollm2_path):
+    _fails_with([smollm2_path, "-p", "hi", "--pool-kernel", "4"], "4 is not an odd number of cells")
+
+
 def test_prompt_file_not_utf8(smollm2_path, tmp_path):
     f = tmp_path / "latin1.txt"
     f.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
