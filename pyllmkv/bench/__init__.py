@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .._lib import EvictConfig
 from ..session import gguf_model_int
 from . import haystack
 
@@ -50,7 +51,7 @@ class Grid:
     perturb_context: int
     perturb_budget: int
     window: int = 32
-    pool_kernel: int = 5      # pooling of the window scores, every pyllmkv job and the perturbation suite
+    pool_kernel: int = EvictConfig.pool_kernel  # pooling of the window scores, every pyllmkv job and the perturbation suite
     n_answer: int = 10        # tokens generated for a needle answer
     # needle, pyllmkv: "chunked" (batches of n_batch, evicting between them, as chat does) or "whole" (the prompt in
     # one batch, then one eviction with the question in the window: the paper's and kvpress's setting)

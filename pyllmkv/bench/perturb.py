@@ -70,7 +70,7 @@ def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads
 
 
 def perturbation(model_path: str, tokens, budget: int, window: int = 32, n_batch: int = 512, threads: int = 2,
-                 n_gpu_layers: int = 0, policies=("criticalkv", "snapkv"), progress=None, pool_kernel: int = 5) -> dict:
+                 n_gpu_layers: int = 0, policies=("criticalkv", "snapkv"), progress=None, pool_kernel: int = EvictConfig.pool_kernel) -> dict:
     """Per-head output perturbation of each policy: {"layers": [...], "n_head": H, policy: [[per head] per layer]}.
     Needs an f16 K/V cache (the default)."""
     captured = {}
