@@ -324,7 +324,7 @@ def _policy_list(ctx, param, value):
 @click.option("--ppl-policies", callback=_policy_list,
               help="perplexity: only these policies, comma-separated, beside stock full and stock shift [default: all]")
 @click.option("--pool-kernel", type=int, callback=_odd, default=None,
-              help="pooling kernel of the window scores, odd (1: none) [default: 9]")
+              help=f"pooling kernel of the window scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
