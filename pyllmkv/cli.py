@@ -316,6 +316,8 @@ def _policy_list(ctx, param, value):
 @click.option("--needle-prefill", type=click.Choice(["chunked", "whole"]), default=None,
               help="needle: the prompt in batches of -b, evicting between them (chunked, as chat does), or in one batch "
                    "then one eviction with the question in the window (whole, the paper's setting) [default: chunked]")
+@click.option("--needle-keys", type=click.IntRange(min=1), default=None,
+              help="needle: pass keys per depth, the same at every context [default: 1]")
 @click.option("--prompt-tail/--no-prompt-tail", default=None,
               help="pyllmkv jobs: evict a prompt longer than the cache with the queries of its last window tokens "
                    "(chat's default) or with those of each batch's end [default: --prompt-tail]")

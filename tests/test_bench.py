@@ -127,6 +127,28 @@ def test_perplexity_and_needle_of_chosen_policies_beside_stock(tiny_path, tmp_pa
         stock + [("pyllmkv", "snapkv", 64), ("pyllmkv", "tova", 64)]
 
 
+def test_needle_keys_are_the_same_at_every_context(tiny_path, tmp_path, results):
+    """--needle-keys 2: two prompts per depth, whose keys do not depend on the contexts run beside them; the first
+    key of each depth is the one a run with one key draws. The accuracy is over depths and keys."""
+    import dataclasses
+
+    from pyllmkv.bench.report import needle_accuracy
+
+    grid = dataclasses.replace(bench.TINY, needle_contexts=[256, 320], needle_budgets=[64], needle_policies=["snapkv"],
+                               needle_keys=2)
+    opts = bench.Options(model=tiny_path, out=tmp_path, grid=grid, suites=["needle"], threads=2, command="test")
+    rows = bench.run(opts, _no_progress)["needle"]
+    assert len(rows) == 2 * len(grid.needle_depths) * 2 * 3  # contexts x depths x keys x (stock full, shift, snapkv)
+    keys = {c: [(r["depth"], r["key"]) for r in rows if r["context"] == c and r["policy"] == "snapkv"]
+            for c in grid.needle_contexts}
+    assert keys[256] == keys[320] and len(set(keys[256])) == 2 * len(grid.needle_depths)
+    one_key = {r["depth"]: r["key"] for r in results[0]["needle"]}
+    assert [k for d, k in keys[256][::2]] == [one_key[d] for d in grid.needle_depths]
+    mine = [r["correct"] for r in rows if r["context"] == 320 and r["policy"] == "snapkv"]
+    assert needle_accuracy(rows)[("snapkv @64", 320)] == np.mean(mine)
+    assert "2 pass keys per depth" in (tmp_path / "results.md").read_text()
+
+
 def _padded(n_ctx: int) -> int:
     return -(-n_ctx // 256) * 256  # llama.cpp sizes the cache in multiples of 256 cells
 

@@ -59,6 +59,7 @@ class Grid:
     n_batch: int = 512        # tokens per decode, unless -b says otherwise
     ppl_policies: Optional[list] = None  # perplexity: only these POLICIES (stock full and shift always run); None: all
     needle_policies: Optional[list] = None  # needle: the same
+    needle_keys: int = 1      # pass keys per depth, the same at every context: one prompt each
     prompt_tail: bool = True  # pyllmkv: EvictConfig.prompt_tail
 
 
@@ -268,12 +269,13 @@ class Bench:
     def needle(self) -> list[dict]:
         g = self.opts.grid
         rng = np.random.default_rng(0)
-        cells = [(c, d) for c in g.needle_contexts for d in g.needle_depths]
+        # drawn in this order, the first key of each depth is the same whatever the number of keys or contexts
+        keys = [[str(rng.integers(10000, 100000)) for _ in g.needle_depths] for _ in range(g.needle_keys)]
+        cells = [(c, d, k[i]) for c in g.needle_contexts for i, d in enumerate(g.needle_depths) for k in keys]
         cfgs = chosen(configs(g, g.needle_budgets, True), g.needle_policies)
         rows = []
         with self.progress("needle", len(cells) * len(cfgs)) as bar:
-            for context, depth in cells:
-                key = str(rng.integers(10000, 100000))
+            for context, depth, key in cells:
                 prompt = haystack.needle_prompt(self.tokenize, self.hay, context, depth, key)
                 for engine, policy, b in cfgs:
                     cfg = (engine, policy, needle_budget(b, context) if b else 0)

@@ -100,8 +100,11 @@ def markdown(results: dict) -> str:
         if m.get("speed_contexts_skipped"):
             out += [f"Skipped (stock's full cache would take over half of the memory): {m['speed_contexts_skipped']}.", ""]
     if "needle" in results:
+        n_keys = m["grid"].get("needle_keys", 1)
         out += ["## Needle in a haystack (pass key, exact match)", "",
-                f"Depths {', '.join(f'{100 * d:.0f} %' for d in m['grid']['needle_depths'])}; accuracy over depths. "
+                f"Depths {', '.join(f'{100 * d:.0f} %' for d in m['grid']['needle_depths'])}; "
+                + (f"{n_keys} pass keys per depth, the same at every context; accuracy over depths and keys. " if n_keys > 1
+                   else "accuracy over depths. ")
                 + NEEDLE_PREFILL[m["grid"]["needle_prefill"]], ""]
         out += needle_table(results["needle"]) + [""]
     if "ppl" in results:
@@ -153,10 +156,13 @@ def plots(results: dict, out: Path) -> list[Path]:
         for ax in axes.ravel():
             ax.axis("off")
         for ax, lab in zip(axes.ravel(), labels):
-            grid = np.full((len(depths), len(contexts)), np.nan)
+            found: dict = {}
             for r in rows:
                 if _label(r) == lab:
-                    grid[depths.index(r["depth"]), contexts.index(r["context"])] = r["correct"]
+                    found.setdefault((depths.index(r["depth"]), contexts.index(r["context"])), []).append(r["correct"])
+            grid = np.full((len(depths), len(contexts)), np.nan)
+            for at, v in found.items():
+                grid[at] = np.mean(v)  # the share of the keys found
             ax.axis("on")
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_title(lab, fontsize=9)
