@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -38,17 +39,18 @@ def speed_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def needle_accuracy(rows: list[dict]) -> dict:
-    """{(label, context): accuracy over depths}, and per label the mean over everything."""
-    acc: dict = {}
+def needle_accuracy(rows: list[dict], by: Callable[[dict], tuple] = lambda r: (_label(r), r["context"])) -> dict:
+    """{by(row): the share of those rows' needles found}; by default per (label, context), over depths and keys."""
+    found: dict = {}
     for r in rows:
-        acc.setdefault((_label(r), r["context"]), []).append(r["correct"])
-    return {k: float(np.mean(v)) for k, v in acc.items()}
+        found.setdefault(by(r), []).append(r["correct"])
+    return {k: float(np.mean(v)) for k, v in found.items()}
 
 
 def needle_table(rows: list[dict]) -> list[str]:
     contexts = sorted({r["context"] for r in rows})
     acc = needle_accuracy(rows)
+    overall = needle_accuracy(rows, by=_label)
     labels = []
     for r in sorted(rows, key=_order):
         if _label(r) not in labels:
@@ -57,8 +59,7 @@ def needle_table(rows: list[dict]) -> list[str]:
            "|---|" + "---|" * (len(contexts) + 1)]
     for lab in labels:
         cells = [acc.get((lab, c)) for c in contexts]
-        mean = np.mean([r["correct"] for r in rows if _label(r) == lab])
-        out.append(f"| {lab} | " + " | ".join("-" if a is None else f"{100 * a:.0f} %" for a in cells) + f" | {100 * mean:.0f} % |")
+        out.append(f"| {lab} | " + " | ".join("-" if a is None else f"{100 * a:.0f} %" for a in cells) + f" | {100 * overall[lab]:.0f} % |")
     return out
 
 
@@ -155,14 +156,12 @@ def plots(results: dict, out: Path) -> list[Path]:
         fig, axes = plt.subplots(-(-len(labels) // cols), cols, figsize=(3.2 * cols, 2.6 * -(-len(labels) // cols)), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
+        acc = needle_accuracy(rows, by=lambda r: (_label(r), r["depth"], r["context"]))
         for ax, lab in zip(axes.ravel(), labels):
-            found: dict = {}
-            for r in rows:
-                if _label(r) == lab:
-                    found.setdefault((depths.index(r["depth"]), contexts.index(r["context"])), []).append(r["correct"])
             grid = np.full((len(depths), len(contexts)), np.nan)
-            for at, v in found.items():
-                grid[at] = np.mean(v)  # the share of the keys found
+            for (label, depth, context), a in acc.items():
+                if label == lab:
+                    grid[depths.index(depth), contexts.index(context)] = a
             ax.axis("on")
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             ax.set_title(lab, fontsize=9)
