@@ -557,7 +557,7 @@ llama_kv_evict_params llama_kv_evict_default_params(void) {
     p.granularity       = LLAMA_KV_EVICT_GRANULARITY_HEAD; // the paper's: every head keeps the cells it needs
     p.budget            = 1024;
     p.window            = 32;   // the CriticalKV authors' observation window
-    p.pool_kernel       = 9;    // SnapKV's and kvpress's 5 cuts a key written one token per digit (docs/bench)
+    p.pool_kernel       = 13;   // SnapKV's and kvpress's 5 (and 9) cut a key written one token per digit (docs/bench)
     p.first_stage_ratio = 0.5f; // CriticalKV default
     p.epsilon           = 1e-4f;
     p.n_sink            = 4;    // StreamingLLM's attention sinks

@@ -172,14 +172,14 @@ def is_ada(policy: str) -> bool:
 
 @dataclass
 class EvictConfig:
-    """Parameters of the hook; defaults are the paper's and kvpress's, but for a wider pooling kernel (9, not 5) that
+    """Parameters of the hook; defaults are the paper's and kvpress's, but for a wider pooling kernel (13, not 5) that
     keeps a retrieved span whole (see llama_kv_evict_default_params)."""
 
     budget: int = 1024
     policy: str = "criticalkv"
     granularity: str = "head"
     window: int = 32
-    pool_kernel: int = 9
+    pool_kernel: int = 13
     first_stage_ratio: float = 0.5
     epsilon: float = 1e-4
     n_sink: int = 4

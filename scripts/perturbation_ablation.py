@@ -3,7 +3,7 @@
   python scripts/perturbation_ablation.py MODEL.gguf [--context 4096] [--budget 512]
 
 Part 1 runs the hook: criticalkv against snapkv with the observation-window scores pooled over 5 cells (SnapKV's
-kernel; the hook's default is 9) and unpooled (kernel 1). Part 2 takes the same window queries and K/V rows and applies, in numpy, rules
+kernel; the hook's default is 13) and unpooled (kernel 1). Part 2 takes the same window queries and K/V rows and applies, in numpy, rules
 the hook does not implement, each against snapkv pooled and unpooled:
   - criticalkv with a centred value norm, |(V_i - mean_q o_q) W_O^h|_1 -- is |V_i W_O^h|_1 dominated by a component
     all values share?

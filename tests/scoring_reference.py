@@ -31,7 +31,7 @@ def group_mean(x, n_kv):
     return x.reshape(n_kv, x.shape[0] // n_kv, *x.shape[1:]).mean(axis=1)
 
 
-def head_scores(a, n_window, n_kv, policy, kernel=9):
+def head_scores(a, n_window, n_kv, policy, kernel=13):
     """Per KV head scores of the prefix cells (all but the last n_window): [n_kv, N - n_window]; `kernel`: the
     pooling (the hook's default pool_kernel)."""
     n_prefix = a.shape[-1] - n_window

@@ -23,7 +23,7 @@ valid_configs = st.integers(1, 16).flatmap(lambda window: st.builds(
     window=st.just(window),
     policy=st.sampled_from(list(POLICIES)),
     granularity=st.sampled_from(["token", "head"]),
-    pool_kernel=st.sampled_from([1, 3, 5, 9]),
+    pool_kernel=st.sampled_from([1, 3, 5, 9, 13]),
     first_stage_ratio=st.sampled_from([0.0, 0.5, 1.0]),
     n_sink=st.integers(0, 1),
 ))
