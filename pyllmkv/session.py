@@ -24,16 +24,63 @@ def context_size(n_swa: int, cells: int, n_batch: int) -> int:
     return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0)
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(model_path: str) -> dict:
+    """The GGUF header's scalar and string values by key (arrays, such as the vocabulary, are skipped), read from the
+    header alone: gguf-py's reader also maps every tensor, which takes seconds on a large model."""
+    import struct
+
+    with open(model_path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{model_path}: the GGUF header ends early (a truncated file?)")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def skip(vtype: int) -> None:
+            if vtype == _GGUF_STRING:
+                f.seek(read("<Q"), 1)
+            elif vtype == _GGUF_ARRAY:
+                etype, n = read("<I"), read("<Q")
+                if etype in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+                else:
+                    for _ in range(n):
+                        skip(etype)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{model_path} is not a GGUF file (no GGUF magic at its start)")
+        version, _, n_kv = read("<I"), read("<Q"), read("<Q")
+        if version not in (2, 3):
+            raise ValueError(f"{model_path}: GGUF version {version} is not one llama.cpp reads (2 or 3)")
+        out = {}
+        for _ in range(n_kv):
+            key, vtype = string(), read("<I")
+            if vtype in _GGUF_SCALARS:
+                out[key] = read(_GGUF_SCALARS[vtype])
+            elif vtype == _GGUF_STRING:
+                out[key] = string()
+            elif vtype == _GGUF_ARRAY:
+                skip(vtype)
+            else:
+                raise ValueError(f"{model_path}: unknown GGUF value type {vtype} for {key}")
+        return out
+
+
 def gguf_model_int(model_path: str, key: str) -> int:
     """An integer of the model's architecture from its GGUF metadata ({arch}.{key}; 0 if absent), read without
     loading the model."""
-    import gguf
-
-    reader = gguf.GGUFReader(model_path)
-    arch = reader.fields["general.architecture"]
-    arch = bytes(arch.parts[arch.data[0]]).decode()
-    field = reader.fields.get(f"{arch}.{key}")
-    return int(field.parts[field.data[0]][0]) if field is not None else 0
+    meta = gguf_metadata(model_path)
+    return int(meta.get(f"{meta.get('general.architecture', '')}.{key}", 0))
 
 
 def sliding_window(model_path: str) -> int:
