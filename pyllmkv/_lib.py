@@ -7,7 +7,6 @@ shipped in this package before llama_cpp is imported, so llama_cpp and these bin
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ._preload import libstdcxx_global
 
 
 def lib_dir() -> Path:
@@ -31,12 +32,7 @@ def _load_llama_cpp():
                 "(it builds the library), or set PYLLMKV_LIB_DIR to a build's bin folder"
             )
         os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir())
-        if (lib_dir() / "libggml-cuda.so").exists():
-            # a CUDA build's libggml-cuda exports copies of libstdc++'s template instances; libllama, loaded by ctypes
-            # in a scope of its own, binds to those before libstdc++ and crashes in them (seen with CUDA 13, GCC 13)
-            stdcpp = ctypes.util.find_library("stdc++")
-            if stdcpp:
-                ctypes.CDLL(stdcpp, mode=ctypes.RTLD_GLOBAL)
+        libstdcxx_global()
     import llama_cpp
 
     lib = llama_cpp.llama_cpp._lib

@@ -255,7 +255,7 @@ class Bench:
                 vals = [r[key] for r in reps]
                 row[key] = statistics.median(vals)
                 row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
-            for key in ("kv_bytes", "cells", "n_evictions", "n_shifts", "value_norm_kernel", "window_attn_kernel"):
+            for key in ("kv_bytes", "cells", "n_evictions", "n_shifts", "value_norm_kernel", "window_attn_kernel", "vram_mib"):
                 if key in reps[0]:
                     row[key] = reps[0][key]
             rows.append(row)
@@ -264,6 +264,13 @@ class Bench:
             r["decode_vs_stock"] = r["decode_tps"] / full[r["context"]]["decode_tps"]
             r["prefill_vs_stock"] = r["prefill_tps"] / full[r["context"]]["prefill_tps"]
             r["kv_vs_stock"] = r["kv_bytes"] / full[r["context"]]["kv_bytes"]
+        # eviction's own price: against the bounded cache stock llama.cpp offers at the same budget
+        shift = {(r["context"], r["budget"]): r for r in rows if r["policy"] == STOCK_SHIFT}
+        for r in rows:
+            if r["engine"] == "pyllmkv" and (r["context"], r["budget"]) in shift:
+                s = shift[(r["context"], r["budget"])]
+                r["decode_vs_shift"] = r["decode_tps"] / s["decode_tps"]
+                r["prefill_vs_shift"] = r["prefill_tps"] / s["prefill_tps"]
         return rows
 
     def needle(self) -> list[dict]:

@@ -27,15 +27,22 @@ def _order(r: dict):
 
 
 def speed_table(rows: list[dict]) -> list[str]:
+    vram = any(r.get("vram_mib") for r in rows)
     out = ["| context | config | prefill tok/s (min-max) | decode tok/s (min-max) | decode / stock full | "
-           "KV MiB | KV / stock full | peak RSS MiB | cells after | ms per eviction |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "prefill / stock shift | decode / stock shift | KV MiB | KV / stock full | peak RSS MiB | "
+           + ("GPU MiB | " if vram else "") + "cells after | ms per eviction |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if vram else "")]
+
+    def ratio(r, key):
+        return f"{r[key]:.2f}" if key in r else "-"
+
     for r in sorted(rows, key=lambda r: (r["context"], _order(r))):
         evict_ms = f"{1000 * r['evict_s']:.0f}" if r.get("evict_s") else "-"
         out.append(f"| {r['context']} | {_label(r)} | {r['prefill_tps']:.0f} ({r['prefill_tps_min']:.0f}-{r['prefill_tps_max']:.0f}) "
                    f"| {r['decode_tps']:.1f} ({r['decode_tps_min']:.1f}-{r['decode_tps_max']:.1f}) | {r['decode_vs_stock']:.2f} "
-                   f"| {r['kv_bytes'] / 2**20:.1f} | {r['kv_vs_stock']:.3f} | {r['peak_rss_mib']:.0f} | {r['cells']} "
-                   f"| {evict_ms} |")
+                   f"| {ratio(r, 'prefill_vs_shift')} | {ratio(r, 'decode_vs_shift')} "
+                   f"| {r['kv_bytes'] / 2**20:.1f} | {r['kv_vs_stock']:.3f} | {r['peak_rss_mib']:.0f} | "
+                   + (f"{r['vram_mib']:.0f} | " if vram else "") + f"{r['cells']} | {evict_ms} |")
     return out
 
 

@@ -12,6 +12,7 @@ an eviction policy and budget), "stock" (llama.cpp unpatched, the whole sequence
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -34,6 +35,31 @@ def peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def gpu_memory_used_mib() -> float | None:
+    """Memory in use on the process's GPUs (total - free, as ggml's devices report it; the whole device, so run one
+    job at a time), or None without a GPU device."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "/libggml.so" in line}
+    if not paths:
+        return None
+    ggml = ctypes.CDLL(paths.pop())
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    used, gpus = 0, 0
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        if ggml.ggml_backend_dev_type(dev) != 1:  # GGML_BACKEND_DEVICE_TYPE_GPU
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        ggml.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        used, gpus = used + total.value - free.value, gpus + 1
+    return used / 2**20 if gpus else None
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -122,8 +148,16 @@ def open_stream(job: dict):
                   n_threads_batch=job["threads"], n_gpu_layers=job["n_gpu_layers"], verbose=False)
     if job["engine"] in ("stock", "stock-shift"):
         os.environ["LLAMA_CPP_LIB_PATH"] = job["stock_lib"]
+        spec = importlib.util.spec_from_file_location("_preload", Path(__file__).resolve().parent.parent / "_preload.py")
+        preload = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(preload)
+        preload.libstdcxx_global()
         import llama_cpp
 
+        # ggml-cuda's first initialisation crashes inside llama-cpp-python's silenced model load (verbose=False)
+        # when no pyllmkv import came first; verbose=True loads it with the output open
+        if job["n_gpu_layers"]:
+            common["verbose"] = True
         llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["n_ctx"], **common)
         return StockStream(llama_cpp, llm, job["n_ctx"], job["n_keep"] if job["engine"] == "stock-shift" else None)
 
@@ -186,6 +220,8 @@ def run(job: dict) -> dict:
         result = {"n_scored": int(len(nll)), "nll": float(nll.mean()), "ppl": float(np.exp(nll.mean()))}
     result.update(stream.counters())
     result["peak_rss_mib"] = peak_rss_mib()
+    if job["n_gpu_layers"]:
+        result["vram_mib"] = gpu_memory_used_mib()
     return result
 
 
