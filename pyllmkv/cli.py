@@ -14,6 +14,8 @@ import click
 
 from . import models
 from ._lib import GRANULARITIES, POLICIES, EvictConfig
+from .bench import SUITES
+from .bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 
 CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
@@ -284,6 +286,19 @@ def _float_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers")
 
 
+def _choice_list(choices):
+    def parse(ctx, param, value):
+        if not value:
+            return None
+        items = value.split(",")
+        unknown = set(items) - set(choices)
+        if unknown:
+            raise click.BadParameter(f"unknown {', '.join(sorted(unknown))}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
 def _policy_list(ctx, param, value):
     if not value:
         return None
@@ -298,7 +313,7 @@ def _policy_list(ctx, param, value):
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="a reduced grid: under 10 minutes on 2 cores with SmolLM2-135M")
 @click.option("--tiny", is_flag=True, help="the smallest grid, for the tiny test model (seconds)")
-@click.option("--suite", "suites", multiple=True, type=click.Choice(["speed", "needle", "ppl", "perturb"]),
+@click.option("--suite", "suites", multiple=True, type=click.Choice(SUITES),
               help="run only these suites (repeatable) [default: all]")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="output folder [default: bench-results/<timestamp>]")
@@ -325,6 +340,14 @@ def _policy_list(ctx, param, value):
 @click.option("--ppl-budgets", callback=_int_list, help="perplexity: budgets [default: the grid's]")
 @click.option("--ppl-policies", callback=_policy_list,
               help="perplexity: only these policies, comma-separated, beside stock full and stock shift [default: all]")
+@click.option("--ruler-contexts", callback=_int_list, help="ruler: context lengths in tokens [default: the grid's]")
+@click.option("--ruler-budgets", callback=_float_list, help="ruler: budgets, in cells or below 1 a share of the context")
+@click.option("--ruler-samples", type=click.IntRange(min=1), default=None, help="ruler: samples per task and context")
+@click.option("--ruler-tasks", callback=_choice_list(RULER_TASKS), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
+@click.option("--ruler-policies", callback=_policy_list,
+              help="ruler: only these policies, beside the full cache [default: streaming,snapkv,snapkv-ada,criticalkv,criticalkv-ada]")
+@click.option("--ruler-settings", callback=_choice_list(RULER_SETTINGS),
+              help="ruler: agnostic (the question after the eviction), aware (the question in the window), or both [default: both]")
 @click.option("--pool-kernel", type=int, callback=_odd, default=None,
               help=f"pooling kernel of the window scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
@@ -351,7 +374,7 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
     if overrides["speed_policies"]:
         overrides["other_policies"] = False
     grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
-    opts = b.Options(model=str(model), out=out, grid=grid, suites=list(suites) or ["speed", "needle", "ppl", "perturb"],
+    opts = b.Options(model=str(model), out=out, grid=grid, suites=list(suites) or list(SUITES),
                      threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers, text=text,
                      command="pyllmkv bench " + " ".join(sys.argv[2:]))
 

@@ -25,10 +25,13 @@ import numpy as np
 
 from .._lib import EvictConfig
 from ..session import gguf_model_int
-from . import haystack
+from . import haystack, ruler
 
 POLICIES = ["criticalkv", "criticalkv-ada", "snapkv", "snapkv-ada", "h2o", "tova", "streaming"]
+# streaming (4 sinks + the most recent) is what stock context shift keeps when one eviction takes a cache to its budget
+RULER_POLICIES = ["streaming", "snapkv", "snapkv-ada", "criticalkv", "criticalkv-ada"]
 STOCK_FULL, STOCK_SHIFT = "stock full", "stock shift"
+SUITES = ["speed", "needle", "ppl", "perturb", "ruler"]
 N_KEEP = 4  # stock context shift keeps the first tokens, as llama-cli's --keep
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
@@ -61,6 +64,13 @@ class Grid:
     needle_policies: Optional[list] = None  # needle: the same
     needle_keys: int = 1      # pass keys per depth, the same at every context: one prompt each
     prompt_tail: bool = True  # pyllmkv: EvictConfig.prompt_tail
+    # ruler: RULER-style tasks, question-agnostic and question-aware (ruler.py); budgets below 1 are shares of the context
+    ruler_contexts: list = field(default_factory=lambda: [2048, 4096])
+    ruler_budgets: list = field(default_factory=lambda: [0.1, 0.2, 0.4])
+    ruler_samples: int = 10   # per task and context
+    ruler_tasks: Optional[list] = None     # None: ruler.TASKS
+    ruler_policies: Optional[list] = None  # None: RULER_POLICIES (the full cache always runs)
+    ruler_settings: list = field(default_factory=lambda: list(ruler.SETTINGS))
 
 
 FULL = Grid(contexts=[1024, 4096, 16384, 32768], speed_budgets=[256, 512, 1024], speed_policies=["criticalkv-ada", "snapkv"],
@@ -70,11 +80,13 @@ FULL = Grid(contexts=[1024, 4096, 16384, 32768], speed_budgets=[256, 512, 1024],
 # under 10 minutes on 2 cores with SmolLM2-135M
 QUICK = Grid(contexts=[2048], speed_budgets=[512], speed_policies=["criticalkv-ada", "snapkv"], other_policies=False,
              repeat=2, n_decode=32, needle_contexts=[1024], needle_depths=[0, 0.25, 0.5, 0.75, 1.0], needle_budgets=[0.125],
-             ppl_tokens=2048, ppl_budgets=[256], perturb_context=1024, perturb_budget=128)
+             ppl_tokens=2048, ppl_budgets=[256], perturb_context=1024, perturb_budget=128, ruler_contexts=[1024],
+             ruler_budgets=[0.2], ruler_samples=1)
 # the harness on the tiny test model (CI): every suite and every policy, a few seconds each
 TINY = Grid(contexts=[256, 512], speed_budgets=[64, 128], speed_policies=["criticalkv-ada", "snapkv"], other_policies=True,
             repeat=2, n_decode=8, needle_contexts=[256], needle_depths=[0, 0.5, 1.0], needle_budgets=[64, 0.25],
-            ppl_tokens=600, ppl_budgets=[64, 128], perturb_context=256, perturb_budget=64, window=8, n_answer=4, n_batch=32)
+            ppl_tokens=600, ppl_budgets=[64, 128], perturb_context=256, perturb_budget=64, window=8, n_answer=4, n_batch=32,
+            ruler_contexts=[256], ruler_budgets=[0.25], ruler_samples=1, ruler_tasks=["niah_single", "vt"])
 
 
 @dataclass
@@ -82,7 +94,7 @@ class Options:
     model: str
     out: Path
     grid: Grid
-    suites: list = field(default_factory=lambda: ["speed", "needle", "ppl", "perturb"])
+    suites: list = field(default_factory=lambda: list(SUITES))
     threads: int = 2
     n_batch: int = 0           # 0: the grid's
     n_gpu_layers: int = 0
@@ -178,8 +190,8 @@ class Bench:
         self.vocab = llama_cpp.Llama(model_path=opts.model, vocab_only=True, verbose=False)
         self.llama_cpp_version = llama_cpp.__version__
         self.n_ctx_train = gguf_model_int(opts.model, "context_length")
-        text, self.text_source = haystack.text(opts.text)
-        self.hay = self.tokenize(text, False)
+        self.text, self.text_source = haystack.text(opts.text)
+        self.hay = self.tokenize(self.text, False)
         self._kv_bytes: dict[int, int] = {}
         self.skipped: list[int] = []  # speed contexts whose full cache would not fit in memory
 
@@ -310,6 +322,34 @@ class Bench:
         full = next(r["ppl"] for r in rows if r["policy"] == STOCK_FULL)
         for r in rows:
             r["ppl_vs_full"] = r["ppl"] / full
+        return rows
+
+    def ruler(self) -> list[dict]:
+        g = self.opts.grid
+        tasks = g.ruler_tasks or ruler.TASKS
+        policies = g.ruler_policies or RULER_POLICIES
+        count = lambda text: len(self.tokenize(text, False))  # noqa: E731
+        bos = self.tokenize("", True)
+        rows = []
+        per_context = {c: ruler.samples(self.text, count, tasks, c, g.ruler_samples) for c in g.ruler_contexts}
+        with self.progress("ruler", sum(len(s) for s in per_context.values())) as bar:
+            for context, samples in per_context.items():
+                # the full cache evicts nothing: one branch serves both settings
+                branches = [("agnostic", ruler.FULL, 0)] + [(s, p, needle_budget(b, context)) for s in g.ruler_settings
+                                                             for p in policies for b in g.ruler_budgets]
+                labels = {needle_budget(b, context): budget_label(b) for b in g.ruler_budgets}
+                for i, sample in enumerate(samples):
+                    r = self.runner.job("ruler", "pyllmkv", bos + self.tokenize(sample.context, False),
+                                        question=self.tokenize(sample.question, False), n_answer=sample.n_answer,
+                                        branches=branches)
+                    for (setting, policy, budget), tokens in zip(branches, r["answers"]):
+                        answer = self.vocab.detokenize(tokens).decode("utf-8", "replace")
+                        row = dict(context=context, task=sample.task, sample=i, policy=policy, budget=budget,
+                                   budget_label=labels.get(budget, ""), answer=answer, expected=sample.expected,
+                                   score=ruler.string_match_all(answer, sample.expected))
+                        for s in (g.ruler_settings if policy == ruler.FULL else [setting]):
+                            rows.append(dict(row, setting=s))
+                    bar.update(1)
         return rows
 
     def perturb(self) -> dict:

@@ -88,6 +88,56 @@ def perturb_lines(p: dict) -> list[str]:
             f"{s['n_heads'] - s['lower'] - s['equal']} |", f"| heads where they are equal | {s['equal']} | |"]
 
 
+def bootstrap_ci(scores: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean, resampling the samples with replacement."""
+    x = np.asarray(scores, dtype=float)
+    means = np.random.default_rng(seed).choice(x, size=(n, len(x))).mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def ruler_summary(rows: list[dict]) -> list[dict]:
+    """Per (context, setting, policy, budget): the mean score over every sample with its interval, per task, and the
+    ratio to the full cache on the same samples."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["context"], r["setting"], r["policy"], r["budget"], r["budget_label"]), []).append(r)
+    full = {(c, st): rs for (c, st, p, _, _), rs in groups.items() if p == "full cache"}
+    out = []
+    for (context, setting, policy, budget, label), rs in groups.items():
+        mean = float(np.mean([r["score"] for r in rs]))
+        lo, hi = bootstrap_ci([r["score"] for r in rs])
+        tasks = {}
+        for r in rs:
+            tasks.setdefault(r["task"], []).append(r["score"])
+        full_mean = float(np.mean([r["score"] for r in full[(context, setting)]]))
+        out.append(dict(context=context, setting=setting, policy=policy, budget=budget, budget_label=label, n=len(rs),
+                        mean=mean, ci=(lo, hi), tasks={t: float(np.mean(v)) for t, v in tasks.items()},
+                        vs_full=mean / full_mean if full_mean > 0 else float("nan")))
+    return sorted(out, key=lambda r: (r["context"], r["setting"], r["policy"] != "full cache", r["budget"], r["policy"]))
+
+
+RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its own last window queries, then the question",
+                 "aware": "question-aware: context and question prefilled, evicted once with the question in the window"}
+
+
+def ruler_tables(rows: list[dict]) -> list[str]:
+    summary = ruler_summary(rows)
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: list(dict.fromkeys(r["task"] for r in rows)).index(t))
+    out = []
+    for context, setting in dict.fromkeys((r["context"], r["setting"]) for r in summary):
+        out += [f"### {context} tokens, {RULER_SETTING[setting]}", "",
+                "| policy | budget | " + " | ".join(tasks) + " | mean [95 % CI] | / full cache | samples |",
+                "|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+        for r in summary:
+            if (r["context"], r["setting"]) == (context, setting):
+                out.append(f"| {r['policy']} | {r['budget_label'] or '-'} | "
+                           + " | ".join(f"{100 * r['tasks'].get(t, float('nan')):.0f}" for t in tasks)
+                           + f" | {100 * r['mean']:.1f} [{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}] | "
+                           f"{r['vs_full']:.2f} | {r['n']} |")
+        out.append("")
+    return out
+
+
 def markdown(results: dict) -> str:
     m = results["meta"]
     out = [f"# pyllmkv bench: {Path(m['model']).name}", "",
@@ -121,6 +171,12 @@ def markdown(results: dict) -> str:
         out += ppl_table(results["ppl"]) + [""]
     if "perturb" in results:
         out += ["## Output perturbation per head (criticalkv vs snapkv)", ""] + perturb_lines(results["perturb"]) + [""]
+    if "ruler" in results:
+        out += ["## Retention: RULER-style tasks (score: share of the expected values in the greedy answer, %)", "",
+                "Each sample's context is prefilled once with the whole cache and saved; each policy and budget loads it, "
+                "evicts once and answers. Budgets are shares of the context, the window included. streaming keeps "
+                "what stock context shift would (4 sinks + the most recent cells).", ""]
+        out += ruler_tables(results["ruler"])
     return "\n".join(out)
 
 
@@ -195,6 +251,26 @@ def plots(results: dict, out: Path) -> list[Path]:
         axes[1].set_ylabel("mean L1 perturbation")
         axes[1].legend()
         save(fig, "perturbation.png")
+    if "ruler" in results:
+        summary = ruler_summary(results["ruler"])
+        keys = list(dict.fromkeys((r["context"], r["setting"]) for r in summary))
+        fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+        for ax, (context, setting) in zip(axes[0], keys):
+            rs = [r for r in summary if (r["context"], r["setting"]) == (context, setting)]
+            for r in rs:
+                if r["policy"] == "full cache":
+                    ax.axhline(100 * r["mean"], color="k", linestyle="--", label="full cache")
+            for policy in dict.fromkeys(r["policy"] for r in rs if r["policy"] != "full cache"):
+                pts = sorted((r["budget"] / context, r) for r in rs if r["policy"] == policy)
+                x = [b for b, _ in pts]
+                ax.errorbar(x, [100 * r["mean"] for _, r in pts], marker="o", label=policy, capsize=3,
+                            yerr=[[100 * (r["mean"] - r["ci"][0]) for _, r in pts], [100 * (r["ci"][1] - r["mean"]) for _, r in pts]])
+            ax.set_title(f"{context} tokens, question-{setting}", fontsize=10)
+            ax.set_xlabel("budget / context")
+            ax.set_ylabel("score (%)")
+            ax.set_ylim(-2, 102)
+        axes[0][-1].legend(fontsize=8)
+        save(fig, "ruler.png")
     return files
 
 

@@ -185,7 +185,24 @@ def generate(stream, prompt, n_new: int, settle: bool) -> tuple[list[int], float
     return out, time.perf_counter() - t0
 
 
+def run_ruler(job: dict) -> dict:
+    """One RULER sample: the context prefilled once, then every (setting, policy, budget) branch's answer."""
+    import pyllmkv
+    from pyllmkv.bench.ruler import branch_answers
+
+    n_ctx = len(job["tokens"]) + len(job["question"]) + job["n_answer"] + job["n_batch"]
+    llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, n_batch=job["n_batch"], n_ubatch=job["n_batch"],
+                                  n_threads=job["threads"], n_threads_batch=job["threads"],
+                                  n_gpu_layers=job["n_gpu_layers"], verbose=False)
+    t0 = time.perf_counter()
+    answers = branch_answers(llm, job["tokens"], job["question"], job["n_answer"], [tuple(b) for b in job["branches"]],
+                             job["window"], job["pool_kernel"])
+    return {"answers": answers, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
+
+
 def run(job: dict) -> dict:
+    if job["suite"] == "ruler":
+        return run_ruler(job)
     stream = open_stream(job)
     tokens = job["tokens"]
     result: dict = {}

@@ -1,0 +1,230 @@
+"""RULER-style retention tasks (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language
+Models?"), generated here from a seed over the bench's real English text, and the branching that evicts one prefilled
+context with every policy.
+
+Two settings, per sample:
+- question-agnostic (a chat's everyday case, DefensiveKV's protocol): the context alone is prefilled and evicted to
+  the budget with its own last `window` queries; then the question is decoded at the next positions and answered.
+- question-aware (the CriticalKV paper's and kvpress's): context and question are prefilled, evicted once with the
+  question in the window, then answered.
+The context is prefilled once with the whole cache and saved; each (setting, policy, budget) loads it, evicts once and
+answers, so a policy costs an eviction and a short decode, not a prefill.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+SETTINGS = ["agnostic", "aware"]
+FULL = "full cache"
+# tokens an answer may take: the multi-value tasks list several items
+N_ANSWER = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 80,
+            "fwe": 30}
+
+NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+              "I will quiz you about the numbers afterwards.\n")
+NIAH_NEEDLE = " One of the special magic numbers for {key} is: {value}. "
+
+
+@dataclass
+class Sample:
+    """One context and its question; `expected`: the strings a right answer holds (scored by string_match_all)."""
+
+    task: str
+    context: str
+    question: str
+    expected: list[str]
+    n_answer: int = field(default=0)
+
+    def __post_init__(self):
+        self.n_answer = self.n_answer or N_ANSWER[self.task]
+
+
+def string_match_all(answer: str, expected: Sequence[str]) -> float:
+    """RULER's score: the share of expected strings that occur in the answer, case-insensitive."""
+    low = answer.lower()
+    return sum(e.lower() in low for e in expected) / len(expected)
+
+
+class Generator:
+    """Samples of `context_tokens` tokens (approximately: the text is cut by a token count) from `text`.
+    `count(text)` gives the number of tokens of a text."""
+
+    def __init__(self, text: str, count: Callable[[str], int], seed: int):
+        self.text = text
+        self.count = count
+        self.rng = random.Random(seed)
+        self.words = sorted({w.lower() for w in re.findall(r"\b[A-Za-z]{4,12}\b", text)})
+        self.sentences = re.split(r"(?<=[.;:])\s+", re.sub(r"\s+", " ", text))
+
+    # --- pieces ---
+
+    def number(self) -> str:
+        return str(self.rng.randint(1000000, 9999999))
+
+    def key(self) -> str:
+        return f"{self.rng.choice(self.words)}-{self.rng.choice(self.words)}"
+
+    def haystack(self, n_tokens: int) -> list[str]:
+        """Consecutive sentences of the text from a random start, about n_tokens long."""
+        start = self.rng.randrange(len(self.sentences))
+        out, n = [], 0
+        while n < n_tokens:
+            s = self.sentences[(start + len(out)) % len(self.sentences)]
+            out.append(s)
+            n += self.count(" " + s)
+        return out
+
+    def insert(self, hay: list[str], needles: list[str]) -> str:
+        """The sentences with each needle at a random depth (needles in the given order)."""
+        at = sorted(self.rng.randrange(len(hay) + 1) for _ in needles)
+        out = list(hay)
+        for i, (pos, needle) in enumerate(zip(at, needles)):
+            out.insert(pos + i, needle.strip())
+        return " ".join(out)
+
+    def niah(self, context_tokens: int, needles: list[str], question: str, expected: list[str], task: str) -> Sample:
+        budget = context_tokens - self.count(NIAH_INTRO) - sum(self.count(n) for n in needles)
+        return Sample(task, NIAH_INTRO + self.insert(self.haystack(budget), needles), question, expected)
+
+    # --- tasks ---
+
+    def niah_single(self, n: int) -> Sample:
+        key, value = self.key(), self.number()
+        return self.niah(n, [NIAH_NEEDLE.format(key=key, value=value)],
+                         f"\nWhat is the special magic number for {key} mentioned in the provided text? "
+                         f"The special magic number for {key} mentioned in the provided text is", [value], "niah_single")
+
+    def niah_multikey(self, n: int) -> Sample:
+        keys = [self.key() for _ in range(4)]
+        values = [self.number() for _ in keys]
+        needles = [NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
+        self.rng.shuffle(needles)
+        return self.niah(n, needles, f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
+                         f"The special magic number for {keys[0]} mentioned in the provided text is", [values[0]],
+                         "niah_multikey")
+
+    def niah_multivalue(self, n: int) -> Sample:
+        key = self.key()
+        values = [self.number() for _ in range(4)]
+        return self.niah(n, [NIAH_NEEDLE.format(key=key, value=v) for v in values],
+                         f"\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
+                         f"The special magic numbers for {key} mentioned in the provided text are", values,
+                         "niah_multivalue")
+
+    def niah_multiquery(self, n: int) -> Sample:
+        keys = [self.key() for _ in range(4)]
+        values = [self.number() for _ in keys]
+        needles = [NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
+        self.rng.shuffle(needles)
+        asked = ", ".join(keys[:-1]) + f", and {keys[-1]}"
+        return self.niah(n, needles, f"\nWhat are all the special magic numbers for {asked} mentioned in the provided "
+                         f"text? The special magic numbers for {asked} mentioned in the provided text are", values,
+                         "niah_multiquery")
+
+    def vt(self, n: int) -> Sample:
+        """Variable tracking: a chain of 4 assignments from one number, spread through the text."""
+        names = ["".join(self.rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
+        value = str(self.rng.randint(10000, 99999))
+        chain = [f" VAR {names[0]} = {value}. "] + [f" VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, 4)]
+        intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+        budget = n - self.count(intro) - sum(self.count(c) for c in chain)
+        return Sample("vt", intro + self.insert(self.haystack(budget), chain),
+                      f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+                      f"Answer: According to the chain(s) of variable assignment in the text above, 4 variables are "
+                      f"assigned the value {value}, they are:", names)
+
+    def cwe(self, n: int) -> Sample:
+        """Common words: a numbered list where 10 words occur most often (30 times each where the context allows, as
+        RULER's) and the others 3 times."""
+        words = self.rng.sample(self.words, len(self.words))
+        common, rare = words[:10], words[10:]
+        intro = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones that appear most often.\n"
+        trial = " ".join(f"{100 + i}. {w}" for i, w in enumerate(words[:50]))
+        n_items = int((n - self.count(intro)) * 50 / self.count(trial))
+        freq = max(4, min(30, n_items // 20))  # the common words take about half of the list
+        items = [w for w in common for _ in range(freq)]
+        items += [w for w in rare[: max(0, n_items - len(items)) // 3] for _ in range(3)]
+        self.rng.shuffle(items)
+        listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+        return Sample("cwe", intro + listing, "\nQuestion: What are the 10 most common words in the above list? "
+                      "Answer: The top 10 words that appear most often in the list are:", common)
+
+    def fwe(self, n: int) -> Sample:
+        """Frequent words: coded words drawn from a Zipf distribution; the three most frequent are asked for."""
+        vocab = ["".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(200)]
+        weights = [1 / (r + 1) ** 1.5 for r in range(len(vocab))]
+        intro = "Read the following coded text and track the frequency of each coded word. Find the three most frequently appeared coded words.\n"
+        per_word = self.count(" abcdef")
+        drawn = self.rng.choices(vocab, weights, k=max(1, (n - self.count(intro)) // per_word))
+        top = [w for w, _ in Counter(drawn).most_common(3)]
+        return Sample("fwe", intro + " ".join(drawn), "\nQuestion: Do not provide any explanation. Please ignore the "
+                      "dots '....'. What are the three most frequently appeared words in the above coded text? "
+                      "Answer: According to the coded text above, the three most frequently appeared words are:", top)
+
+    def sample(self, task: str, context_tokens: int) -> Sample:
+        return getattr(self, task)(context_tokens)
+
+
+def samples(text: str, count: Callable[[str], int], tasks: Sequence[str], context_tokens: int, n: int,
+            seed: int = 0) -> list[Sample]:
+    """n samples of each task, the same for a given (text, tasks, context, seed) whatever else runs."""
+    out = []
+    for t, task in enumerate(tasks):
+        gen = Generator(text, count, seed * 1000 + context_tokens * 10 + t)
+        out += [gen.sample(task, context_tokens) for _ in range(n)]
+    return out
+
+
+# --- the branching, in a process that imported pyllmkv ---
+
+
+def branch_answers(llm, context: list[int], question: list[int], n_answer: int, branches: list[tuple[str, str, int]],
+                   window: int, pool_kernel: int, on_first_logits: Callable | None = None) -> list[list[int]]:
+    """Greedy answers of `question` after `context` for each (setting, policy, budget) in `branches` (policy FULL:
+    no eviction). `llm` is a llama_cpp.Llama on the patched library whose context holds context + question +
+    n_answer + n_batch cells. The context is prefilled once (the hook enabled, so its last `window` queries are
+    captured), saved, and loaded again for each branch. `on_first_logits(branch, logits)` sees the logits the
+    answer's first token is drawn from (tests)."""
+    import numpy as np
+
+    from .. import _lib
+    from .._lib import EvictConfig
+    from ..session import Session
+
+    ctx = llm._ctx.ctx
+    eog = llm._model.token_eos()
+
+    def config(policy: str, budget: int) -> EvictConfig:
+        return EvictConfig(budget=budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=False)
+
+    prefill = Session(llm, config("snapkv", llm.n_ctx() - llm.n_batch))  # a budget the prompt never reaches
+    prefill.decode(context)
+    kv = _lib.seq_data(ctx)
+    state = llm.save_state()
+    answers = []
+    for setting, policy, budget in branches:
+        evicting = policy != FULL
+        if evicting:
+            _lib.enable(ctx, config(policy, budget))
+        llm.load_state(state)
+        _lib.set_seq_data(ctx, kv)
+        plain = Session(llm, None)  # decodes without evicting to fit: the one eviction is below
+        plain.n_past = plain.n_tokens = len(context)
+        if evicting and setting == "agnostic":
+            _lib.evict(ctx)
+        logits = plain.decode(question)
+        if evicting and setting == "aware":
+            _lib.evict(ctx)
+        if on_first_logits:
+            on_first_logits((setting, policy, budget), logits)
+        out = [int(np.argmax(logits))]
+        while len(out) < n_answer and out[-1] != eog:
+            out.append(int(np.argmax(plain.decode([out[-1]]))))
+        answers.append(out)
+    return answers
