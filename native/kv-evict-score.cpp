@@ -382,9 +382,10 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     ggml_tensor * cell_idx = g.input(GGML_TYPE_I32, n, 1, cell_i32);
     ggml_tensor * slot_idx = g.input(GGML_TYPE_I32, n_q, 1, q_slot);
     ggml_tensor * kq_mask  = g.input(GGML_TYPE_F32, n, n_q, mask);
-    ggml_tensor * weight   = g.input(GGML_TYPE_F32, n_q, 1, q_weight);
-
-    const scoring_kernel kernel = pick_window_attn_kernel(st);
+    // DefensiveKV takes a maximum over the window's queries: it reads every query's row, which only the graph gives
+    const bool defensive = is_defensive(p.policy);
+    ggml_tensor * weight   = defensive ? nullptr : g.input(GGML_TYPE_F32, n_q, 1, q_weight);
+    const scoring_kernel kernel = defensive ? KERNEL_GGML_GRAPH : pick_window_attn_kernel(st);
     st.window_attn_kernel = kernel;
     std::vector<std::vector<float>> attn(n_layer_kv); // [layer_kv][h * n + i]: each cell's weighted window attention
     std::vector<ggml_tensor *> outs(n_layer_kv, nullptr);
@@ -421,9 +422,13 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             if (head_mask) {
                 mask = ggml_add(ctx, ggml_repeat_4d(ctx, kq_mask, n, n_q, n_head, 1), ggml_reshape_3d(ctx, head_mask, n, 1, n_head));
             }
-            ggml_tensor * a = ggml_soft_max_ext(ctx, kq, mask, st.kq_scale[il], 0.0f);
-            a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                        // [n_q, n, n_head]
-            s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                            // [1, n, n_head]
+            ggml_tensor * a = ggml_soft_max_ext(ctx, kq, mask, st.kq_scale[il], 0.0f);  // [n, n_q, n_head]
+            if (defensive) {
+                s = a;
+            } else {
+                a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                    // [n_q, n, n_head]
+                s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                        // [1, n, n_head]
+            }
         }
         outs[l] = g.output(s);
     }
@@ -435,8 +440,17 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         ggml_backend_tensor_get(outs[l], attn[l].data(), 0, ggml_nbytes(outs[l]));
     }
 
-    const bool pooled = p.policy != LLAMA_KV_EVICT_POLICY_H2O && p.policy != LLAMA_KV_EVICT_POLICY_TOVA;
     out.score.assign(n_layer_kv * n_kv * n_prefix, 0.0f);
+    if (defensive) {
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            const std::vector<float> s = defensive_scores(attn[l].data(), n, n_prefix, n_q, hparams.n_head(layer_ids[l]), n_kv,
+                                                          out.value_norm.data() + l * n_kv * n_prefix, p.pool_kernel,
+                                                          p.budget - out.n_window);
+            std::copy(s.begin(), s.end(), out.score.begin() + l * n_kv * n_prefix);
+        }
+        return 0;
+    }
+    const bool pooled = p.policy != LLAMA_KV_EVICT_POLICY_H2O && p.policy != LLAMA_KV_EVICT_POLICY_TOVA;
     std::vector<float> pool_buf(n_prefix);
     for (int64_t l = 0; l < n_layer_kv; ++l) {
         const int32_t il     = layer_ids[l];

@@ -66,6 +66,106 @@ std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, co
     return keep;
 }
 
+std::vector<float> defensive_scores(
+        const float * a, int64_t n, int64_t n_prefix, int64_t n_q, int64_t n_head, int64_t n_kv,
+        const float * value_norm, int32_t kernel, int64_t budget) {
+    const int64_t group = n_head / n_kv;
+    std::vector<float> score(n_kv * n_prefix, 0.0f);  // the maximum, then the weighted score
+    std::vector<double> mean(n_kv * n_prefix, 0.0);   // unpooled attention, mean over the group and the queries
+    std::vector<float> pooled(n_prefix);
+    double window_mass = 0.0;
+    for (int64_t h = 0; h < n_head; ++h) {
+        float  * m = score.data() + (h / group) * n_prefix;
+        double * u = mean.data() + (h / group) * n_prefix;
+        for (int64_t q = 0; q < n_q; ++q) {
+            const float * row = a + (h * n_q + q) * n;
+            double prefix_sum = 0.0, pooled_sum = 0.0;
+            for (int64_t i = 0; i < n; ++i) {
+                (i < n_prefix ? prefix_sum : window_mass) += row[i];
+            }
+            pool_avg(row, n_prefix, kernel, pooled.data());
+            for (int64_t i = 0; i < n_prefix; ++i) {
+                pooled_sum += pooled[i];
+                u[i] += row[i];
+            }
+            const double rescale = pooled_sum > 0.0 ? prefix_sum / pooled_sum : 0.0;
+            for (int64_t i = 0; i < n_prefix; ++i) {
+                m[i] = std::max(m[i], (float) (pooled[i] * rescale));
+            }
+        }
+    }
+    window_mass /= (double) n_head * n_q;
+
+    std::vector<double> norm_sum(n_prefix, 0.0);
+    for (int64_t g = 0; g < n_kv; ++g) {
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            norm_sum[i] += value_norm[g * n_prefix + i];
+        }
+    }
+    float top = 0.0f;
+    for (int64_t g = 0; g < n_kv; ++g) {
+        float * m = score.data() + g * n_prefix;
+        const double floor = std::accumulate(m, m + n_prefix, 0.0) / n_prefix;
+        for (int64_t i = 0; i < n_prefix; ++i) {
+            const double share = norm_sum[i] > 0.0 ? value_norm[g * n_prefix + i] / norm_sum[i] : 0.0;
+            m[i] = (float) (std::max<double>(m[i], floor) * share);
+            top = std::max(top, m[i]);
+        }
+    }
+
+    // stage 1: the cells before the cumulative mean attention reaches the threshold (the one reaching it excluded)
+    const double threshold = 0.9 - window_mass;
+    for (int64_t g = 0; g < n_kv; ++g) {
+        const double * u = mean.data() + g * n_prefix;
+        const double total = std::accumulate(u, u + n_prefix, 0.0);
+        if (!(total > 0.0)) {
+            continue;
+        }
+        std::vector<float> ug(u, u + n_prefix);
+        const std::vector<int64_t> order = top_k(ug, n_prefix);
+        double cum = 0.0;
+        int64_t count = 0;
+        while (count < n_prefix && (cum += u[order[count]] / total) < threshold) {
+            ++count;
+        }
+        if (count == n_prefix) {
+            count = 0;  // never reached: as an arg-max over an all-false mask, nothing is protected
+        }
+        for (int64_t k = 0; k < std::min(count, budget); ++k) {
+            score[g * n_prefix + order[k]] = top;
+        }
+    }
+    return score;
+}
+
+void pooled_shares(
+        const std::vector<std::vector<float>> & s,
+        const std::vector<std::vector<uint8_t>> & taken,
+        int64_t pool,
+        int64_t cap,
+        std::vector<int64_t> & share) {
+    // every pair of all heads, best first (head-major flat index breaks ties)
+    std::vector<float>   flat;
+    std::vector<uint8_t> flat_skip;
+    for (size_t h = 0; h < s.size(); ++h) {
+        flat.insert(flat.end(), s[h].begin(), s[h].end());
+        flat_skip.insert(flat_skip.end(), taken[h].begin(), taken[h].end());
+    }
+    std::vector<int64_t> order = top_k(flat, flat.size(), &flat_skip);
+    for (size_t j = 0; j < order.size() && pool > 0; ++j) {
+        int64_t h = 0;
+        int64_t i = order[j];
+        while (i >= (int64_t) s[h].size()) {
+            i -= s[h].size();
+            ++h;
+        }
+        if (share[h] < cap) {
+            share[h]++;
+            pool--;
+        }
+    }
+}
+
 std::vector<int64_t> adakv_shares(
         const std::vector<std::vector<float>> & s,
         const std::vector<std::vector<uint8_t>> * skip,
@@ -87,26 +187,7 @@ std::vector<int64_t> adakv_shares(
         }
     }
 
-    // the remaining pairs of all heads, best first (head-major flat index breaks ties)
-    std::vector<float>   flat;
-    std::vector<uint8_t> flat_skip;
-    for (int64_t h = 0; h < n_head; ++h) {
-        flat.insert(flat.end(), s[h].begin(), s[h].end());
-        flat_skip.insert(flat_skip.end(), taken[h].begin(), taken[h].end());
-    }
-    std::vector<int64_t> order = top_k(flat, flat.size(), &flat_skip);
-    for (size_t j = 0; j < order.size() && left > 0; ++j) {
-        int64_t h = 0;
-        int64_t i = order[j];
-        while (i >= (int64_t) s[h].size()) {
-            i -= s[h].size();
-            ++h;
-        }
-        if (share[h] < cap) {
-            share[h]++;
-            left--;
-        }
-    }
+    pooled_shares(s, taken, left, cap, share);
     return share;
 }
 

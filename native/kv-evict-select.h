@@ -28,10 +28,31 @@ std::vector<uint8_t> select_two_stage(
 // One-stage selection: the `budget` cells of largest `s`.
 std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, const std::vector<uint8_t> * skip = nullptr);
 
+// DefensiveKV (Feng et al. 2025b, arXiv 2510.13334) scores of one layer's prefix cells, [n_kv][n_prefix], from the
+// window's attention a[h][q][i] over all n cells (the last n - n_prefix are the window's own). Per query and head the
+// pooled row is rescaled to the unpooled row's prefix sum; the maximum over the window's queries and the query group,
+// floored at that head's mean over cells, is weighted by the value norm shared across the layer's KV heads. Cells
+// holding the first (0.9 - mass the window puts on its own cells) of a head's mean attention, at most `budget` of them,
+// score the layer's maximum.
+std::vector<float> defensive_scores(
+        const float * a, int64_t n, int64_t n_prefix, int64_t n_q, int64_t n_head, int64_t n_kv,
+        const float * value_norm /* [n_kv][n_prefix] */, int32_t kernel, int64_t budget);
+
 // AdaKV (Feng et al. 2024): how many cells each of a layer's heads keeps, out of a pool of n_head * budget. Every
 // head first gets its top max(1, floor(alpha * budget)) cells by s[h]; the rest of the pool goes to the best
 // (head, cell) pairs of all heads, ties to the lower head, then the lower cell. No head gets more than `cap` cells
 // (its surplus goes to the next pairs of the others). skip[h][i] (optional) marks pairs that cannot be chosen.
+// The best (head, cell) pairs of all heads, `pool` more of them, added to each head's `share`: ties to the lower head,
+// then the lower cell; no head past `cap` (its surplus goes to the next pairs of the others). taken[h][i] marks pairs
+// already counted or not to be chosen. DefensiveKV's one top-k over a layer's (or every layer's) heads, AdaKV's second
+// part.
+void pooled_shares(
+        const std::vector<std::vector<float>> & s,
+        const std::vector<std::vector<uint8_t>> & taken,
+        int64_t pool,
+        int64_t cap,
+        std::vector<int64_t> & share);
+
 std::vector<int64_t> adakv_shares(
         const std::vector<std::vector<float>> & s,
         const std::vector<std::vector<uint8_t>> * skip,

@@ -14,6 +14,21 @@ struct llama_hparams;
 struct llama_context;
 class  llama_kv_cache;
 
+namespace kv_evict {
+
+// What a policy needs, asked where the hook branches instead of naming policies there
+inline bool is_defensive(llama_kv_evict_policy p) {
+    return p == LLAMA_KV_EVICT_POLICY_DEFENSIVEKV || p == LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER;
+}
+inline bool needs_value_norms(llama_kv_evict_policy p) {
+    return p == LLAMA_KV_EVICT_POLICY_CRITICALKV || p == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || is_defensive(p);
+}
+inline bool shares_heads(llama_kv_evict_policy p) {
+    return p == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || p == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA || is_defensive(p);
+}
+
+} // namespace kv_evict
+
 struct llama_kv_evict_state {
     llama_context       * lctx = nullptr;
     llama_kv_cache      * kv   = nullptr; // the cache eviction acts on: the full-attention one of an iSWA pair
@@ -77,9 +92,8 @@ struct llama_kv_evict_state {
         return absent(l, cell, pos, g) ? -1 : head_pos[side(l, cell, g)];
     }
 
-    bool ada() const {
-        return params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || params.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA;
-    }
+    // the policy shares each layer's cells unequally between heads: per-head masks, up to 2 x budget - window cells
+    bool ada() const { return kv_evict::shares_heads(params.policy); }
 
     // set while the hook edits the cache itself, so that its own removals do not come back through
     // llama_kv_evict_on_seq_rm

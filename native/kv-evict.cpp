@@ -130,15 +130,14 @@ std::string validate(const llama_kv_evict_params & p, uint32_t kv_size) {
     static_assert(sizeof(p.policy) == sizeof(policy) && sizeof(p.granularity) == sizeof(granularity), "int-sized enums");
     memcpy(&policy, &p.policy, sizeof(policy));
     memcpy(&granularity, &p.granularity, sizeof(granularity));
-    if (policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || policy > LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) {
+    if (policy < LLAMA_KV_EVICT_POLICY_CRITICALKV || policy > LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER) {
         return "unknown policy " + std::to_string(policy);
     }
     if (granularity != LLAMA_KV_EVICT_GRANULARITY_TOKEN && granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
         return "unknown granularity " + std::to_string(granularity);
     }
-    if ((p.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || p.policy == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA) &&
-        p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
-        return "the -ada policies give each KV head its own share of cells: use granularity head";
+    if (shares_heads(p.policy) && p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
+        return "the -ada and defensivekv policies give each KV head its own share of cells: use granularity head";
     }
     if (!(p.ada_alpha >= 0.0f && p.ada_alpha <= 1.0f)) {
         return "ada_alpha must lie in [0, 1]";
@@ -281,7 +280,22 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
     auto head_scores = [&](int64_t hh) {
         return std::vector<float>(sc.score.begin() + hh * n_prefix, sc.score.begin() + (hh + 1) * n_prefix);
     };
-    if (st.ada()) {
+    if (is_defensive(p.policy)) {
+        // one top-k over the pairs of every head of a layer (defensivekv) or of every layer (defensivekv-layer), with no
+        // per-head floor; a head holds at most twice the per-head budget, as with AdaKV
+        const int64_t n_heads = p.policy == LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER ? n_layer_kv * n_kv : n_kv;
+        for (int64_t h0 = 0; h0 < n_layer_kv * n_kv; h0 += n_heads) {
+            std::vector<std::vector<float>>   s(n_heads);
+            std::vector<std::vector<uint8_t>> taken(n_heads);
+            for (int64_t h = 0; h < n_heads; ++h) {
+                s[h]     = head_scores(h0 + h);
+                taken[h] = skip[h0 + h].empty() ? std::vector<uint8_t>(n_prefix, 0) : skip[h0 + h];
+            }
+            std::vector<int64_t> sh(n_heads, 0);
+            pooled_shares(s, taken, n_heads * budget, 2 * budget, sh);
+            std::copy(sh.begin(), sh.end(), share.begin() + h0);
+        }
+    } else if (st.ada()) {
         // a head holds at most twice the per-head budget: every cell a share adds is a cell of every head and layer
         for (int64_t l = 0; l < n_layer_kv; ++l) {
             std::vector<std::vector<float>>   s(n_kv);
@@ -346,8 +360,8 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
     }
     st.mask_saved = false;
     for (uint32_t cell : dst) {
-        // criticalkv computed every prefix cell's norms; other policies did not, and recompute them from the rows
-        st.norm_valid[cell] = critical;
+        // the policies that weigh by value norms computed every prefix cell's; the others recompute them from the rows
+        st.norm_valid[cell] = needs_value_norms(p.policy);
     }
 
     // the destination cells are the first n_keep prefix positions: the rest of the prefix is one position range
@@ -661,7 +675,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     const int64_t n_kv       = hp.n_head_kv(st->kv->get_layer_ids()[0]);
 
     seq_scores sc;
-    const bool need_norms = st->params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV || st->params.policy == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA;
+    const bool need_norms = needs_value_norms(st->params.policy);
     if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/true, sc)) {
         return err;
     }

@@ -46,7 +46,8 @@ def _load_llama_cpp():
 
 llama_cpp, _lib = _load_llama_cpp()
 
-POLICIES = {"criticalkv-ada": 5, "criticalkv": 0, "snapkv-ada": 6, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4}
+POLICIES = {"criticalkv-ada": 5, "criticalkv": 0, "snapkv-ada": 6, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4,
+            "defensivekv": 7, "defensivekv-layer": 8}
 GRANULARITIES = {"token": 0, "head": 1}
 
 
@@ -161,9 +162,10 @@ def _ctx(ctx) -> int:
     return ctx
 
 
-def is_ada(policy: str) -> bool:
-    """Whether POLICY shares the budget between heads (AdaKV): the cache holds up to 2 x budget - window cells then."""
-    return policy.endswith("-ada")
+def shares_heads(policy: str) -> bool:
+    """Whether POLICY shares the budget unequally between heads (the -ada policies, DefensiveKV): the cache holds up
+    to 2 x budget - window cells then."""
+    return policy.endswith("-ada") or policy.startswith("defensivekv")
 
 
 @dataclass
@@ -185,9 +187,9 @@ class EvictConfig:
 
     @property
     def cells(self) -> int:
-        """Most cells the sequence holds after an eviction: the budget; with an -ada policy the window plus the largest
-        AdaKV head share, which the hook caps at twice the per-head budget."""
-        return 2 * self.budget - self.window if is_ada(self.policy) else self.budget
+        """Most cells the sequence holds after an eviction: the budget; with a policy that shares heads unequally the
+        window plus the largest head share, which the hook caps at twice the per-head budget."""
+        return 2 * self.budget - self.window if shares_heads(self.policy) else self.budget
 
     def to_c(self) -> EvictParams:
         if self.policy not in POLICIES:

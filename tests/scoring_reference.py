@@ -118,3 +118,47 @@ def select_head(policy, s, norm, k, first_stage_ratio=0.5, epsilon=1e-4):
     keep[_top(s, n_first)] = True
     keep[_top((s.astype(np.float64) + epsilon) * norm, k - n_first, keep)] = True
     return np.flatnonzero(keep)
+
+
+def defensive_scores(a, n_window, n_kv, norms, budget, kernel=13):
+    """DefensiveKV (arXiv 2510.13334) scores of one layer's prefix cells, [n_kv, n_prefix]. a [n_head, W, N]: the
+    window's attention over all N cells (the last n_window are the window's own); norms [n_kv, n_prefix]: the group
+    mean of |V_i W_O^h|_1; budget: the per-head budget outside the window.
+
+    Per query and head the pooled prefix row is rescaled to the unpooled row's prefix sum; the maximum over the
+    group's heads and the queries is floored at its mean over cells and weighted by the norm normalised across the KV
+    heads. Stage 1: per KV head, the cells before the cumulative share of the mean unpooled attention reaches
+    0.9 - (mass the window puts on its own cells, mean over heads and queries), at most `budget`, score the layer's
+    maximum."""
+    n_head, _, n = a.shape
+    n_prefix = n - n_window
+    prefix = a[:, :, :n_prefix].astype(np.float64)
+    pooled = avg_pool(prefix, kernel)
+    pooled = pooled * (prefix.sum(-1, keepdims=True) / pooled.sum(-1, keepdims=True))
+    m = pooled.max(axis=1).reshape(n_kv, n_head // n_kv, n_prefix).max(axis=1)
+    d = np.maximum(m, m.mean(axis=-1, keepdims=True))
+    s = d * norms / norms.sum(axis=0, keepdims=True)
+    top = s.max()
+    window_mass = a[:, :, n_prefix:].sum(-1).mean()
+    mean = group_mean(prefix.mean(axis=1), n_kv)
+    for g in range(n_kv):
+        share = mean[g] / mean[g].sum()
+        order = _top(share, n_prefix)
+        reached = np.cumsum(share[order]) >= 0.9 - window_mass
+        count = int(np.argmax(reached)) if reached.any() else 0
+        s[g, order[: min(count, budget)]] = top
+    return s
+
+
+def pooled_shares(scores, pool, cap):
+    """One top-k over the (head, cell) pairs of scores [n_head, n]: cells per head, ties to the lower head then cell,
+    no head past cap."""
+    share = np.zeros(scores.shape[0], dtype=int)
+    pairs = sorted(((h, i) for h in range(scores.shape[0]) for i in range(scores.shape[1])), key=lambda p: (-scores[p], p))
+    for h, i in pairs:
+        if pool == 0:
+            break
+        if share[h] < cap:
+            share[h] += 1
+            pool -= 1
+    return share

@@ -23,13 +23,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .._lib import EvictConfig
+from .._lib import POLICIES as _POLICY_IDS, EvictConfig
 from ..session import gguf_model_int
 from . import haystack, ruler
 
-POLICIES = ["criticalkv", "criticalkv-ada", "snapkv", "snapkv-ada", "h2o", "tova", "streaming"]
+POLICIES = list(_POLICY_IDS)
 # streaming (4 sinks + the most recent) is what stock context shift keeps when one eviction takes a cache to its budget
-RULER_POLICIES = ["streaming", "snapkv", "snapkv-ada", "criticalkv", "criticalkv-ada"]
+RULER_POLICIES = ["streaming", "snapkv", "snapkv-ada", "criticalkv", "criticalkv-ada", "defensivekv", "defensivekv-layer"]
 STOCK_FULL, STOCK_SHIFT = "stock full", "stock shift"
 SUITES = ["speed", "needle", "ppl", "perturb", "ruler"]
 N_KEEP = 4  # stock context shift keeps the first tokens, as llama-cli's --keep
