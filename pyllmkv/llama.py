@@ -10,6 +10,9 @@ Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_cha
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
   the conversation reuse the cache as before; a prompt that diverges where the cache no longer holds the preceding
   token is decoded again from the last kept token.
+
+Where there is nothing to evict the hook stays off and the object behaves as llama_cpp.Llama: `vocab_only=True` (a
+tokenizer, no cache) and `embedding=True` (each input is encoded in one batch, the cache cleared after it).
 """
 
 from __future__ import annotations
@@ -43,13 +46,19 @@ class Llama(llama_cpp.Llama):
         `pool_kernel`: cells the window's scores are averaged over (odd; 1: none);
         `prompt_tail`: a prompt longer than the cache is evicted with the queries of its last `window` tokens
         (pyllmkv.session.PromptTail), else with those of each batch's end;
-        `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`."""
+        `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`.
+
+        With `vocab_only=True` or `embedding=True` eviction is off: the context (kv_budget + n_batch cells) is the
+        logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`."""
         self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window,
                                         pool_kernel=pool_kernel, prompt_tail=prompt_tail)
         self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
         kwargs.setdefault("n_ubatch", n_batch)
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
+        self._eviction_off_reason = self._why_no_eviction()
+        if self._eviction_off_reason:
+            return
         _lib.enable(self._ctx.ctx, self.evict_config)
         self._tail = PromptTail(self)
 
@@ -57,6 +66,15 @@ class Llama(llama_cpp.Llama):
         self.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
         if self._logits_all:
             self.scores = np.ndarray((self._n_ctx, self._n_vocab), dtype=np.single)
+
+    def _why_no_eviction(self) -> str:
+        """Why this object needs no eviction ("" if it does)."""
+        if self.model_params.vocab_only:
+            return "vocab_only=True: a tokenizer, with no KV cache"
+        if self.context_params.embeddings:
+            # llama-cpp-python encodes up to n_batch sequences in one batch (n_seq_max > 1) and clears the cache after
+            return "embedding=True: each input is encoded whole in one batch, and the cache cleared after it"
+        return ""
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # __init__ may have failed before llama_cpp.Llama set it up
@@ -67,9 +85,13 @@ class Llama(llama_cpp.Llama):
         return getattr(self, "_n_ctx", None) or super().n_ctx()
 
     def kv_stats(self) -> dict:
-        """Cells used and allocated, KV bytes, evictions, as llama.cpp counts them."""
+        """Cells used and allocated, KV bytes, evictions, as llama.cpp counts them, with `enabled` True; where eviction
+        is off (vocab_only=True, embedding=True) `{"enabled": False, "reason": why}`."""
+        if self._eviction_off_reason:
+            return {"enabled": False, "reason": self._eviction_off_reason}
         stats = _lib.stats(self._ctx.ctx)
         stats["budget"] = self.evict_config.budget
+        stats["enabled"] = True
         return stats
 
     def save_state(self) -> "llama_cpp.LlamaState":
@@ -78,6 +100,8 @@ class Llama(llama_cpp.Llama):
         per-head mask, the window's queries and the H2O sums, so that a loaded sequence attends, truncates and evicts
         as the original. Read first: llama.cpp writes the state of an -ada cache only once they have been. Raises
         KVEvictError where llama.cpp cannot write the state (instead of returning an empty one)."""
+        if self._eviction_off_reason:
+            return super().save_state()
         kv_evict = _lib.seq_data(self._ctx.ctx)
         if llama_cpp.llama_state_get_size(self._ctx.ctx) == 0:
             raise _lib.KVEvictError(-2, _lib.last_error() or "llama.cpp could not save the state")
@@ -94,6 +118,8 @@ class Llama(llama_cpp.Llama):
             _lib.set_seq_data(self._ctx.ctx, state.kv_evict)
 
     def eval(self, tokens: Sequence[int]):
+        if self._eviction_off_reason:
+            return super().eval(tokens)
         resume = truncate(self._ctx.ctx, self.n_tokens)
         if resume < self.n_tokens:
             # the cell before n_tokens was evicted: decode again from the last kept cell

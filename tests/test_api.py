@@ -25,7 +25,8 @@ def test_completion_identical_to_llama_cpp_python_within_budget(llama_cpp, smoll
         a = stock(prompt, max_tokens=40, temperature=temp, seed=11)["choices"][0]["text"]
         b = ours(prompt, max_tokens=40, temperature=temp, seed=11)["choices"][0]["text"]
         assert a == b and a.strip()
-    assert ours.kv_stats()["n_evictions"] == 0
+    stats = ours.kv_stats()
+    assert stats["enabled"] and stats["n_evictions"] == 0
 
 
 def test_chat_longer_than_budget_keeps_answering_in_bounded_cache(smollm2_path):
