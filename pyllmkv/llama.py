@@ -12,7 +12,8 @@ Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_cha
   token is decoded again from the last kept token.
 
 Where there is nothing to evict the hook stays off and the object behaves as llama_cpp.Llama: `vocab_only=True` (a
-tokenizer, no cache) and `embedding=True` (each input is encoded in one batch, the cache cleared after it).
+tokenizer, no cache) and `embedding=True` (each input is encoded in one batch, the cache cleared after it). A recurrent
+or hybrid model (Mamba, Jamba, ...) is refused: its state is not a KV cache the hook can evict.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Llama(llama_cpp.Llama):
         `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`.
 
         With `vocab_only=True` or `embedding=True` eviction is off: the context (kv_budget + n_batch cells) is the
-        logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`."""
+        logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`. Raises KVEvictError for a
+        model the hook cannot evict, naming its architecture."""
         self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window,
                                         pool_kernel=pool_kernel, prompt_tail=prompt_tail)
         self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
@@ -59,7 +61,17 @@ class Llama(llama_cpp.Llama):
         self._eviction_off_reason = self._why_no_eviction()
         if self._eviction_off_reason:
             return
-        _lib.enable(self._ctx.ctx, self.evict_config)
+        try:
+            _lib.enable(self._ctx.ctx, self.evict_config)
+        except _lib.KVEvictError as e:
+            model = self._model.model
+            if not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)):
+                raise
+            arch = self.metadata.get("general.architecture", "unknown")
+            raise _lib.KVEvictError(e.code, (
+                f"pyllmkv.Llama cannot bound the memory of architecture {arch}: a recurrent or hybrid model keeps a "
+                "recurrent state, which the hook cannot evict; use llama_cpp.Llama (pyllmkv.llama_cpp.Llama), which "
+                "has no kv_budget")) from e
         self._tail = PromptTail(self)
 
         self._n_ctx = n_ctx or self._model.n_ctx_train()

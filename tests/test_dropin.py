@@ -1,4 +1,4 @@
-"""pyllmkv.Llama where there is nothing to evict: it behaves as llama_cpp.Llama on the same model."""
+"""pyllmkv.Llama where there is nothing to evict: it behaves as llama_cpp.Llama on the same model, or says why not."""
 
 from __future__ import annotations
 
@@ -30,3 +30,14 @@ def test_embedding_gives_llama_cpp_vectors(llama_cpp, smollm2_path):
     stats = ours.kv_stats()
     assert stats["enabled"] is False and "embedding=True" in stats["reason"]
 
+
+def test_recurrent_model_is_refused_naming_the_architecture_and_the_alternative(llama_cpp, tmp_path):
+    from tinymodel import write_tiny_mamba
+
+    path = write_tiny_mamba(tmp_path / "mamba.gguf")
+    with pytest.raises(KVEvictError, match=r"architecture mamba.*use llama_cpp\.Llama"):
+        pyllmkv.Llama(path, kv_budget=64, n_batch=64, verbose=False)
+    # the alternative the message names loads and decodes the model
+    stock = llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=64, verbose=False)
+    stock.eval([1, 2, 3])
+    assert stock.n_tokens == 3
