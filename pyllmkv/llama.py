@@ -18,6 +18,7 @@ or hybrid model (Mamba, Jamba, ...) is refused: its state is not a KV cache the 
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -128,6 +129,18 @@ class Llama(llama_cpp.Llama):
         super().load_state(state)
         if getattr(state, "kv_evict", None):
             _lib.set_seq_data(self._ctx.ctx, state.kv_evict)
+
+    def _create_completion(self, *args, **kwargs):
+        # llama-cpp-python refuses a prompt at the logical context (n_ctx) but names the context's cells in the
+        # message, which its server turns into "maximum context length": say the logical context, and what the cache is
+        try:
+            yield from super()._create_completion(*args, **kwargs)
+        except ValueError as e:
+            m = re.match(r"Requested tokens \((\d+)\) exceed context window of \d+", str(e))
+            if not m:
+                raise
+            raise ValueError(f"Requested tokens ({m[1]}) exceed context window of {self._n_ctx} (n_ctx, the logical "
+                             f"context; the KV cache holds {llama_cpp.llama_n_ctx(self.ctx)} cells and evicts past them)") from None
 
     def eval(self, tokens: Sequence[int]):
         if self._eviction_off_reason:

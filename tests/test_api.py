@@ -172,3 +172,22 @@ def test_prompt_cache_resumes_as_the_live_cache(llama_cpp, smollm2_path, policy)
     assert got == expected
 
 
+
+
+def test_too_long_prompt_names_the_logical_context(smollm2_path):
+    """llama-cpp-python's own message named the cache's cells (its server answered "maximum context length is 768"
+    for a model whose limit was 8,192): the limit is the logical context, and the message says so."""
+    llm = pyllmkv.Llama(smollm2_path, kv_budget=64, n_batch=256, n_ctx=2000, verbose=False)
+    cells = pyllmkv.llama_cpp.llama_n_ctx(llm.ctx)
+    assert cells < 2000
+    prompt = " ".join(["word"] * 2100)
+    with pytest.raises(ValueError, match=rf"Requested tokens \(\d+\) exceed context window of 2000 \(n_ctx.*holds {cells} cells"):
+        llm.create_completion(prompt, max_tokens=4)
+    # the server's formatter reads the logical context from it
+    from llama_cpp.server.errors import RouteErrorHandler
+
+    try:
+        llm.create_completion(prompt, max_tokens=4)
+    except ValueError as e:
+        pattern = next(p for p in RouteErrorHandler.pattern_and_formatters if p.search(str(e)))
+        assert pattern.search(str(e)).group(2) == "2000"
