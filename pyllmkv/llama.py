@@ -9,7 +9,8 @@ Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_cha
   the cache size;
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
   the conversation reuse the cache as before; a prompt that diverges where the cache no longer holds the preceding
-  token is decoded again from the last kept token.
+  token is decoded again from the last kept token. What is reused is what the cache kept of the prefix, chosen with
+  the tokens that came after it: once evicted, the answer can differ from that of the prompt decoded afresh.
 
 Where there is nothing to evict the hook stays off and the object behaves as llama_cpp.Llama: `vocab_only=True` (a
 tokenizer, no cache) and `embedding=True` (each input is encoded in one batch, the cache cleared after it). A recurrent
