@@ -366,7 +366,8 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
         raise click.ClickException("pyllmkv bench draws its plots with matplotlib: pip install matplotlib (or \"pyllmkv[bench]\")")
     model = _model_path(model)
     try:
-        b.stock_lib_dir()
+        if b.needs_stock(list(suites) or b.SUITES):
+            b.stock_lib_dir()
     except FileNotFoundError as e:
         raise click.ClickException(str(e))
     out = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")

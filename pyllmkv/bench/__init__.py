@@ -103,6 +103,11 @@ class Options:
     dump_logits: bool = False  # perplexity: keep every job's logits (tests)
 
 
+def needs_stock(suites) -> bool:
+    """Whether these suites run stock llama.cpp beside pyllmkv."""
+    return bool(set(suites) & {"speed", "needle", "ppl"})
+
+
 def stock_lib_dir() -> Path:
     """The unpatched llama.cpp: $PYLLMKV_STOCK_LIB_DIR, else pyllmkv/stock of the installed package."""
     env = os.environ.get("PYLLMKV_STOCK_LIB_DIR")
@@ -119,7 +124,8 @@ class Runner:
 
     def __init__(self, opts: Options):
         self.opts = opts
-        self.stock_lib = str(stock_lib_dir())
+        # the ruler and perturbation suites run pyllmkv alone: only the suites that compare need the stock build
+        self.stock_lib = str(stock_lib_dir()) if needs_stock(opts.suites) else None
         self.tmp = Path(tempfile.mkdtemp(prefix="pyllmkv-bench-"))
         self.env = dict(os.environ)
         # the child imports this same pyllmkv
