@@ -286,27 +286,21 @@ def _float_list(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers")
 
 
-def _choice_list(choices):
+def _choice_list(choices, what: str):
+    """A click callback for a comma-separated list of some of `choices` (None when not given)."""
     def parse(ctx, param, value):
         if not value:
             return None
         items = value.split(",")
         unknown = set(items) - set(choices)
         if unknown:
-            raise click.BadParameter(f"unknown {', '.join(sorted(unknown))}: choose from {', '.join(choices)}")
+            raise click.BadParameter(f"unknown {what} {', '.join(sorted(unknown))}: choose from {', '.join(choices)}")
         return items
 
     return parse
 
 
-def _policy_list(ctx, param, value):
-    if not value:
-        return None
-    policies = value.split(",")
-    unknown = set(policies) - set(POLICIES)
-    if unknown:
-        raise click.BadParameter(f"unknown policies {', '.join(sorted(unknown))}: choose from {', '.join(POLICIES)}")
-    return policies
+_policy_list = _choice_list(list(POLICIES), "policies")
 
 
 @main.command()
@@ -343,10 +337,10 @@ def _policy_list(ctx, param, value):
 @click.option("--ruler-contexts", callback=_int_list, help="ruler: context lengths in tokens [default: the grid's]")
 @click.option("--ruler-budgets", callback=_float_list, help="ruler: budgets, in cells or below 1 a share of the context")
 @click.option("--ruler-samples", type=click.IntRange(min=1), default=None, help="ruler: samples per task and context")
-@click.option("--ruler-tasks", callback=_choice_list(RULER_TASKS), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
+@click.option("--ruler-tasks", callback=_choice_list(RULER_TASKS, "tasks"), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
 @click.option("--ruler-policies", callback=_policy_list,
               help="ruler: only these policies, beside the full cache [default: streaming,snapkv,snapkv-ada,criticalkv,criticalkv-ada]")
-@click.option("--ruler-settings", callback=_choice_list(RULER_SETTINGS),
+@click.option("--ruler-settings", callback=_choice_list(RULER_SETTINGS, "settings"),
               help="ruler: agnostic (the question after the eviction), aware (the question in the window), or both [default: both]")
 @click.option("--pool-kernel", type=int, callback=_odd, default=None,
               help=f"pooling kernel of the window scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")

@@ -98,15 +98,7 @@ def adakv_shares(scores, budget, alpha, cap):
     taken = np.zeros((n_head, n), dtype=bool)
     for h in range(n_head):
         taken[h, _top(scores[h], n_safe)] = True
-    left = n_head * budget - share.sum()
-    pairs = sorted(((h, i) for h in range(n_head) for i in range(n) if not taken[h, i]), key=lambda p: (-scores[p], p))
-    for h, i in pairs:
-        if left == 0:
-            break
-        if share[h] < cap:
-            share[h] += 1
-            left -= 1
-    return share
+    return pooled_shares(scores, n_head * budget - share.sum(), cap, share, taken)
 
 
 def select_head(policy, s, norm, k, first_stage_ratio=0.5, epsilon=1e-4):
@@ -150,11 +142,13 @@ def defensive_scores(a, n_window, n_kv, norms, budget, kernel=13):
     return s
 
 
-def pooled_shares(scores, pool, cap):
-    """One top-k over the (head, cell) pairs of scores [n_head, n]: cells per head, ties to the lower head then cell,
-    no head past cap."""
-    share = np.zeros(scores.shape[0], dtype=int)
-    pairs = sorted(((h, i) for h in range(scores.shape[0]) for i in range(scores.shape[1])), key=lambda p: (-scores[p], p))
+def pooled_shares(scores, pool, cap, share=None, taken=None):
+    """One top-k over the (head, cell) pairs of scores [n_head, n] not yet `taken`: `pool` more cells added to each
+    head's `share` (zeros by default), ties to the lower head then cell, no head past cap."""
+    n_head, n = scores.shape
+    share = np.zeros(n_head, dtype=int) if share is None else share.copy()
+    pairs = sorted(((h, i) for h in range(n_head) for i in range(n) if taken is None or not taken[h, i]),
+                   key=lambda p: (-scores[p], p))
     for h, i in pairs:
         if pool == 0:
             break
