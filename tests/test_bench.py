@@ -256,6 +256,11 @@ def test_cli(tiny_path, tmp_path):
     for option in ("--ppl-policies", "--needle-policies"):
         proc = subprocess.run(cmd + [option, "criticalkv,lru"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "unknown policies lru" in proc.stderr
+    # without the stock build: the perturbation suite never loads it, the needle suite compares with it
     env = dict(os.environ, PYLLMKV_STOCK_LIB_DIR=str(tmp_path))
-    proc = subprocess.run(cmd, cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(cmd[:-1] + [str(tmp_path / "p")], cwd=SUBPROCESS_CWD, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    needle = [a if a != "perturb" else "needle" for a in cmd]
+    proc = subprocess.run(needle, cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and "stock llama.cpp is not in" in proc.stderr
