@@ -143,9 +143,14 @@ class PyllmkvStream:
                 "window_attn_kernel": st["window_attn_kernel"]}
 
 
+def llama_args(job: dict) -> dict:
+    """The llama_cpp.Llama arguments every job shares."""
+    return dict(n_batch=job["n_batch"], n_ubatch=job["n_batch"], n_threads=job["threads"],
+                n_threads_batch=job["threads"], n_gpu_layers=job["n_gpu_layers"], verbose=False)
+
+
 def open_stream(job: dict):
-    common = dict(n_batch=job["n_batch"], n_ubatch=job["n_batch"], n_threads=job["threads"],
-                  n_threads_batch=job["threads"], n_gpu_layers=job["n_gpu_layers"], verbose=False)
+    common = llama_args(job)
     if job["engine"] in ("stock", "stock-shift"):
         os.environ["LLAMA_CPP_LIB_PATH"] = job["stock_lib"]
         spec = importlib.util.spec_from_file_location("_preload", Path(__file__).resolve().parent.parent / "_preload.py")
@@ -154,10 +159,6 @@ def open_stream(job: dict):
         preload.libstdcxx_global()
         import llama_cpp
 
-        # ggml-cuda's first initialisation crashes inside llama-cpp-python's silenced model load (verbose=False)
-        # when no pyllmkv import came first; verbose=True loads it with the output open
-        if job["n_gpu_layers"]:
-            common["verbose"] = True
         llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["n_ctx"], **common)
         return StockStream(llama_cpp, llm, job["n_ctx"], job["n_keep"] if job["engine"] == "stock-shift" else None)
 
@@ -191,9 +192,7 @@ def run_ruler(job: dict) -> dict:
     from pyllmkv.bench.ruler import branch_answers
 
     n_ctx = len(job["tokens"]) + len(job["question"]) + job["n_answer"] + job["n_batch"]
-    llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, n_batch=job["n_batch"], n_ubatch=job["n_batch"],
-                                  n_threads=job["threads"], n_threads_batch=job["threads"],
-                                  n_gpu_layers=job["n_gpu_layers"], verbose=False)
+    llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **llama_args(job))
     t0 = time.perf_counter()
     answers = branch_answers(llm, job["tokens"], job["question"], job["n_answer"], [tuple(b) for b in job["branches"]],
                              job["window"], job["pool_kernel"])
