@@ -14,7 +14,7 @@ import click
 
 from . import models
 from ._lib import GRANULARITIES, POLICIES, EvictConfig
-from .bench import SUITES
+from .bench import RULER_POLICIES, SUITES
 from .bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 
 CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
@@ -339,7 +339,7 @@ _policy_list = _choice_list(list(POLICIES), "policies")
 @click.option("--ruler-samples", type=click.IntRange(min=1), default=None, help="ruler: samples per task and context")
 @click.option("--ruler-tasks", callback=_choice_list(RULER_TASKS, "tasks"), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
 @click.option("--ruler-policies", callback=_policy_list,
-              help="ruler: only these policies, beside the full cache [default: streaming,snapkv,snapkv-ada,criticalkv,criticalkv-ada]")
+              help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]")
 @click.option("--ruler-settings", callback=_choice_list(RULER_SETTINGS, "settings"),
               help="ruler: agnostic (the question after the eviction), aware (the question in the window), or both [default: both]")
 @click.option("--pool-kernel", type=int, callback=_odd, default=None,

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from . import STOCK_FULL, STOCK_SHIFT
+from .ruler import FULL as RULER_FULL
 
 NEEDLE_PREFILL = {
     "chunked": "pyllmkv prefills the prompt in batches, evicting before a batch that would pass budget + batch cells "
@@ -101,7 +102,7 @@ def ruler_summary(rows: list[dict]) -> list[dict]:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["context"], r["setting"], r["policy"], r["budget"], r["budget_label"]), []).append(r)
-    full = {(c, st): rs for (c, st, p, _, _), rs in groups.items() if p == "full cache"}
+    full = {(c, st): rs for (c, st, p, _, _), rs in groups.items() if p == RULER_FULL}
     out = []
     for (context, setting, policy, budget, label), rs in groups.items():
         mean = float(np.mean([r["score"] for r in rs]))
@@ -113,7 +114,7 @@ def ruler_summary(rows: list[dict]) -> list[dict]:
         out.append(dict(context=context, setting=setting, policy=policy, budget=budget, budget_label=label, n=len(rs),
                         mean=mean, ci=(lo, hi), tasks={t: float(np.mean(v)) for t, v in tasks.items()},
                         vs_full=mean / full_mean if full_mean > 0 else float("nan")))
-    return sorted(out, key=lambda r: (r["context"], r["setting"], r["policy"] != "full cache", r["budget"], r["policy"]))
+    return sorted(out, key=lambda r: (r["context"], r["setting"], r["policy"] != RULER_FULL, r["budget"], r["policy"]))
 
 
 RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its own last window queries, then the question",
@@ -122,7 +123,7 @@ RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its ow
 
 def ruler_tables(rows: list[dict]) -> list[str]:
     summary = ruler_summary(rows)
-    tasks = sorted({r["task"] for r in rows}, key=lambda t: list(dict.fromkeys(r["task"] for r in rows)).index(t))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))  # in the order they ran
     out = []
     for context, setting in dict.fromkeys((r["context"], r["setting"]) for r in summary):
         out += [f"### {context} tokens, {RULER_SETTING[setting]}", "",
@@ -258,9 +259,9 @@ def plots(results: dict, out: Path) -> list[Path]:
         for ax, (context, setting) in zip(axes[0], keys):
             rs = [r for r in summary if (r["context"], r["setting"]) == (context, setting)]
             for r in rs:
-                if r["policy"] == "full cache":
-                    ax.axhline(100 * r["mean"], color="k", linestyle="--", label="full cache")
-            for policy in dict.fromkeys(r["policy"] for r in rs if r["policy"] != "full cache"):
+                if r["policy"] == RULER_FULL:
+                    ax.axhline(100 * r["mean"], color="k", linestyle="--", label=RULER_FULL)
+            for policy in dict.fromkeys(r["policy"] for r in rs if r["policy"] != RULER_FULL):
                 pts = sorted((r["budget"] / context, r) for r in rs if r["policy"] == policy)
                 x = [b for b, _ in pts]
                 ax.errorbar(x, [100 * r["mean"] for _, r in pts], marker="o", label=policy, capsize=3,

@@ -56,7 +56,6 @@ class Generator:
     `count(text)` gives the number of tokens of a text."""
 
     def __init__(self, text: str, count: Callable[[str], int], seed: int):
-        self.text = text
         self.count = count
         self.rng = random.Random(seed)
         self.words = sorted({w.lower() for w in re.findall(r"\b[A-Za-z]{4,12}\b", text)})
@@ -88,9 +87,14 @@ class Generator:
             out.insert(pos + i, needle.strip())
         return " ".join(out)
 
+    def hidden(self, context_tokens: int, intro: str, needles: list[str], question: str, expected: list[str],
+               task: str) -> Sample:
+        """The intro, then text of the context's length with the needles hidden in it."""
+        budget = context_tokens - self.count(intro) - sum(self.count(n) for n in needles)
+        return Sample(task, intro + self.insert(self.haystack(budget), needles), question, expected)
+
     def niah(self, context_tokens: int, needles: list[str], question: str, expected: list[str], task: str) -> Sample:
-        budget = context_tokens - self.count(NIAH_INTRO) - sum(self.count(n) for n in needles)
-        return Sample(task, NIAH_INTRO + self.insert(self.haystack(budget), needles), question, expected)
+        return self.hidden(context_tokens, NIAH_INTRO, needles, question, expected, task)
 
     # --- tasks ---
 
@@ -133,11 +137,9 @@ class Generator:
         value = str(self.rng.randint(10000, 99999))
         chain = [f" VAR {names[0]} = {value}. "] + [f" VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, 4)]
         intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-        budget = n - self.count(intro) - sum(self.count(c) for c in chain)
-        return Sample("vt", intro + self.insert(self.haystack(budget), chain),
-                      f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
-                      f"Answer: According to the chain(s) of variable assignment in the text above, 4 variables are "
-                      f"assigned the value {value}, they are:", names)
+        return self.hidden(n, intro, chain, f"\nQuestion: Find all variables that are assigned the value {value} in the "
+                           f"text above. Answer: According to the chain(s) of variable assignment in the text above, 4 "
+                           f"variables are assigned the value {value}, they are:", names, "vt")
 
     def cwe(self, n: int) -> Sample:
         """Common words: a numbered list where 10 words occur most often (30 times each where the context allows, as
