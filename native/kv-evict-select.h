@@ -38,10 +38,6 @@ std::vector<float> defensive_scores(
         const float * a, int64_t n, int64_t n_prefix, int64_t n_q, int64_t n_head, int64_t n_kv,
         const float * value_norm /* [n_kv][n_prefix] */, int32_t kernel, int64_t budget);
 
-// AdaKV (Feng et al. 2024): how many cells each of a layer's heads keeps, out of a pool of n_head * budget. Every
-// head first gets its top max(1, floor(alpha * budget)) cells by s[h]; the rest of the pool goes to the best
-// (head, cell) pairs of all heads, ties to the lower head, then the lower cell. No head gets more than `cap` cells
-// (its surplus goes to the next pairs of the others). skip[h][i] (optional) marks pairs that cannot be chosen.
 // The best (head, cell) pairs of all heads, `pool` more of them, added to each head's `share`: ties to the lower head,
 // then the lower cell; no head past `cap` (its surplus goes to the next pairs of the others). taken[h][i] marks pairs
 // already counted or not to be chosen. DefensiveKV's one top-k over a layer's (or every layer's) heads, AdaKV's second
@@ -53,6 +49,10 @@ void pooled_shares(
         int64_t cap,
         std::vector<int64_t> & share);
 
+// AdaKV (Feng et al. 2024): how many cells each of a layer's heads keeps, out of a pool of n_head * budget. Every
+// head first gets its top max(1, floor(alpha * budget)) cells by s[h]; the rest of the pool goes to the best
+// (head, cell) pairs of all heads, ties to the lower head, then the lower cell. No head gets more than `cap` cells
+// (its surplus goes to the next pairs of the others). skip[h][i] (optional) marks pairs that cannot be chosen.
 std::vector<int64_t> adakv_shares(
         const std::vector<std::vector<float>> & s,
         const std::vector<std::vector<uint8_t>> * skip,

@@ -40,12 +40,10 @@ def gguf_metadata(model_path: str) -> dict:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     off = 4
 
+    # a read past the end raises struct.error, turned into one message below
     def read(fmt: str):
         nonlocal off
-        try:
-            value = struct.unpack_from(fmt, buf, off)[0]
-        except struct.error:
-            raise ValueError(f"{model_path}: the GGUF header ends early (a truncated file?)") from None
+        value = struct.unpack_from(fmt, buf, off)[0]
         off += struct.calcsize(fmt)
         return value
 
@@ -53,7 +51,7 @@ def gguf_metadata(model_path: str) -> dict:
         nonlocal off
         n = read("<Q")
         if off + n > len(buf):
-            raise ValueError(f"{model_path}: the GGUF header ends early (a truncated file?)")
+            raise struct.error("string past the end")
         off += n
         return buf[off - n : off].decode("utf-8", "replace")
 
