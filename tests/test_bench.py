@@ -195,6 +195,11 @@ def test_needle_scorer(answer, expected):
     assert haystack.found(answer, "68265") is expected
 
 
+@pytest.mark.parametrize("budget,label", [(0.1, "1/10"), (0.2, "1/5"), (0.25, "1/4"), (0.4, "2/5"), (0.5, "1/2"), (1024, "1024")])
+def test_budget_label_is_the_share_given(budget, label):
+    assert bench.budget_label(budget) == label
+
+
 def test_needle_prompt(tiny_path):
     with bench.Bench(bench.Options(model=tiny_path, out=Path("."), grid=bench.TINY), _no_progress) as b:
         needle = b.tokenize(haystack.NEEDLE.format(key="12345"), False)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -182,7 +183,11 @@ def needle_budget(budget: float, context: int) -> int:
 
 
 def budget_label(budget: float) -> str:
-    return str(int(budget)) if budget >= 1 else f"1/{round(1 / budget)}"
+    """Cells as given, or a share of the context as the fraction it was written as (0.4: "2/5")."""
+    if budget >= 1:
+        return str(int(budget))
+    share = Fraction(budget).limit_denominator(100)
+    return f"{share.numerator}/{share.denominator}"
 
 
 class Bench:
