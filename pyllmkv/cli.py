@@ -76,29 +76,43 @@ _pool_kernel_option = click.option(
          "neighbours, so a span it retrieves stays whole")
 
 
-def model_options(fn):
-    opts = [
-        click.argument("model", required=False, type=click.Path(path_type=Path)),
-        click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence"),
-        click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True, help="which cells to evict"),
-        click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default="head", show_default=True,
-                     help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
-        click.option("--window", type=int, default=32, show_default=True, help="observation window: recent queries that score the cache"),
-        _pool_kernel_option,
-        _prompt_tail_option,
-        click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]"),
-        click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
-        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
-        click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
-        click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
-        click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
-                     help="auto: on when -ctv is quantized (llama.cpp needs it then), else off as in llama-cpp-python"),
-        click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: llama-cpp-python's]"),
-        click.option("--seed", type=int, default=-1, show_default=True, help="sampling seed (-1: random)"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+def _options(opts):
+    def apply(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+# what chat and serve share: the model, the budget and policy, and llama.cpp's flags for the context
+model_options = _options([
+    click.argument("model", required=False, type=click.Path(path_type=Path)),
+    click.option("--kv-budget", "budget", type=int, default=EvictConfig.budget, show_default=True, help="cells the KV cache keeps per sequence"),
+    click.option("--policy", type=click.Choice(list(POLICIES)), default=EvictConfig.policy, show_default=True, help="which cells to evict"),
+    click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default=EvictConfig.granularity, show_default=True,
+                 help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
+    click.option("--window", type=int, default=EvictConfig.window, show_default=True, help="observation window: recent queries that score the cache"),
+    _pool_kernel_option,
+    _prompt_tail_option,
+    click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
+    click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
+    click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
+    click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
+    click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
+                 help="auto: on when -ctv is quantized (llama.cpp needs it then), else off as in llama-cpp-python"),
+    click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: llama-cpp-python's]"),
+    click.option("--seed", type=int, default=-1, show_default=True, help="sampling seed (-1: random)"),
+])
+
+
+def _flash_attn(cache_type_v: str, flash_attn: str) -> bool:
+    """-fa as llama-cpp-python's bool; a quantized V cache needs flash attention in llama.cpp."""
+    quantized_v = cache_type_v not in ("f32", "f16", "bf16")
+    if quantized_v and flash_attn == "off":
+        raise click.BadParameter(f"a quantized V cache ({cache_type_v}) needs flash attention in llama.cpp: use -fa on or auto",
+                                 param_hint="-fa")
+    return flash_attn == "on" or (flash_attn == "auto" and quantized_v)
 
 
 def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_ctx: int, n_batch: int,
@@ -122,12 +136,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
         raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget (twice it less --window with an -ada policy) + --batch-size, and for a "
                                  "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
-    # llama-cpp-python's Llama takes flash attention as a bool (and drops unknown keywords silently)
-    quantized_v = cache_type_v not in ("f32", "f16", "bf16")
-    if quantized_v and flash_attn == "off":
-        raise click.BadParameter(f"a quantized V cache ({cache_type_v}) needs flash attention in llama.cpp: use -fa on or auto",
-                                 param_hint="-fa")
-    fa = flash_attn == "on" or (flash_attn == "auto" and quantized_v)
+    fa = _flash_attn(cache_type_v, flash_attn)
     kwargs = dict(n_threads=n_threads) if n_threads else {}
     try:
         llm = llama_cpp.Llama(
@@ -160,6 +169,7 @@ def _stats_line(session) -> str:
 
 @main.command()
 @model_options
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True, help="max tokens per answer (-1: until the model stops)")
 @click.option("--temp", type=float, default=0.8, show_default=True)
 @click.option("-p", "--prompt", type=str, default=None, help="answer this one prompt and exit")
@@ -244,22 +254,16 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option("--kv-budget", "budget", type=int, default=1024, show_default=True, help="cells the KV cache keeps per sequence")
-@click.option("--policy", type=click.Choice(list(POLICIES)), default="criticalkv", show_default=True)
-@click.option("--window", type=int, default=32, show_default=True)
-@_pool_kernel_option
-@_prompt_tail_option
+@model_options
 @click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="logical context: longest prompt + answer [default: the model's]")
-@click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True)
-@click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--cache", is_flag=True,
               help="keep the states of earlier prompts in RAM and resume a prompt from the longest shared prefix "
                    "(llama-cpp-python's prompt cache)")
 @click.option("--cache-size", type=int, default=2 << 30, show_default=True, help="bytes of RAM --cache may hold")
-def serve(model, budget, policy, window, pool_kernel, prompt_tail, n_ctx, n_batch, n_gpu_layers, host, port, cache, cache_size):
+def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, n_ctx, n_batch, n_gpu_layers, cache_type_k,
+          cache_type_v, flash_attn, n_threads, seed, host, port, cache, cache_size):
     """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
     from .server import create_app, port_in_use
 
@@ -268,13 +272,17 @@ def serve(model, budget, policy, window, pool_kernel, prompt_tail, n_ctx, n_batc
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
     try:
-        app = create_app(str(model), kv_budget=budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
-                         n_gpu_layers=n_gpu_layers, cache=cache, cache_type="ram", cache_size=cache_size)
+        threads = dict(n_threads=n_threads, n_threads_batch=n_threads) if n_threads else {}
+        app = create_app(str(model), kv_budget=budget, policy=policy, granularity=granularity, window=window,
+                         pool_kernel=pool_kernel, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
+                         n_gpu_layers=n_gpu_layers, type_k=_ggml_type(cache_type_k), type_v=_ggml_type(cache_type_v),
+                         flash_attn=_flash_attn(cache_type_v, flash_attn), seed=seed, cache=cache, cache_type="ram",
+                         cache_size=cache_size, **threads)
     except (RuntimeError, ValueError) as e:
         raise click.ClickException(str(e))
     import uvicorn
 
-    click.echo(f"pyllmkv: serving {model.name} on http://{host}:{port}/v1 (KV budget {budget} cells, {policy})", err=True)
+    click.echo(f"pyllmkv: serving {model.name} on http://{host}:{port}/v1 (KV budget {budget} cells, {policy}, {granularity})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -33,7 +33,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def create_app(model_path: str, kv_budget: int, policy: str, window: int, n_ctx: int, n_batch: int, prompt_tail: bool = True,
-               pool_kernel: int = EvictConfig.pool_kernel, **settings):
+               pool_kernel: int = EvictConfig.pool_kernel, granularity: str = EvictConfig.granularity, **settings):
     """The FastAPI app of llama_cpp.server serving model_path with a budgeted cache."""
     try:
         from llama_cpp.server import app as server_app
@@ -44,7 +44,7 @@ def create_app(model_path: str, kv_budget: int, policy: str, window: int, n_ctx:
             f"the server needs llama-cpp-python's server extras ({e.name} is missing): pip install 'llama-cpp-python[server]==0.3.36'"
         ) from e
 
-    server_model.llama_cpp = _ModelModule(kv_budget=kv_budget, policy=policy, window=window, pool_kernel=pool_kernel,
-                                             prompt_tail=prompt_tail)
+    server_model.llama_cpp = _ModelModule(kv_budget=kv_budget, policy=policy, granularity=granularity, window=window,
+                                          pool_kernel=pool_kernel, prompt_tail=prompt_tail)
     model_settings = ModelSettings(model=model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, verbose=False, **settings)
     return server_app.create_app(server_settings=ServerSettings(), model_settings=[model_settings])

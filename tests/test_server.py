@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from conftest import SUBPROCESS_CWD
@@ -161,3 +162,29 @@ def test_prompt_cache_resumes_a_conversation_past_evictions(smollm2_path, policy
         out = _post(port, "/v1/completions", {"prompt": first + answer + "\nQuestion: when did the shop open? Answer:", "max_tokens": 16,
                                               "temperature": 0})
         assert out["usage"]["completion_tokens"] > 0, (answer, out)
+
+
+def test_llama_cpp_flags_reach_the_model(smollm2_path):
+    # chat's flags on the server: a q8_0 cache (flash attention turned on for it), token granularity, one thread;
+    # the answer's log-probabilities are pyllmkv.Llama's with the same settings, past the budget (each of those
+    # settings alone moves them by more than 1e-3)
+    import pyllmkv
+    from pyllmkv._lib import llama_cpp
+
+    prompt = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 20 + "The keeper counted"
+    settings = ["--granularity", "token", "-ctk", "q8_0", "-ctv", "q8_0", "-t", "1", "--seed", "7"]
+    with _serve(smollm2_path, *settings) as port:
+        served = _post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1})
+    llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=128, granularity="token", type_k=llama_cpp.GGML_TYPE_Q8_0,
+                        type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True, n_threads=1, logits_all=True, verbose=False)
+    local = llm.create_completion(prompt, max_tokens=6, temperature=0, logprobs=1)
+    assert llm.kv_stats()["n_evictions"] > 0
+    assert served["choices"][0]["text"] == local["choices"][0]["text"] != ""
+    np.testing.assert_allclose(served["choices"][0]["logprobs"]["token_logprobs"],
+                               np.array(local["choices"][0]["logprobs"]["token_logprobs"], dtype=float), atol=1e-5)
+
+
+def test_quantized_v_without_flash_attention_is_refused(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "-ctv", "q8_0", "-fa", "off", "--port",
+                        str(_free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
+    assert r.returncode != 0 and "needs flash attention" in r.stderr and "Traceback" not in r.stderr
