@@ -20,7 +20,7 @@ or hybrid model (Mamba, Jamba, ...) is refused: its state is not a KV cache the 
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

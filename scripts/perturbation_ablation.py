@@ -14,16 +14,13 @@ Reported per rule: the share of query heads where it perturbs less, and the geom
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from scoring_reference import _top, avg_pool  # noqa: E402 (the numpy oracle the hook's tests use)
 from pyllmkv._lib import EvictConfig, llama_cpp
 from pyllmkv.bench import haystack
 from pyllmkv.bench.perturb import _capture, attention, output_projections, perturbation, summary
+from pyllmkv.reference import avg_pool, top_k  # the numpy oracle the hook's tests use
 
 
 def numpy_rules(model: str, tokens, budget: int, window: int, threads: int) -> dict:
@@ -65,8 +62,8 @@ def numpy_rules(model: str, tokens, budget: int, window: int, threads: int) -> d
             def two_stage(s, c, ratio):
                 keep = in_window.copy()
                 n_first = int(np.floor(n_ranked * ratio))
-                keep[_top(s, n_first, keep)] = True
-                keep[_top(c, n_ranked - n_first, keep)] = True
+                keep[top_k(s, n_first, keep)] = True
+                keep[top_k(c, n_ranked - n_first, keep)] = True
                 return keep
 
             rules = {"snapkv pooled": two_stage(s_pool, s_pool, 1.0), "snapkv unpooled": two_stage(s_raw, s_raw, 1.0),

@@ -11,7 +11,7 @@ from conftest import held_positions, keep_from_held, random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
-from scoring_reference import adakv_shares, select_head
+from pyllmkv.reference import adakv_shares, select_head
 from test_hook import _llama, _reference_scores
 from tinymodel import TinyRef
 

@@ -1,5 +1,5 @@
 """DefensiveKV and LayerDefensiveKV (defensivekv, defensivekv-layer): the hook's scores and the cells each head keeps
-against the numpy reference (tests/scoring_reference.py, written from the paper), the logits after an eviction
+against the numpy reference (pyllmkv/reference.py, written from the paper), the logits after an eviction
 against the numpy forward with per-head masks, the cache bound on SmolLM2, and the granularity they need."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import held_positions, keep_from_held, random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
-from scoring_reference import defensive_scores, pooled_shares, select_head, value_norms, window_attention
+from pyllmkv.reference import defensive_scores, pooled_shares, select_head, value_norms, window_attention
 from test_hook import _llama
 from tinymodel import TinyRef
 

@@ -1,5 +1,5 @@
 """The eviction hook inside llama.cpp, checked against independent oracles:
-1. scores equal the numpy reference computed from the tiny model's own Q/K/V/W_O (scoring_reference.py);
+1. scores equal the numpy reference computed from the tiny model's own Q/K/V/W_O (pyllmkv/reference.py);
 2. within budget, logits are bit-identical to the same build with the hook disabled;
 3. after an eviction, logits equal a numpy forward pass that attends only to the kept cells;
 4. the cache never holds more than budget + n_batch cells (llama.cpp's own counts).
@@ -17,7 +17,7 @@ from conftest import random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
-from scoring_reference import head_scores, select_token, value_norms, window_attention
+from pyllmkv.reference import head_scores, select_token, value_norms, window_attention
 from tinymodel import TinyRef
 
 F32 = 0  # GGML_TYPE_F32

@@ -13,7 +13,7 @@ from conftest import random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig
 from pyllmkv.session import Session
-from scoring_reference import head_scores, value_norms, window_attention
+from pyllmkv.reference import head_scores, value_norms, window_attention
 from tinymodel import TinyRef, write_tiny_llama
 
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q8_0": 8}  # GGML_TYPE_*

@@ -16,7 +16,7 @@ from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.bench import haystack
 from pyllmkv.session import PromptTail, Session
-from scoring_reference import head_scores, window_attention
+from pyllmkv.reference import head_scores, window_attention
 from test_hook import SCORE_TOL, _llama
 from tinymodel import TinyRef
 

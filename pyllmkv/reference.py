@@ -1,5 +1,6 @@
-"""Numpy reference of the scores and selections (DESIGN.md "The algorithm", steps 1-4), written from the paper and
-kvpress, independently of native/: the oracle the hook's scores are checked against."""
+"""Numpy reference of the scores and selections (DESIGN.md "The algorithm", steps 1-4), written from the papers and
+kvpress, independently of native/: the oracle the tests check the hook's scores against, and what a script reads to
+see each rule stated. Never on the path of an eviction: the hook scores in ggml on the cache's backend."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def value_norms(v, w_o, n_head):
     return group_mean(norms, n_kv)
 
 
-def _top(values, k, skip=None):
+def top_k(values, k, skip=None):
     order = sorted(
         (i for i in range(len(values)) if skip is None or not skip[i]),
         key=lambda i: (-values[i], i),
@@ -77,14 +78,14 @@ def select_token(policy, scores, norms, budget, n_window, first_stage_ratio=0.5,
         return keep
     s = scores.reshape(-1, n_prefix).mean(axis=0)
     if policy != "criticalkv":
-        keep[_top(s, b)] = True
+        keep[top_k(s, b)] = True
         return keep
     c = (scores.astype(np.float64) + epsilon) * norms
     c = c / c.sum(axis=-1, keepdims=True)
     c = c.reshape(-1, n_prefix).mean(axis=0)
     n_first = int(np.floor(b * first_stage_ratio))
-    keep[_top(s, n_first)] = True
-    keep[_top(c, b - n_first, keep)] = True
+    keep[top_k(s, n_first)] = True
+    keep[top_k(c, b - n_first, keep)] = True
     return keep
 
 
@@ -97,18 +98,18 @@ def adakv_shares(scores, budget, alpha, cap):
     share = np.full(n_head, n_safe)
     taken = np.zeros((n_head, n), dtype=bool)
     for h in range(n_head):
-        taken[h, _top(scores[h], n_safe)] = True
+        taken[h, top_k(scores[h], n_safe)] = True
     return pooled_shares(scores, n_head * budget - share.sum(), cap, share, taken)
 
 
 def select_head(policy, s, norm, k, first_stage_ratio=0.5, epsilon=1e-4):
     """One KV head's kept cells (sorted) out of its scores s [n] (and value norms for criticalkv): k of them."""
     if not policy.startswith("criticalkv"):
-        return np.sort(_top(s, k))
+        return np.sort(top_k(s, k))
     keep = np.zeros(len(s), dtype=bool)
     n_first = int(np.floor(k * first_stage_ratio))
-    keep[_top(s, n_first)] = True
-    keep[_top((s.astype(np.float64) + epsilon) * norm, k - n_first, keep)] = True
+    keep[top_k(s, n_first)] = True
+    keep[top_k((s.astype(np.float64) + epsilon) * norm, k - n_first, keep)] = True
     return np.flatnonzero(keep)
 
 
@@ -135,7 +136,7 @@ def defensive_scores(a, n_window, n_kv, norms, budget, kernel=13):
     mean = group_mean(prefix.mean(axis=1), n_kv)
     for g in range(n_kv):
         share = mean[g] / mean[g].sum()
-        order = _top(share, n_prefix)
+        order = top_k(share, n_prefix)
         reached = np.cumsum(share[order]) >= 0.9 - window_mass
         count = int(np.argmax(reached)) if reached.any() else 0
         s[g, order[: min(count, budget)]] = top
