@@ -1,0 +1,89 @@
+"""The README's headline plot, from committed bench runs: decode speed and KV memory against context (stock full
+cache, stock context shift, pyllmkv), and what a budget keeps when the question comes after the eviction.
+
+    python scripts/headline_plot.py --speed docs/bench/RUN --ruler docs/bench/RUN [--policies criticalkv,...] -o docs/headline.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pyllmkv.bench.report import ruler_summary  # noqa: E402
+from pyllmkv.bench.ruler import FULL  # noqa: E402
+
+STOCK = {"stock full": ("k", "--"), "stock shift": ("tab:gray", "-")}
+
+
+def model_name(results: dict) -> str:
+    return Path(results["meta"]["model"]).stem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--speed", type=Path, required=True, help="a run folder with the speed suite")
+    ap.add_argument("--ruler", type=Path, required=True, help="a run folder with the ruler suite")
+    ap.add_argument("--policies", default="criticalkv,defensivekv", help="pyllmkv's lines")
+    ap.add_argument("--budget", type=int, default=1024, help="the speed run's budget to show (stock shift's too)")
+    ap.add_argument("-o", "--out", type=Path, default=Path("docs/headline.png"))
+    args = ap.parse_args()
+    policies = args.policies.split(",")
+    speed = json.loads((args.speed / "results.json").read_text())
+    ruler = json.loads((args.ruler / "results.json").read_text())
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rows = [r for r in speed["speed"] if r["policy"] == "stock full" or r["budget"] == args.budget]
+    for label in [*STOCK, *policies]:
+        rs = sorted((r for r in rows if r["policy"] == label), key=lambda r: r["context"])
+        if not rs:
+            continue
+        color, style = STOCK.get(label, (None, "-"))
+        name = {"stock full": label}.get(label, f"{'' if label in STOCK else 'pyllmkv '}{label} @{args.budget}")
+        x = [r["context"] for r in rs]
+        axes[0].plot(x, [r["decode_tps"] for r in rs], marker="o", color=color, linestyle=style, label=name)
+        axes[1].plot(x, [r["kv_bytes"] / 2**20 for r in rs], marker="o", color=color, linestyle=style, label=name)
+    for ax, title in zip(axes, ("decode tokens/s", "KV cache MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(f"{title} ({model_name(speed)}, {speed['meta']['threads']} CPU threads)", fontsize=9)
+    axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[0].legend(fontsize=8)
+
+    summary = [r for r in ruler_summary(ruler["ruler"]) if r["setting"] == "agnostic"]
+    context = max(r["context"] for r in summary)
+    summary = [r for r in summary if r["context"] == context]
+    ax = axes[2]
+    for r in summary:
+        if r["policy"] == FULL:
+            ax.axhline(100 * r["mean"], color="k", linestyle="--", label="full cache")
+    # streaming keeps the cells stock context shift keeps (4 sinks + the most recent)
+    for policy in ["streaming", *policies]:
+        pts = sorted((r["budget"] / context, r) for r in summary if r["policy"] == policy)
+        if not pts:
+            continue
+        label = "stock shift's cells (streaming)" if policy == "streaming" else f"pyllmkv {policy}"
+        color = STOCK["stock shift"][0] if policy == "streaming" else None
+        ax.errorbar([b for b, _ in pts], [100 * r["mean"] for _, r in pts], marker="o", capsize=3, color=color, label=label,
+                    yerr=[[100 * (r["mean"] - r["ci"][0]) for _, r in pts], [100 * (r["ci"][1] - r["mean"]) for _, r in pts]])
+    n = max(r["n"] for r in summary)
+    ax.set_title(f"facts kept when the question comes after the eviction\n(RULER-style, {model_name(ruler)}, "
+                 f"{context} tokens, {n} samples)", fontsize=9)
+    ax.set_xlabel("budget / context")
+    ax.set_ylabel("score (%), 95 % CI")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
