@@ -16,7 +16,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyllmkv.bench.report import ruler_summary  # noqa: E402
+from pyllmkv.bench.report import ruler_line, ruler_summary  # noqa: E402
 from pyllmkv.bench.ruler import FULL  # noqa: E402
 
 STOCK = {"stock full": ("k", "--"), "stock shift": ("tab:gray", "-")}
@@ -66,13 +66,12 @@ def main() -> None:
             ax.axhline(100 * r["mean"], color="k", linestyle="--", label="full cache")
     # streaming keeps the cells stock context shift keeps (4 sinks + the most recent)
     for policy in ["streaming", *policies]:
-        pts = sorted((r["budget"] / context, r) for r in summary if r["policy"] == policy)
-        if not pts:
+        rs = [r for r in summary if r["policy"] == policy]
+        if not rs:
             continue
         label = "stock shift's cells (streaming)" if policy == "streaming" else f"pyllmkv {policy}"
         color = STOCK["stock shift"][0] if policy == "streaming" else None
-        ax.errorbar([b for b, _ in pts], [100 * r["mean"] for _, r in pts], marker="o", capsize=3, color=color, label=label,
-                    yerr=[[100 * (r["mean"] - r["ci"][0]) for _, r in pts], [100 * (r["ci"][1] - r["mean"]) for _, r in pts]])
+        ruler_line(ax, rs, context, color=color, label=label)
     n = max(r["n"] for r in summary)
     ax.set_title(f"facts kept when the question comes after the eviction\n(RULER-style, {model_name(ruler)}, "
                  f"{context} tokens, {n} samples)", fontsize=9)

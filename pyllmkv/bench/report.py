@@ -121,6 +121,14 @@ RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its ow
                  "aware": "question-aware: context and question prefilled, evicted once with the question in the window"}
 
 
+def ruler_line(ax, rows: list[dict], context: int, **style) -> None:
+    """One policy's ruler_summary rows as mean score (%) against budget / context, with the 95 % interval as error bars."""
+    pts = sorted((r["budget"] / context, r) for r in rows)
+    ax.errorbar([b for b, _ in pts], [100 * r["mean"] for _, r in pts], marker="o", capsize=3,
+                yerr=[[100 * (r["mean"] - r["ci"][0]) for _, r in pts], [100 * (r["ci"][1] - r["mean"]) for _, r in pts]],
+                **style)
+
+
 def ruler_tables(rows: list[dict]) -> list[str]:
     summary = ruler_summary(rows)
     tasks = list(dict.fromkeys(r["task"] for r in rows))  # in the order they ran
@@ -262,10 +270,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                 if r["policy"] == RULER_FULL:
                     ax.axhline(100 * r["mean"], color="k", linestyle="--", label=RULER_FULL)
             for policy in dict.fromkeys(r["policy"] for r in rs if r["policy"] != RULER_FULL):
-                pts = sorted((r["budget"] / context, r) for r in rs if r["policy"] == policy)
-                x = [b for b, _ in pts]
-                ax.errorbar(x, [100 * r["mean"] for _, r in pts], marker="o", label=policy, capsize=3,
-                            yerr=[[100 * (r["mean"] - r["ci"][0]) for _, r in pts], [100 * (r["ci"][1] - r["mean"]) for _, r in pts]])
+                ruler_line(ax, [r for r in rs if r["policy"] == policy], context, label=policy)
             ax.set_title(f"{context} tokens, question-{setting}", fontsize=10)
             ax.set_xlabel("budget / context")
             ax.set_ylabel("score (%)")
