@@ -26,11 +26,21 @@ ggml_tensor * value_norm_cpu_op(ggml_context * ctx, ggml_tensor * v, ggml_tensor
 // CPU: whether the K cache and the query ring lie in host memory and K's type can be dequantised per head
 bool window_attn_cpu_supports(const ggml_tensor * k_cache, const ggml_tensor * ring, int64_t head_dim);
 
-// CPU: [n, n_head] f32: per query head, the window queries' softmax attention over the cells cell_idx (i32 [n]) of the
-// stream's K rows k ([n_kv*hd, kv_size], cache type), masked by kq_mask ([n, n_q]) and head_mask ([n, n_head], may
-// be NULL), summed with the weights ([n_q]); q is [n_head*hd, n_q] f32; *kq_scale must live until the graph ran
+// What the fused window attention reads beside its tensors; must live until the graph ran
+struct window_attn_args {
+    float   kq_scale    = 1.0f;
+    bool    pooled_max  = false; // also DefensiveKV's maximum over the queries (below)
+    int64_t n_prefix    = 0;     // cells scored for it: the first n_prefix
+    int32_t pool_kernel = 1;
+};
+
+// CPU: [n, n_head, 1] f32: per query head, the window queries' softmax attention over the cells cell_idx (i32 [n]) of
+// the stream's K rows k ([n_kv*hd, kv_size], cache type), masked by kq_mask ([n, n_q]) and head_mask ([n, n_head], may
+// be NULL), summed with the weights ([n_q]); q is [n_head*hd, n_q] f32. With args->pooled_max, [n, n_head, 2]: plane
+// 1 holds, per head and prefix cell, the maximum over the queries of weight > 0 of each query's prefix row pooled over
+// pool_kernel cells and rescaled to the row's prefix mass (0 past the prefix)
 ggml_tensor * window_attn_cpu_op(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q, ggml_tensor * cell_idx,
-        ggml_tensor * kq_mask, ggml_tensor * weight, ggml_tensor * head_mask, int64_t n_head, float * kq_scale);
+        ggml_tensor * kq_mask, ggml_tensor * weight, ggml_tensor * head_mask, int64_t n_head, window_attn_args * args);
 
 // CUDA (built with GGML_CUDA): whether tensors a and b (W_O and the V cache, the K cache and the query ring) lie in one
 // CUDA device's memory (not split across devices)

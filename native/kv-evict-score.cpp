@@ -220,6 +220,21 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
     return 0;
 }
 
+// DefensiveKV's maximum over the window's queries of each query's prefix row (of a, the softmax [n, n_q, n_head]),
+// pooled over `kernel` cells with zero padding and rescaled to the row's prefix mass; [n, n_head], 0 past n_prefix
+ggml_tensor * pooled_max_graph(ggml_context * ctx, ggml_tensor * a, int64_t n_prefix, int32_t kernel) {
+    const int64_t n = a->ne[0], n_q = a->ne[1], n_head = a->ne[2];
+    ggml_tensor * prefix = ggml_cont(ctx, ggml_view_3d(ctx, a, n_prefix, n_q, n_head, a->nb[1], a->nb[2], 0));
+    const int half = kernel / 2;
+    ggml_tensor * pooled = ggml_pool_1d(ctx, ggml_pad_ext(ctx, prefix, half, half, 0, 0, 0, 0, 0, 0), GGML_OP_POOL_AVG,
+                                        2 * half + 1, 1, 0);                              // [n_prefix, n_q, n_head]
+    // a row with no prefix mass stays 0 rather than 0 / 0
+    ggml_tensor * rescale = ggml_div(ctx, ggml_sum_rows(ctx, prefix), ggml_scale_bias(ctx, ggml_sum_rows(ctx, pooled), 1.0f, 1e-30f));
+    pooled = ggml_cont(ctx, ggml_permute(ctx, ggml_mul(ctx, pooled, rescale), 1, 0, 2, 3)); // [n_q, n_prefix, n_head]
+    ggml_tensor * best = ggml_pool_1d(ctx, pooled, GGML_OP_POOL_MAX, n_q, n_q, 0);       // [1, n_prefix, n_head]
+    return ggml_pad(ctx, ggml_reshape_2d(ctx, best, n_prefix, n_head), n - n_prefix, 0, 0, 0);
+}
+
 // Which kernel computes the window attention: the fused CPU one where every layer's K cache and query ring lie on the
 // CPU, else plain ggml ops. On CUDA the ggml graph is the fast one: it scores every layer in one graph, where a kernel
 // outside ggml needs a gather graph, a synchronisation and its own buffers per layer (a fused CUDA kernel measured 3.3
@@ -372,6 +387,11 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         }
     }
     std::vector<int32_t> cell_i32(out.cells.begin(), out.cells.end());
+    // DefensiveKV takes, besides the window's mean, a maximum over its queries of their pooled prefix rows
+    const bool defensive = is_defensive(p.policy);
+    if (defensive && n_prefix == 0) {
+        return 0;
+    }
 
     const int32_t graph_size = 64 * (int32_t) n_layer_kv + 256;
     if (int32_t err = ensure_sched(st, graph_size)) {
@@ -382,13 +402,13 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     ggml_tensor * cell_idx = g.input(GGML_TYPE_I32, n, 1, cell_i32);
     ggml_tensor * slot_idx = g.input(GGML_TYPE_I32, n_q, 1, q_slot);
     ggml_tensor * kq_mask  = g.input(GGML_TYPE_F32, n, n_q, mask);
-    // DefensiveKV takes a maximum over the window's queries: it reads every query's row, which only the graph gives
-    const bool defensive = is_defensive(p.policy);
-    ggml_tensor * weight   = defensive ? nullptr : g.input(GGML_TYPE_F32, n_q, 1, q_weight);
-    const scoring_kernel kernel = defensive ? KERNEL_GGML_GRAPH : pick_window_attn_kernel(st);
+    ggml_tensor * weight   = g.input(GGML_TYPE_F32, n_q, 1, q_weight);
+    const scoring_kernel kernel = pick_window_attn_kernel(st);
     st.window_attn_kernel = kernel;
-    std::vector<std::vector<float>> attn(n_layer_kv); // [layer_kv][h * n + i]: each cell's weighted window attention
-    std::vector<ggml_tensor *> outs(n_layer_kv, nullptr);
+    // [layer_kv][h * n + i]: each cell's weighted window attention, then for DefensiveKV its pooled maximum
+    std::vector<std::vector<float>> attn(n_layer_kv);
+    std::vector<ggml_tensor *> outs(n_layer_kv, nullptr), maxs(n_layer_kv, nullptr);
+    std::vector<window_attn_args> args(n_layer_kv);
     for (int64_t l = 0; l < n_layer_kv; ++l) {
         const int32_t il     = layer_ids[l];
         const int64_t hd     = hparams.n_embd_head_k(il);
@@ -410,8 +430,9 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         ggml_tensor * q = ggml_get_rows(ctx, st.ring[il], slot_idx);                     // [hd*n_head, n_q]
         ggml_tensor * s = nullptr;                                                       // [n, n_head] summed attention
         if (kernel == KERNEL_FUSED_CPU) {
+            args[l] = {st.kq_scale[il], defensive, n_prefix, p.pool_kernel};
             s = window_attn_cpu_op(ctx, stream_rows(ctx, st.kv->get_k_storage(il), stream), q, cell_idx, kq_mask, weight,
-                                   head_mask, n_head, &st.kq_scale[il]);
+                                   head_mask, n_head, &args[l]);
         } else {
             q = ggml_permute(ctx, ggml_reshape_3d(ctx, q, hd, n_head, n_q), 0, 2, 1, 3); // [hd, n_q, n_head]
             ggml_tensor * k = gather_rows(ctx, st.kv->get_k_storage(il), stream, cell_idx); // [hd*n_kv, n]
@@ -424,11 +445,10 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             }
             ggml_tensor * a = ggml_soft_max_ext(ctx, kq, mask, st.kq_scale[il], 0.0f);  // [n, n_q, n_head]
             if (defensive) {
-                s = a;
-            } else {
-                a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                    // [n_q, n, n_head]
-                s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                        // [1, n, n_head]
+                maxs[l] = g.output(pooled_max_graph(ctx, a, n_prefix, p.pool_kernel));
             }
+            a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                        // [n_q, n, n_head]
+            s = ggml_sum_rows(ctx, ggml_mul(ctx, a, weight));                            // [1, n, n_head]
         }
         outs[l] = g.output(s);
     }
@@ -436,15 +456,20 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         return set_error(ERR_COMPUTE, "attention-score graph failed to allocate or compute");
     }
     for (int64_t l = 0; l < n_layer_kv; ++l) {
-        attn[l].resize(ggml_nelements(outs[l]));
-        ggml_backend_tensor_get(outs[l], attn[l].data(), 0, ggml_nbytes(outs[l]));
+        const size_t bytes = ggml_nbytes(outs[l]);
+        attn[l].resize((bytes + (maxs[l] ? ggml_nbytes(maxs[l]) : 0)) / sizeof(float));
+        ggml_backend_tensor_get(outs[l], attn[l].data(), 0, bytes);
+        if (maxs[l]) {
+            ggml_backend_tensor_get(maxs[l], attn[l].data() + bytes / sizeof(float), 0, ggml_nbytes(maxs[l]));
+        }
     }
 
     out.score.assign(n_layer_kv * n_kv * n_prefix, 0.0f);
     if (defensive) {
         for (int64_t l = 0; l < n_layer_kv; ++l) {
-            const std::vector<float> s = defensive_scores(attn[l].data(), n, n_prefix, n_q, hparams.n_head(layer_ids[l]), n_kv,
-                                                          out.value_norm.data() + l * n_kv * n_prefix, p.pool_kernel,
+            const int64_t n_head = hparams.n_head(layer_ids[l]);
+            const std::vector<float> s = defensive_scores(attn[l].data(), attn[l].data() + n_head * n, n, n_prefix, n_head,
+                                                          n_kv, out.value_norm.data() + l * n_kv * n_prefix,
                                                           p.budget - out.n_window);
             std::copy(s.begin(), s.end(), out.score.begin() + l * n_kv * n_prefix);
         }

@@ -67,34 +67,25 @@ std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, co
 }
 
 std::vector<float> defensive_scores(
-        const float * a, int64_t n, int64_t n_prefix, int64_t n_q, int64_t n_head, int64_t n_kv,
-        const float * value_norm, int32_t kernel, int64_t budget) {
+        const float * mean, const float * pooled_max, int64_t n, int64_t n_prefix, int64_t n_head, int64_t n_kv,
+        const float * value_norm, int64_t budget) {
     const int64_t group = n_head / n_kv;
     std::vector<float> score(n_kv * n_prefix, 0.0f);  // the maximum, then the weighted score
-    std::vector<double> mean(n_kv * n_prefix, 0.0);   // unpooled attention, mean over the group and the queries
-    std::vector<float> pooled(n_prefix);
+    std::vector<double> group_mean(n_kv * n_prefix, 0.0);
     double window_mass = 0.0;
     for (int64_t h = 0; h < n_head; ++h) {
         float  * m = score.data() + (h / group) * n_prefix;
-        double * u = mean.data() + (h / group) * n_prefix;
-        for (int64_t q = 0; q < n_q; ++q) {
-            const float * row = a + (h * n_q + q) * n;
-            double prefix_sum = 0.0, pooled_sum = 0.0;
-            for (int64_t i = 0; i < n; ++i) {
-                (i < n_prefix ? prefix_sum : window_mass) += row[i];
-            }
-            pool_avg(row, n_prefix, kernel, pooled.data());
-            for (int64_t i = 0; i < n_prefix; ++i) {
-                pooled_sum += pooled[i];
-                u[i] += row[i];
-            }
-            const double rescale = pooled_sum > 0.0 ? prefix_sum / pooled_sum : 0.0;
-            for (int64_t i = 0; i < n_prefix; ++i) {
-                m[i] = std::max(m[i], (float) (pooled[i] * rescale));
+        double * u = group_mean.data() + (h / group) * n_prefix;
+        for (int64_t i = 0; i < n; ++i) {
+            if (i < n_prefix) {
+                m[i] = std::max(m[i], pooled_max[h * n + i]);
+                u[i] += mean[h * n + i];
+            } else {
+                window_mass += mean[h * n + i];
             }
         }
     }
-    window_mass /= (double) n_head * n_q;
+    window_mass /= (double) n_head;
 
     std::vector<double> norm_sum(n_prefix, 0.0);
     for (int64_t g = 0; g < n_kv; ++g) {
@@ -116,7 +107,7 @@ std::vector<float> defensive_scores(
     // stage 1: the cells before the cumulative mean attention reaches the threshold (the one reaching it excluded)
     const double threshold = 0.9 - window_mass;
     for (int64_t g = 0; g < n_kv; ++g) {
-        const double * u = mean.data() + g * n_prefix;
+        const double * u = group_mean.data() + g * n_prefix;
         const double total = std::accumulate(u, u + n_prefix, 0.0);
         if (!(total > 0.0)) {
             continue;

@@ -28,15 +28,16 @@ std::vector<uint8_t> select_two_stage(
 // One-stage selection: the `budget` cells of largest `s`.
 std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, const std::vector<uint8_t> * skip = nullptr);
 
-// DefensiveKV (Feng et al. 2025b, arXiv 2510.13334) scores of one layer's prefix cells, [n_kv][n_prefix], from the
-// window's attention a[h][q][i] over all n cells (the last n - n_prefix are the window's own). Per query and head the
-// pooled row is rescaled to the unpooled row's prefix sum; the maximum over the window's queries and the query group,
-// floored at that head's mean over cells, is weighted by the value norm shared across the layer's KV heads. Cells
-// holding the first (0.9 - mass the window puts on its own cells) of a head's mean attention, at most `budget` of them,
-// score the layer's maximum.
+// DefensiveKV (Feng et al. 2025b, arXiv 2510.13334) scores of one layer's prefix cells, [n_kv][n_prefix], from two
+// reductions of the window's attention over all n cells (the last n - n_prefix are the window's own), each
+// [n_head][n]: mean[h][i], over the window's queries, and pooled_max[h][i], the maximum over the queries of each
+// query's prefix row pooled and rescaled to the row's prefix mass. The maximum over the query group, floored at that
+// head's mean over cells, is weighted by the value norm shared across the layer's KV heads. Cells holding the first
+// (0.9 - mass the window puts on its own cells) of a head's mean attention, at most `budget` of them, score the
+// layer's maximum.
 std::vector<float> defensive_scores(
-        const float * a, int64_t n, int64_t n_prefix, int64_t n_q, int64_t n_head, int64_t n_kv,
-        const float * value_norm /* [n_kv][n_prefix] */, int32_t kernel, int64_t budget);
+        const float * mean, const float * pooled_max, int64_t n, int64_t n_prefix, int64_t n_head, int64_t n_kv,
+        const float * value_norm /* [n_kv][n_prefix] */, int64_t budget);
 
 // The best (head, cell) pairs of all heads, `pool` more of them, added to each head's `share`: ties to the lower head,
 // then the lower cell; no head past `cap` (its surplus goes to the next pairs of the others). taken[h][i] marks pairs

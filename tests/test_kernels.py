@@ -13,7 +13,7 @@ from conftest import random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig
 from pyllmkv.session import Session
-from pyllmkv.reference import head_scores, value_norms, window_attention
+from pyllmkv.reference import defensive_scores, head_scores, value_norms, window_attention
 from tinymodel import TinyRef, write_tiny_llama
 
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q8_0": 8}  # GGML_TYPE_*
@@ -150,6 +150,40 @@ def test_fused_window_attention_on_the_real_model(llama_cpp, smollm2_path):
     _, fused, _, st, _ = _scores(llama_cpp, smollm2_path, "f16", 200, policy="snapkv")
     assert st["window_attn_kernel"] == "fused-cpu"
     _, graph, _, _, _ = _scores(llama_cpp, smollm2_path, "f16", 200, graph=("attn",), policy="snapkv")
+    np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
+
+
+def defensive_reference(llm, n_layer, n_head_kv, group, head_dim, norms, budget, window=8):
+    """The numpy DefensiveKV scores on the kernel's own inputs (queries, K rows) and the hook's value norms."""
+    pos = _lib.positions(llm)
+    expected = []
+    for il in range(n_layer):
+        q_pos, q, scale = _lib.queries(llm, il)
+        k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
+        a = window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale)
+        expected.append(defensive_scores(a, window, n_head_kv, norms[il], budget - window))
+    return np.stack(expected)
+
+
+# DefensiveKV's maximum over the window's queries of their pooled rows, kept inside the fused kernel and the graph
+@pytest.mark.parametrize("head_dim, group, budget", [(32, 2, 128), (64, 4, 64), (128, 8, 128)])
+def test_fused_pooled_maximum_equals_graph_and_numpy(llama_cpp, tmp_path, head_dim, group, budget):
+    path, n_head_kv = shaped_model(tmp_path, head_dim, group, seed=head_dim + 7 * group)
+    # budget 64 of 101 tokens: one eviction first, so some heads hold no token in some cells
+    _, fused, norms, st, llm = _scores(llama_cpp, path, "f32", 101, policy="defensivekv", budget=budget)
+    assert st["window_attn_kernel"] == "fused-cpu" and st["n_evictions"] == (budget < 101)
+    if budget > 101:
+        np.testing.assert_allclose(fused, defensive_reference(llm, len(fused), n_head_kv, group, head_dim, norms, budget),
+                                   rtol=1e-4, atol=1e-7)
+    _, graph, _, st, _ = _scores(llama_cpp, path, "f32", 101, graph=("attn",), policy="defensivekv", budget=budget)
+    assert st["window_attn_kernel"] == "ggml-graph"
+    np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_pooled_maximum_on_the_real_model(llama_cpp, smollm2_path):
+    _, fused, _, st, _ = _scores(llama_cpp, smollm2_path, "f16", 200, policy="defensivekv-layer", budget=128)
+    assert st["window_attn_kernel"] == "fused-cpu"
+    _, graph, _, _, _ = _scores(llama_cpp, smollm2_path, "f16", 200, graph=("attn",), policy="defensivekv-layer", budget=128)
     np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
 
 

@@ -6,8 +6,9 @@
 // head, and multiplies them with 32 queries at a time (stored transposed) in a register-blocked loop; the logits are
 // kept [cell][query], so the softmax runs over 8 queries per vector. Its memory is those heads' logits and the mask
 // (queries x cells floats each), however many layers there are. Queries of weight 0 (all but the last for TOVA, those
-// already counted for H2O) are not computed at all. Written with GCC/Clang vector extensions; other compilers use the
-// ggml graph.
+// already counted for H2O) are not computed at all. For DefensiveKV the same pass also keeps each cell's maximum over
+// the queries of their pooled rows, so no [cells, queries, heads] tensor leaves the kernel either. Written with
+// GCC/Clang vector extensions; other compilers use the ggml graph.
 #include "kv-evict-kernels.h"
 
 #include <algorithm>
@@ -114,9 +115,53 @@ void logits_block(const float * qt, const float * rows, const float * causal, co
     }
 }
 
-// dst [n, n_head] f32. src[0] the stream's K cache rows [n_kv*hd, kv_size] in the cache type; src[1] queries f32
-// [n_head*hd, n_q]; src[2] the sequence's cells i32 [n]; src[3] causal mask f32 [n, n_q]; src[4] query weights f32
-// [n_q]; src[5] optional per-head mask f32 [n, n_head]. userdata: the layer's KQ scale (float).
+inline float hmax(f32x8 x) {
+    return std::max(std::max(std::max(x[0], x[1]), std::max(x[2], x[3])), std::max(std::max(x[4], x[5]), std::max(x[6], x[7])));
+}
+
+// DefensiveKV's plane for one head: out[i] = max over the queries of (row pooled over cells i - half .. i + half of the
+// prefix) x c, where c rescales the pooled row to the row's prefix mass. L: the head's e^logit [cell][query], q_sum:
+// the rows' normalisers, n_a of the A queries real
+void pooled_max(const float * L, const float * q_sum, int64_t A, int64_t n_a, int64_t n, int64_t n_prefix, int32_t kernel,
+        float * c_buf, float * out) {
+    const int64_t half = kernel / 2, V = A / 8;
+    // per query the prefix mass P and the pooled row's mass W (cell j lies in as many windows as reach it): pooled
+    // sums x P / (W x normaliser) are the normalised pooled row rescaled to the normalised prefix mass
+    std::vector<float> mass(2 * A, 0.0f);
+    f32x8 * P = (f32x8 *) mass.data();
+    f32x8 * W = (f32x8 *) (mass.data() + A);
+    for (int64_t j = 0; j < n_prefix; ++j) {
+        const float reach = (float) (std::min(j + half, n_prefix - 1) - std::max<int64_t>(j - half, 0) + 1);
+        const f32x8 * l = (const f32x8 *) (L + j * A);
+        for (int64_t v = 0; v < V; ++v) {
+            P[v] += l[v];
+            W[v] += l[v] * reach;
+        }
+    }
+    for (int64_t a = 0; a < A; ++a) {
+        const float p = mass[a], w = mass[A + a];
+        c_buf[a] = a < n_a && w > 0.0f && q_sum[a] > 0.0f ? p / (w * q_sum[a]) : 0.0f; // padded queries count nowhere
+    }
+    const f32x8 * c = (const f32x8 *) c_buf;
+    for (int64_t i = 0; i < n_prefix; ++i) {
+        const int64_t lo = std::max<int64_t>(0, i - half), hi = std::min(n_prefix - 1, i + half);
+        f32x8 best = splat(0.0f);
+        for (int64_t v = 0; v < V; ++v) {
+            f32x8 sum = splat(0.0f);
+            for (int64_t j = lo; j <= hi; ++j) {
+                sum += ((const f32x8 *) (L + j * A))[v];
+            }
+            sum *= c[v];
+            best = select(sum > best, sum, best);
+        }
+        out[i] = hmax(best);
+    }
+    std::fill(out + n_prefix, out + n, 0.0f);
+}
+
+// dst [n, n_head, 1 or 2] f32. src[0] the stream's K cache rows [n_kv*hd, kv_size] in the cache type; src[1] queries
+// f32 [n_head*hd, n_q]; src[2] the sequence's cells i32 [n]; src[3] causal mask f32 [n, n_q]; src[4] query weights f32
+// [n_q]; src[5] optional per-head mask f32 [n, n_head]. userdata: window_attn_args.
 void window_attn_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * k      = dst->src[0];
     const ggml_tensor * q      = dst->src[1];
@@ -124,7 +169,8 @@ void window_attn_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * mask   = dst->src[3];
     const float       * weight = (const float *) dst->src[4]->data;
     const ggml_tensor * head_mask = dst->src[5];
-    const float scale  = *(const float *) userdata;
+    const window_attn_args & args = *(const window_attn_args *) userdata;
+    const float scale  = args.kq_scale;
     const int64_t n      = dst->ne[0];
     const int64_t n_head = dst->ne[1];
     const int64_t n_q    = q->ne[1];
@@ -154,7 +200,7 @@ void window_attn_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t per = (n_head + nth - 1) / nth;
     const int64_t h_end = std::min(n_head, (ith + 1) * per);
     std::vector<float> qt, rows(CELLS * hd), logits;
-    std::vector<float> q_max(A), q_sum(A), q_w(A); // per query: largest logit, normaliser, weight / normaliser
+    std::vector<float> q_max(A), q_sum(A), q_w(A), q_c(A); // per query: largest logit, normaliser, weight / normaliser
     for (int64_t h0 = ith * per; h0 < h_end; ) {
         const int64_t g  = h0 / group;
         const int64_t nh = std::min(h_end, (g + 1) * group) - h0;
@@ -241,6 +287,10 @@ void window_attn_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
                 }
                 out[i] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
             }
+            if (args.pooled_max) {
+                pooled_max(L, q_sum.data(), A, n_a, n, args.n_prefix, args.pool_kernel, q_c.data(),
+                           (float *) dst->data + (n_head + h0 + hh) * n);
+            }
         }
         h0 += nh;
     }
@@ -265,11 +315,11 @@ bool window_attn_cpu_supports(const ggml_tensor * k_cache, const ggml_tensor * r
 }
 
 ggml_tensor * window_attn_cpu_op(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q, ggml_tensor * cell_idx,
-        ggml_tensor * kq_mask, ggml_tensor * weight, ggml_tensor * head_mask, int64_t n_head, float * kq_scale) {
+        ggml_tensor * kq_mask, ggml_tensor * weight, ggml_tensor * head_mask, int64_t n_head, window_attn_args * args) {
 #if defined(__GNUC__)
-    ggml_tensor * args[6] = {k, q, cell_idx, kq_mask, weight, head_mask};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, cell_idx->ne[0], n_head, 1, 1, args, head_mask ? 6 : 5, window_attn_cpu,
-                          GGML_N_TASKS_MAX, kq_scale);
+    ggml_tensor * src[6] = {k, q, cell_idx, kq_mask, weight, head_mask};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, cell_idx->ne[0], n_head, args->pooled_max ? 2 : 1, 1, src, head_mask ? 6 : 5,
+                          window_attn_cpu, GGML_N_TASKS_MAX, args);
 #else
     GGML_ABORT("the fused window attention needs GCC or Clang (window_attn_cpu_supports says so)");
 #endif
