@@ -54,6 +54,7 @@ def test_every_row(results):
     assert {(r["engine"], r["policy"], r["budget"]) for r in res["ppl"]} == set(bench.configs(g, g.ppl_budgets, True))
     p = res["perturb"]
     assert np.asarray(p["criticalkv"]).shape == np.asarray(p["snapkv"]).shape == (2, 4)  # tiny: 2 layers, 4 heads
+    assert np.asarray(p["future"]["criticalkv"]).shape == (2, 4) and p["future_summary"]["n_heads"] == 8
     assert json.loads((out / "results.json").read_text())["speed"] == res["speed"]
     md = (out / "results.md").read_text()
     for title in ("## Speed and memory", "## Needle", "## Perplexity", "## Output perturbation"):
@@ -243,6 +244,34 @@ def test_perturbation_zero_when_all_kept_and_attention_reference():
     part = perturb.attention(q, q_pos, k, v, pos, keep, 0.5)
     s = np.exp(0.5 * k[keep] @ q[2])
     np.testing.assert_allclose(part[2], (s / s.sum()) @ v[keep])
+
+
+def test_perturbation_on_the_next_tokens_equals_numpy(llama_cpp, tiny_path):
+    """The next tokens' perturbation against the numpy forward pass of the whole text (its queries, K, V and W_O), the
+    cells each head kept taken from an eviction of the context alone."""
+    ref = TinyRef(tiny_path, kv_cache_dtype="f16")
+    window, budget, n_context = 8, 48, 120
+    tokens = [int(t) for t in np.random.default_rng(6).integers(0, 256, n_context + window)]
+    res = perturb.perturbation(tiny_path, tokens, budget, window, n_batch=64, threads=1, policies=("criticalkv",))
+    llm = llama_cpp.Llama(model_path=tiny_path, n_ctx=n_context + 64, n_batch=64, n_ubatch=64, verbose=False)
+    _lib.enable(llm, EvictConfig(budget=budget, policy="criticalkv", window=window))
+    Session(llm, None).decode(tokens[:n_context])
+    _lib.evict(llm)
+    trace = ref.trace(tokens)
+    pos, q_pos = np.arange(len(tokens)), np.arange(n_context, len(tokens))
+    group, hd = ref.n_head // ref.n_head_kv, ref.head_dim
+    for il, layer in enumerate(trace.layers):
+        kept = _lib.head_positions(llm, il, ref.n_head_kv)
+        for h in range(ref.n_head):
+            g = h // group
+            keep = np.isin(pos, kept[g][kept[g] >= 0]) | (pos >= n_context)
+            assert keep[:n_context].sum() < n_context - window, "the eviction removed cells"
+            args = (layer.q[n_context:, h], q_pos, layer.k[:, g], layer.v[:, g], pos)
+            full = perturb.attention(*args, np.ones(len(pos), bool), 1 / np.sqrt(hd))
+            part = perturb.attention(*args, keep, 1 / np.sqrt(hd))
+            expected = np.abs((full - part) @ ref.w_o(il)[h * hd : (h + 1) * hd]).sum(axis=1).mean()
+            assert res["future"]["criticalkv"][il][h] == pytest.approx(expected, rel=2e-2)
+    llm.close()
 
 
 def test_cli(tiny_path, tmp_path):

@@ -367,11 +367,12 @@ class Bench:
         from .perturb import perturbation, summary
 
         g, o = self.opts.grid, self.opts
-        tokens = self.text_tokens(g.perturb_context)
+        tokens = self.text_tokens(g.perturb_context + g.window)  # the context, then the tokens that follow it
         with self.progress("perturbation", 2) as bar:
             result = perturbation(o.model, tokens, g.perturb_budget, g.window, o.n_batch, o.threads, o.n_gpu_layers,
                                   progress=bar.update, pool_kernel=g.pool_kernel)
         result["summary"] = summary(result)
+        result["future_summary"] = summary(result["future"])
         return result
 
 

@@ -6,6 +6,10 @@ after RoPE), the sequence's K and V rows (read from the cache) and the head's sl
 (read from the GGUF file) give the attention output over every cell, o, and over the cells the policy kept for h's KV
 head, o'; the perturbation is the mean over the window's queries of |(o - o') W_O^h|_1. Both policies evict the same
 sequence with the same budget and window, head-wise.
+
+The window's queries chose the eviction, so they favour it; the queries eviction exists for are those of the tokens
+that follow. So the same is measured on the queries of the next `window` tokens of the text, decoded teacher-forced
+after the whole context (their own cells, after the context, are kept in both outputs).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ def attention(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, v: np.ndarray, po
     return a @ v.astype(np.float64)
 
 
-def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads: int, n_gpu_layers: int, read_rows: bool):
-    """Decodes tokens with the hook enabled and nothing evicted, then evicts once. Returns the window's queries and,
-    when read_rows, K/V per layer (before the eviction), and the positions each KV head kept per layer."""
+def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads: int, n_gpu_layers: int, read_rows: bool,
+             evict: bool = True):
+    """Decodes tokens with the hook enabled and nothing evicted, then evicts once (if `evict`). Returns the last
+    window's queries and, when read_rows, K/V per layer (before the eviction), and the positions each KV head kept per
+    layer."""
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=len(tokens) + n_batch, n_batch=n_batch, n_ubatch=n_batch,
                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False)
     ctx = llm._ctx.ctx
@@ -63,45 +69,61 @@ def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads
             k = _lib.read_rows(ctx, il, False, len(pos)).view(np.float16).reshape(len(pos), n_kv, -1)
             v = _lib.read_rows(ctx, il, True, len(pos)).view(np.float16).reshape(len(pos), n_kv, -1)
             rows[il] = (pos, k, v)
-    _lib.evict(ctx)
-    kept = {il: _lib.head_positions(ctx, il, n_kv) for il, _ in layers}
+    kept = {}
+    if evict:
+        _lib.evict(ctx)
+        kept = {il: _lib.head_positions(ctx, il, n_kv) for il, _ in layers}
     llm.close()
     return dict(layers), rows, kept, n_kv
 
 
+def _per_head(queries, rows, kept, w_o, n_kv, layers, n_context) -> list:
+    """Per layer and query head the mean L1 of (o - o') W_O^h over the queries, o' over the cells kept for its KV head
+    and every cell past the context."""
+    per_layer = []
+    for il in layers:
+        q_pos, q, scale = queries[il]
+        pos, k, v = rows[il]
+        n_head = q.shape[1] // k.shape[2]
+        head_dim = k.shape[2]
+        q = q.reshape(len(q_pos), n_head, head_dim)
+        per_head = []
+        for h in range(n_head):
+            g = h // (n_head // n_kv)
+            keep = np.isin(pos, kept[il][g][kept[il][g] >= 0]) | (pos >= n_context)
+            full = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, np.ones(len(pos), bool), scale)
+            part = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, keep, scale)
+            w_h = w_o[il][:, h * head_dim : (h + 1) * head_dim].astype(np.float64)
+            per_head.append(float(np.abs((full - part) @ w_h.T).sum(axis=1).mean()))
+        per_layer.append(per_head)
+    return per_layer
+
+
 def perturbation(model_path: str, tokens, budget: int, window: int = 32, n_batch: int = 512, threads: int = 2,
                  n_gpu_layers: int = 0, policies=("criticalkv", "snapkv"), progress=None, pool_kernel: int = EvictConfig.pool_kernel) -> dict:
-    """Per-head output perturbation of each policy: {"layers": [...], "n_head": H, policy: [[per head] per layer]}.
-    Needs an f16 K/V cache (the default)."""
+    """Per-head output perturbation of each policy on the window's queries: {"layers": [...], "n_head": H, policy:
+    [[per head] per layer]}, and on the next tokens' queries: {"future": {policy: ...}}. `tokens`: the context, then
+    the `window` tokens that follow it. Needs an f16 K/V cache (the default)."""
+    n_context = len(tokens) - window
+    context = tokens[:n_context]
     captured = {}
     for i, policy in enumerate(policies):
         config = EvictConfig(budget=budget, policy=policy, granularity="head", window=window, pool_kernel=pool_kernel)
-        captured[policy] = _capture(model_path, tokens, config, n_batch, threads, n_gpu_layers, read_rows=(i == 0))
+        captured[policy] = _capture(model_path, context, config, n_batch, threads, n_gpu_layers, read_rows=(i == 0))
         if progress:
             progress(1)
+    # the next tokens' queries and every row, from the whole text decoded without eviction
+    future_q, future_rows, _, _ = _capture(model_path, tokens, config, n_batch, threads, n_gpu_layers, read_rows=True,
+                                           evict=False)
     queries, rows, _, n_kv = captured[policies[0]]
     w_o = output_projections(model_path, queries)
-    out = {"layers": sorted(queries), "budget": budget, "window": window, "context": len(tokens), "pool_kernel": pool_kernel}
+    out = {"layers": sorted(queries), "budget": budget, "window": window, "context": n_context, "pool_kernel": pool_kernel,
+           "future": {}}
     for policy in policies:
         kept = captured[policy][2]
-        per_layer = []
-        for il in out["layers"]:
-            q_pos, q, scale = queries[il]
-            pos, k, v = rows[il]
-            n_head = q.shape[1] // k.shape[2]
-            head_dim = k.shape[2]
-            q = q.reshape(len(q_pos), n_head, head_dim)
-            per_head = []
-            for h in range(n_head):
-                g = h // (n_head // n_kv)
-                keep = np.isin(pos, kept[il][g][kept[il][g] >= 0])
-                full = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, np.ones(len(pos), bool), scale)
-                part = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, keep, scale)
-                w_h = w_o[il][:, h * head_dim : (h + 1) * head_dim].astype(np.float64)
-                per_head.append(float(np.abs((full - part) @ w_h.T).sum(axis=1).mean()))
-            per_layer.append(per_head)
-        out[policy] = per_layer
-        out["n_head"] = len(per_layer[0])
+        out[policy] = _per_head(queries, rows, kept, w_o, n_kv, out["layers"], n_context)
+        out["future"][policy] = _per_head(future_q, future_rows, kept, w_o, n_kv, out["layers"], n_context)
+        out["n_head"] = len(out[policy][0])
     return out
 
 

@@ -80,13 +80,18 @@ def ppl_table(rows: list[dict]) -> list[str]:
 
 
 def perturb_lines(p: dict) -> list[str]:
-    s = p["summary"]
-    return [f"Context {p['context']} tokens, budget {p['budget']}, window {p['window']}, head-wise; "
-            f"{s['n_heads']} (layer, query head) pairs over {len(p['layers'])} layers.", "",
-            "| | criticalkv | snapkv |", "|---|---|---|",
-            f"| mean L1 perturbation of a head's projected output | {s['mean_a']:.4f} | {s['mean_b']:.4f} |",
-            f"| heads where it is the lower | {s['lower']} ({100 * s['share_lower']:.1f} %) | "
-            f"{s['n_heads'] - s['lower'] - s['equal']} |", f"| heads where they are equal | {s['equal']} | |"]
+    lines = [f"Context {p['context']} tokens, budget {p['budget']}, window {p['window']}, head-wise; "
+             f"{p['summary']['n_heads']} (layer, query head) pairs over {len(p['layers'])} layers. Measured on the "
+             f"window's queries (those that chose the eviction) and on the queries of the {p['window']} tokens that "
+             "follow the context (the ones eviction is for).", "",
+             "| queries | | criticalkv | snapkv |", "|---|---|---|---|"]
+    for label, s in (("window", p["summary"]), ("next tokens", p.get("future_summary"))):
+        if s is None:  # a run made before the next tokens were measured
+            continue
+        lines += [f"| {label} | mean L1 perturbation of a head's projected output | {s['mean_a']:.4f} | {s['mean_b']:.4f} |",
+                  f"| {label} | heads where it is the lower | {s['lower']} ({100 * s['share_lower']:.1f} %) | "
+                  f"{s['n_heads'] - s['lower'] - s['equal']} |", f"| {label} | heads where they are equal | {s['equal']} | |"]
+    return lines
 
 
 def bootstrap_ci(scores: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -251,7 +256,10 @@ def plots(results: dict, out: Path) -> list[Path]:
     if "perturb" in results:
         p = results["perturb"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        axes[0].hist(p["summary"]["log_ratio"], bins=40)
+        axes[0].hist(p["summary"]["log_ratio"], bins=40, alpha=0.6, label="window's queries")
+        if "future_summary" in p:
+            axes[0].hist(p["future_summary"]["log_ratio"], bins=40, alpha=0.6, label="next tokens' queries")
+        axes[0].legend(fontsize=7)
         axes[0].axvline(0, color="k")
         axes[0].set_xlabel("log(criticalkv / snapkv) perturbation per head")
         axes[1].plot(p["layers"], np.mean(p["criticalkv"], axis=1), marker="o", label="criticalkv")
