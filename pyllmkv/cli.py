@@ -106,6 +106,11 @@ model_options = _options([
 ])
 
 
+def _threads(n_threads: Optional[int]) -> dict:
+    """-t as llama.cpp's: the threads of generation and of prompt processing alike."""
+    return dict(n_threads=n_threads, n_threads_batch=n_threads) if n_threads else {}
+
+
 def _flash_attn(cache_type_v: str, flash_attn: str) -> bool:
     """-fa as llama-cpp-python's bool; a quantized V cache needs flash attention in llama.cpp."""
     quantized_v = cache_type_v not in ("f32", "f16", "bf16")
@@ -137,12 +142,11 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
                                  "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
     fa = _flash_attn(cache_type_v, flash_attn)
-    kwargs = dict(n_threads=n_threads) if n_threads else {}
     try:
         llm = llama_cpp.Llama(
             model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
             type_k=_ggml_type(cache_type_k), type_v=_ggml_type(cache_type_v), flash_attn=fa, seed=seed,
-            verbose=False, **kwargs,
+            verbose=False, **_threads(n_threads),
         )
     except ValueError as e:
         raise click.ClickException(f"llama.cpp could not load {model}: {e} (a truncated or unsupported GGUF?)")
@@ -272,12 +276,11 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
     try:
-        threads = dict(n_threads=n_threads, n_threads_batch=n_threads) if n_threads else {}
         app = create_app(str(model), kv_budget=budget, policy=policy, granularity=granularity, window=window,
                          pool_kernel=pool_kernel, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
                          n_gpu_layers=n_gpu_layers, type_k=_ggml_type(cache_type_k), type_v=_ggml_type(cache_type_v),
                          flash_attn=_flash_attn(cache_type_v, flash_attn), seed=seed, cache=cache, cache_type="ram",
-                         cache_size=cache_size, **threads)
+                         cache_size=cache_size, **_threads(n_threads))
     except (RuntimeError, ValueError) as e:
         raise click.ClickException(str(e))
     import uvicorn

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -191,3 +192,10 @@ def test_ctrl_c_during_a_long_prefill_leaves_the_chat_usable(smollm2_path):
         assert m and int(m.group(1)) <= 64 + 16
         term.type("\x04")
         assert term.proc.wait(timeout=30) == 0
+
+
+def test_threads_flag_sets_generation_and_prompt_threads(llama_cpp, smollm2_path):
+    # llama.cpp's -t sets both; llama-cpp-python's n_threads alone leaves prompt processing at its own default
+    from pyllmkv.cli import load
+    sess = load(Path(smollm2_path), 256, "criticalkv", "head", 32, 13, True, 0, 128, 0, "f16", "f16", "auto", 1, -1)
+    assert sess.llm.context_params.n_threads == 1 and sess.llm.context_params.n_threads_batch == 1
