@@ -4,7 +4,9 @@
 #include "kv-evict-state.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -72,5 +74,26 @@ struct evict_graph {
 
 // Creates (or grows) the hook's scheduler over the context's backends
 int32_t ensure_sched(llama_kv_evict_state & st, int32_t graph_size);
+
+// A stream's rows of a cache tensor stored per cell ([n_embd_gqa, kv_size, n_stream])
+inline ggml_tensor * stream_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream) {
+    return ggml_view_2d(ctx, cache, cache->ne[0], cache->ne[1], cache->nb[1], stream * cache->nb[2]);
+}
+
+// The sequence's rows of such a cache tensor, gathered as f32
+inline ggml_tensor * gather_rows(ggml_context * ctx, ggml_tensor * cache, uint32_t stream, ggml_tensor * cell_idx) {
+    return ggml_get_rows(ctx, stream_rows(ctx, cache, stream), cell_idx);
+}
+
+// Whether the environment variable `name` asks for plain ggml ops (tests and benchmarks compare them with the fused
+// kernels)
+inline bool graph_forced(const char * name) {
+    const char * force = getenv(name);
+    return force && std::string(force) == "graph";
+}
+
+// |V_i W_O^h|_1 for the given cells, per layer and query head, then averaged over each KV head's query group
+int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const std::vector<uint32_t> & cells,
+        std::vector<std::vector<float>> & norms /* [layer_kv][cell * n_head_kv + g] */);
 
 } // namespace kv_evict

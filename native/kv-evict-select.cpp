@@ -66,11 +66,11 @@ std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, co
     return keep;
 }
 
-std::vector<float> defensive_scores(
+std::vector<float> window_max_scores(
         const float * mean, const float * pooled_max, int64_t n, int64_t n_prefix, int64_t n_head, int64_t n_kv,
-        const float * value_norm, int64_t budget) {
+        int64_t budget, std::vector<int64_t> & protect) {
     const int64_t group = n_head / n_kv;
-    std::vector<float> score(n_kv * n_prefix, 0.0f);  // the maximum, then the weighted score
+    std::vector<float> score(n_kv * n_prefix, 0.0f);
     std::vector<double> group_mean(n_kv * n_prefix, 0.0);
     double window_mass = 0.0;
     for (int64_t h = 0; h < n_head; ++h) {
@@ -86,25 +86,16 @@ std::vector<float> defensive_scores(
         }
     }
     window_mass /= (double) n_head;
-
-    std::vector<double> norm_sum(n_prefix, 0.0);
-    for (int64_t g = 0; g < n_kv; ++g) {
-        for (int64_t i = 0; i < n_prefix; ++i) {
-            norm_sum[i] += value_norm[g * n_prefix + i];
-        }
-    }
-    float top = 0.0f;
     for (int64_t g = 0; g < n_kv; ++g) {
         float * m = score.data() + g * n_prefix;
-        const double floor = std::accumulate(m, m + n_prefix, 0.0) / n_prefix;
+        const float floor = (float) (std::accumulate(m, m + n_prefix, 0.0) / n_prefix);
         for (int64_t i = 0; i < n_prefix; ++i) {
-            const double share = norm_sum[i] > 0.0 ? value_norm[g * n_prefix + i] / norm_sum[i] : 0.0;
-            m[i] = (float) (std::max<double>(m[i], floor) * share);
-            top = std::max(top, m[i]);
+            m[i] = std::max(m[i], floor);
         }
     }
 
     // stage 1: the cells before the cumulative mean attention reaches the threshold (the one reaching it excluded)
+    protect.clear();
     const double threshold = 0.9 - window_mass;
     for (int64_t g = 0; g < n_kv; ++g) {
         const double * u = group_mean.data() + g * n_prefix;
@@ -123,10 +114,23 @@ std::vector<float> defensive_scores(
             count = 0;  // never reached: as an arg-max over an all-false mask, nothing is protected
         }
         for (int64_t k = 0; k < std::min(count, budget); ++k) {
-            score[g * n_prefix + order[k]] = top;
+            protect.push_back(g * n_prefix + order[k]);
         }
     }
     return score;
+}
+
+void norm_share(float * score, const float * value_norm, int64_t n_kv, int64_t n_prefix) {
+    for (int64_t i = 0; i < n_prefix; ++i) {
+        double norm_sum = 0.0;
+        for (int64_t g = 0; g < n_kv; ++g) {
+            norm_sum += value_norm[g * n_prefix + i];
+        }
+        for (int64_t g = 0; g < n_kv; ++g) {
+            const double share = norm_sum > 0.0 ? value_norm[g * n_prefix + i] / norm_sum : 0.0;
+            score[g * n_prefix + i] = (float) (score[g * n_prefix + i] * share);
+        }
+    }
 }
 
 void pooled_shares(

@@ -3,6 +3,7 @@
 
 #include "llama.h"
 #include "ggml-cpp.h"
+#include "kv-evict-policy.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -12,22 +13,8 @@
 struct llama_hparams;
 
 struct llama_context;
+struct llama_memory_i;
 class  llama_kv_cache;
-
-namespace kv_evict {
-
-// What a policy needs, asked where the hook branches instead of naming policies there
-inline bool is_defensive(llama_kv_evict_policy p) {
-    return p == LLAMA_KV_EVICT_POLICY_DEFENSIVEKV || p == LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER;
-}
-inline bool needs_value_norms(llama_kv_evict_policy p) {
-    return p == LLAMA_KV_EVICT_POLICY_CRITICALKV || p == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || is_defensive(p);
-}
-inline bool shares_heads(llama_kv_evict_policy p) {
-    return p == LLAMA_KV_EVICT_POLICY_CRITICALKV_ADA || p == LLAMA_KV_EVICT_POLICY_SNAPKV_ADA || is_defensive(p);
-}
-
-} // namespace kv_evict
 
 struct llama_kv_evict_state {
     llama_context       * lctx = nullptr;
@@ -92,8 +79,10 @@ struct llama_kv_evict_state {
         return absent(l, cell, pos, g) ? -1 : head_pos[side(l, cell, g)];
     }
 
+    // the policy's parts (params are validated when the hook is enabled)
+    const kv_evict::policy & policy() const { return *kv_evict::find_policy(params.policy); }
     // the policy shares each layer's cells unequally between heads: per-head masks, up to 2 x budget - window cells
-    bool ada() const { return kv_evict::shares_heads(params.policy); }
+    bool ada() const { return policy().shares_heads(); }
 
     // set while the hook edits the cache itself, so that its own removals do not come back through
     // llama_kv_evict_on_seq_rm
@@ -133,6 +122,33 @@ struct seq_scores {
 int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out);
 
 int32_t set_error(int32_t code, const std::string & msg);
+
+// The cache eviction acts on: a plain KV cache, or the full-attention one of an iSWA pair; nullptr for other memory
+llama_kv_cache * full_attention_cache(llama_memory_i * mem);
+
+// Checks shared by the entry points; each returns 0 or a negative error code with the message set.
+// enabled_state: the hook of ctx, nullptr if disabled; check_seq: enabled, and seq_id in range; seq_cache: the cache
+// of seq_id, enabled or not; layer_index / enabled_layer: the index of model layer il among the evicted cache's layers
+llama_kv_evict_state * enabled_state(llama_context * ctx);
+int32_t check_seq_id(const llama_context * ctx, llama_seq_id seq_id);
+int32_t check_seq(llama_kv_evict_state * st, llama_seq_id seq_id);
+int32_t seq_cache(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv);
+int32_t layer_index(llama_kv_cache & kv, int32_t il);
+int32_t enabled_layer(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_kv_evict_state *& st);
+
+// The hook's own removals: not the user's, so llama_kv_evict_on_seq_rm leaves them alone
+bool edit_seq_rm(llama_kv_evict_state & st, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+// Before the hook goes: the cells where some head holds no token leave the cache (the per-head mask goes with the hook)
+void drop_absent_cells(llama_kv_evict_state & st);
+
+// Cells the sequence would hold if every head kept only the cells it holds a token in
+int64_t held_cells(const llama_kv_evict_state & st, llama_seq_id seq_id);
+
+// Removes all but the kept cells of the scored sequence: one set for every head (token granularity), or each head's
+// own cells compacted into the first ones (head granularity). Return the cells removed or an error code
+int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv);
+int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv);
 
 // Head granularity: "" if the cache can be compacted head-wise, else why not
 std::string head_granularity_unsupported(llama_kv_cache & kv, const llama_hparams & hparams);

@@ -45,8 +45,6 @@ def _load_llama_cpp():
 
 llama_cpp, _lib = _load_llama_cpp()
 
-POLICIES = {"criticalkv-ada": 5, "criticalkv": 0, "snapkv-ada": 6, "snapkv": 1, "h2o": 2, "tova": 3, "streaming": 4,
-            "defensivekv": 7, "defensivekv-layer": 8}
 GRANULARITIES = {"token": 0, "head": 1}
 
 
@@ -72,6 +70,16 @@ class EvictParams(ctypes.Structure):
         ("epsilon", ctypes.c_float),
         ("n_sink", ctypes.c_int32),
         ("ada_alpha", ctypes.c_float),
+    ]
+
+
+class PolicyInfo(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("scorer", ctypes.c_char_p),
+        ("rescale", ctypes.c_char_p),
+        ("allocation", ctypes.c_char_p),
+        ("shares_heads", ctypes.c_bool),
     ]
 
 
@@ -118,6 +126,9 @@ _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, 
 _queries = _bind("llama_kv_evict_queries", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, ctypes.c_int32, _i32_p, _f_p], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
+_describe = _bind("llama_kv_evict_policy_describe", [ctypes.c_int32, ctypes.POINTER(PolicyInfo)], ctypes.c_int32)
+_validate = _bind("llama_kv_evict_validate", [ctypes.POINTER(EvictParams)], ctypes.c_int32)
+_max_cells = _bind("llama_kv_evict_max_cells", [ctypes.POINTER(EvictParams)], ctypes.c_int32)
 _adakv_shares = _bind("llama_kv_evict_adakv_shares", [_f_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, _i32_p], ctypes.c_int32)
 
 
@@ -161,34 +172,82 @@ def _ctx(ctx) -> int:
     return ctx
 
 
+@dataclass(frozen=True)
+class Policy:
+    """A policy as the library composes it (native/kv-evict-policy.h): what scores a cell, what reweighs the score by
+    the cell's projected value, how the kept cells are shared among heads."""
+    name: str
+    value: int  # llama_kv_evict_policy
+    scorer: str
+    rescale: str
+    allocation: str
+    shares_heads: bool  # unequal head shares: granularity head only, up to 2 x budget - window cells
+
+
+def _policies() -> dict:
+    info = PolicyInfo()
+    n = _describe(0, ctypes.byref(info))
+    out = {}
+    for value in range(n):
+        _describe(value, ctypes.byref(info))
+        d = {f: getattr(info, f) for f in ("name", "scorer", "rescale", "allocation")}
+        out[d["name"].decode()] = Policy(value=value, shares_heads=bool(info.shares_heads), **{k: v.decode() for k, v in d.items()})
+    return out
+
+
+# every policy the library has, by name, in the library's order
+POLICY_INFO = _policies()
+POLICIES = {name: p.value for name, p in POLICY_INFO.items()}
+
+
 def shares_heads(policy: str) -> bool:
     """Whether POLICY shares the budget unequally between heads (the -ada policies, DefensiveKV): the cache holds up
     to 2 x budget - window cells then."""
-    return policy.endswith("-ada") or policy.startswith("defensivekv")
+    return POLICY_INFO[policy].shares_heads
+
+
+def _c_defaults() -> dict:
+    """llama_kv_evict_default_params as EvictConfig's fields: the one place the defaults are written."""
+    p = _default_params()
+    names = {v: k for k, v in POLICIES.items()}
+    out = {"policy": names[p.policy], "granularity": {v: k for k, v in GRANULARITIES.items()}[p.granularity]}
+    for name in ("budget", "window", "pool_kernel", "n_sink"):
+        out[name] = int(getattr(p, name))
+    for name in ("first_stage_ratio", "epsilon", "ada_alpha"):
+        out[name] = float(f"{getattr(p, name):.7g}")  # as written in C, not float32's nearest double
+    return out
+
+
+_DEFAULTS = _c_defaults()
 
 
 @dataclass
 class EvictConfig:
-    """Parameters of the hook; defaults are the paper's and kvpress's, but for a wider pooling kernel (13, not 5) that
-    keeps a retrieved span whole (see llama_kv_evict_default_params)."""
+    """Parameters of the hook; the defaults are llama_kv_evict_default_params's: the paper's and kvpress's, but for a
+    wider pooling kernel (13, not 5) that keeps a retrieved span whole."""
 
-    budget: int = 1024
-    policy: str = "criticalkv"
-    granularity: str = "head"
-    window: int = 32
-    pool_kernel: int = 13
-    first_stage_ratio: float = 0.5
-    epsilon: float = 1e-4
-    n_sink: int = 4
-    ada_alpha: float = 0.2
+    budget: int = _DEFAULTS["budget"]
+    policy: str = _DEFAULTS["policy"]
+    granularity: str = _DEFAULTS["granularity"]
+    window: int = _DEFAULTS["window"]
+    pool_kernel: int = _DEFAULTS["pool_kernel"]
+    first_stage_ratio: float = _DEFAULTS["first_stage_ratio"]
+    epsilon: float = _DEFAULTS["epsilon"]
+    n_sink: int = _DEFAULTS["n_sink"]
+    ada_alpha: float = _DEFAULTS["ada_alpha"]
     # a prompt decoded in several batches is evicted with the queries of its last `window` tokens (session.PromptTail)
     prompt_tail: bool = True
 
     @property
     def cells(self) -> int:
         """Most cells the sequence holds after an eviction: the budget; with a policy that shares heads unequally the
-        window plus the largest head share, which the hook caps at twice the per-head budget."""
-        return 2 * self.budget - self.window if shares_heads(self.policy) else self.budget
+        window plus the largest head share, which the hook caps at twice the per-head budget (llama_kv_evict_max_cells).
+        Raises KVEvictError for invalid parameters."""
+        return _check(_max_cells(ctypes.byref(self.to_c())))
+
+    def validate(self) -> None:
+        """Raises KVEvictError with the hook's reason if the parameters are invalid, before any model loads."""
+        _check(_validate(ctypes.byref(self.to_c())))
 
     def to_c(self) -> EvictParams:
         if self.policy not in POLICIES:
@@ -204,13 +263,8 @@ class EvictConfig:
 
 
 def default_config() -> EvictConfig:
-    p = _default_params()
-    names = {v: k for k, v in POLICIES.items()}
-    return EvictConfig(
-        budget=p.budget, policy=names[p.policy], granularity={v: k for k, v in GRANULARITIES.items()}[p.granularity],
-        window=p.window, pool_kernel=p.pool_kernel, first_stage_ratio=p.first_stage_ratio, epsilon=p.epsilon,
-        n_sink=p.n_sink, ada_alpha=p.ada_alpha,
-    )
+    """The hook's defaults (llama_kv_evict_default_params), as EvictConfig() has them."""
+    return EvictConfig()
 
 
 def enable(ctx, config: EvictConfig) -> None:

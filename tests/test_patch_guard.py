@@ -1,5 +1,5 @@
 """The patch applies cleanly (no offset, no fuzz) to the pinned llama.cpp, and the built library exports every
-function the patch declares in llama.h. For another version: scripts/try_patch_upgrade.py VERSION."""
+function the patch declares in llama.h and native/llama-kv-evict-debug.h declares beside it. For another version: scripts/try_patch_upgrade.py VERSION."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def test_library_exports_every_function_the_patch_declares():
     for patch in PATCHES:
         declared |= set(re.findall(r"^\+\s*LLAMA_API\b[^(]*?\b(llama_kv_evict\w*)\s*\(", patch.read_text(), re.M))
     assert len(declared) >= 10, declared
+    # the debug entry points, declared in native/ rather than llama.h
+    debug = set(re.findall(r"^\s*LLAMA_API\b[^(]*?\b(llama_kv_evict\w*)\s*\(",
+                           (ROOT / "native" / "llama-kv-evict-debug.h").read_text(), re.M))
+    assert len(debug) == 4 and not debug & declared, debug
+    declared |= debug
     lib = next(p for p in _lib.lib_dir().glob("libllama.*") if p.suffix in (".so", ".dylib") or ".so." in p.name)
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
     exported = set(re.findall(r"\b(llama_kv_evict\w*)\b", symbols))

@@ -1,0 +1,61 @@
+// Policies as descriptions: each is a scorer, an optional rescale and an allocation, composed the way kvpress composes
+// presses. The hook asks a policy's parts, never its name; a new policy made of these parts is one line of the table in
+// kv-evict-policy.cpp (and its enum value in llama.h).
+#pragma once
+
+#include "llama.h"
+
+#include <cstdint>
+
+namespace kv_evict {
+
+// What scores a cell from the window's queries
+enum class scorer : int32_t {
+    recency,     // none: the first n_sink cells and the most recent (StreamingLLM)
+    window_mean, // the window's mean attention, pooled over pool_kernel cells (SnapKV)
+    last_query,  // the last query's attention (TOVA)
+    accumulated, // attention summed over every query since the cell was written (H2O)
+    window_max,  // the maximum over the window's queries of their pooled rows, floored at the head's mean, and the
+                 // cells holding 0.9 of the mean attention protected (DefensiveKV)
+};
+
+// What reweighs the attention score by the cell's projected value |V_i W_O^h|_1
+enum class rescale : int32_t {
+    none,
+    two_stage,   // part of the budget by attention alone, the rest by (attention + epsilon) x norm (CriticalKV)
+    norm_share,  // times the cell's share of the norms across the layer's KV heads (DefensiveKV)
+};
+
+// How the kept cells are shared among heads
+enum class allocation : int32_t {
+    uniform, // every head keeps the same number of cells (or, at token granularity, one set for all)
+    adakv,   // each layer's heads share n_head_kv x budget by their scores, with a floor per head (AdaKV)
+    layer,   // one top-k over a layer's (head, cell) pairs, no floor (DefensiveKV)
+    model,   // one top-k over every layer's pairs: a layer keeps what it wins (LayerDefensiveKV)
+};
+
+struct policy {
+    llama_kv_evict_policy id;
+    const char * name;       // as pyllmkv's --policy names it
+    scorer     score;
+    rescale    weigh;
+    allocation share;
+
+    bool pooled()            const { return score == scorer::window_mean || score == scorer::window_max; }
+    bool needs_value_norms() const { return weigh != rescale::none; }
+    // unequal shares: granularity head only, a per-head mask, and up to 2 x budget - window cells
+    bool shares_heads()      const { return share != allocation::uniform; }
+};
+
+// The policy of enum value id, or nullptr if there is none
+const policy * find_policy(int32_t id);
+
+// Every policy, in enum order; n gets their number
+const policy * policies(int32_t & n);
+
+// The parts' names, as llama_kv_evict_policy_describe gives them
+const char * name(scorer s);
+const char * name(rescale r);
+const char * name(allocation a);
+
+} // namespace kv_evict
