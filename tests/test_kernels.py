@@ -100,16 +100,21 @@ def test_fused_norms_on_the_real_model(llama_cpp, smollm2_path):
     np.testing.assert_allclose(fused, graph, rtol=1e-4)
 
 
-def attention_reference(llm, n_layer, n_head_kv, group, head_dim, policy):
-    """The numpy window-attention scores on the kernel's own inputs: the captured queries and the f32 cache's K rows."""
+def window_attentions(llm, n_layer, n_head_kv, group, head_dim) -> list:
+    """Per layer the numpy window attention [n_head, n_q, cells] on the kernel's own inputs: the captured queries and
+    the f32 cache's K rows."""
     pos = _lib.positions(llm)
-    expected = []
+    out = []
     for il in range(n_layer):
         q_pos, q, scale = _lib.queries(llm, il)
         k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
-        a = window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale)
-        expected.append(head_scores(a, len(q_pos), n_head_kv, policy))
-    return np.stack(expected)
+        out.append(window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale))
+    return out
+
+
+def attention_reference(llm, n_layer, n_head_kv, group, head_dim, policy):
+    return np.stack([head_scores(a, a.shape[1], n_head_kv, policy)
+                     for a in window_attentions(llm, n_layer, n_head_kv, group, head_dim)])
 
 
 # the window attention: head_dim x GQA group x policy (the query weights: window mean, last query, not yet counted)
@@ -153,16 +158,10 @@ def test_fused_window_attention_on_the_real_model(llama_cpp, smollm2_path):
     np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
 
 
-def defensive_reference(llm, n_layer, n_head_kv, group, head_dim, norms, budget, window=8):
-    """The numpy DefensiveKV scores on the kernel's own inputs (queries, K rows) and the hook's value norms."""
-    pos = _lib.positions(llm)
-    expected = []
-    for il in range(n_layer):
-        q_pos, q, scale = _lib.queries(llm, il)
-        k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
-        a = window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale)
-        expected.append(defensive_scores(a, window, n_head_kv, norms[il], budget - window))
-    return np.stack(expected)
+def defensive_reference(llm, n_layer, n_head_kv, group, head_dim, norms, budget):
+    """The numpy DefensiveKV scores on the kernel's own inputs and the hook's value norms."""
+    return np.stack([defensive_scores(a, a.shape[1], n_head_kv, norms[il], budget - a.shape[1])
+                     for il, a in enumerate(window_attentions(llm, n_layer, n_head_kv, group, head_dim))])
 
 
 # DefensiveKV's maximum over the window's queries of their pooled rows, kept inside the fused kernel and the graph
