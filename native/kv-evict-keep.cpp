@@ -104,8 +104,7 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
         return std::vector<float>(sc.score.begin() + hh * n_prefix, sc.score.begin() + (hh + 1) * n_prefix);
     };
     if (pol.share == allocation::layer || pol.share == allocation::model) {
-        // one top-k over the pairs of every head of a layer or of every layer, with no per-head floor; a head holds at
-        // most twice the per-head budget, as with AdaKV
+        // one top-k over the pairs of every head of a layer or of every layer, with no per-head floor
         const int64_t n_heads = pol.share == allocation::model ? n_layer_kv * n_kv : n_kv;
         for (int64_t h0 = 0; h0 < n_layer_kv * n_kv; h0 += n_heads) {
             std::vector<std::vector<float>>   s(n_heads);
@@ -115,11 +114,10 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
                 taken[h] = skip[h0 + h].empty() ? std::vector<uint8_t>(n_prefix, 0) : skip[h0 + h];
             }
             std::vector<int64_t> sh(n_heads, 0);
-            pooled_shares(s, taken, n_heads * budget, 2 * budget, sh);
+            pooled_shares(s, taken, n_heads * budget, head_share_cap(budget), sh);
             std::copy(sh.begin(), sh.end(), share.begin() + h0);
         }
     } else if (pol.share == allocation::adakv) {
-        // a head holds at most twice the per-head budget: every cell a share adds is a cell of every head and layer
         for (int64_t l = 0; l < n_layer_kv; ++l) {
             std::vector<std::vector<float>>   s(n_kv);
             std::vector<std::vector<uint8_t>> sk(n_kv);
@@ -127,7 +125,7 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
                 s[g]  = head_scores(l * n_kv + g);
                 sk[g] = skip[l * n_kv + g].empty() ? std::vector<uint8_t>(n_prefix, 0) : skip[l * n_kv + g];
             }
-            const auto sh = adakv_shares(s, &sk, budget, p.ada_alpha, 2 * budget);
+            const auto sh = adakv_shares(s, &sk, budget, p.ada_alpha, head_share_cap(budget));
             std::copy(sh.begin(), sh.end(), share.begin() + l * n_kv);
         }
     }

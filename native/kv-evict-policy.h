@@ -47,6 +47,10 @@ struct policy {
     bool shares_heads()      const { return share != allocation::uniform; }
 };
 
+// Most cells a head keeps outside the window when heads share a layer's cells: twice the per-head budget, since every
+// cell a share adds is a cell of every head and layer in llama.cpp's cache
+inline int64_t head_share_cap(int64_t head_budget) { return 2 * head_budget; }
+
 // The policy of enum value id, or nullptr if there is none
 const policy * find_policy(int32_t id);
 

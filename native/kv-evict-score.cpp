@@ -273,9 +273,8 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         float * score = out.score.data() + l * n_kv * n_prefix;
 
         if (defensive) {
-            const std::vector<float> m = window_max_scores(s.data(), s.data() + n_head * n, n, n_prefix, n_head, n_kv,
-                                                           p.budget - out.n_window, protect[l]);
-            std::copy(m.begin(), m.end(), score);
+            window_max_scores(s.data(), s.data() + n_head * n, n, n_prefix, n_head, n_kv, p.budget - out.n_window, score,
+                              protect[l]);
             continue;
         }
         for (int64_t h = 0; h < n_head; ++h) {

@@ -66,15 +66,15 @@ std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, co
     return keep;
 }
 
-std::vector<float> window_max_scores(
+void window_max_scores(
         const float * mean, const float * pooled_max, int64_t n, int64_t n_prefix, int64_t n_head, int64_t n_kv,
-        int64_t budget, std::vector<int64_t> & protect) {
+        int64_t budget, float * score, std::vector<int64_t> & protect) {
     const int64_t group = n_head / n_kv;
-    std::vector<float> score(n_kv * n_prefix, 0.0f);
+    std::fill(score, score + n_kv * n_prefix, 0.0f);
     std::vector<double> group_mean(n_kv * n_prefix, 0.0);
     double window_mass = 0.0;
     for (int64_t h = 0; h < n_head; ++h) {
-        float  * m = score.data() + (h / group) * n_prefix;
+        float  * m = score + (h / group) * n_prefix;
         double * u = group_mean.data() + (h / group) * n_prefix;
         for (int64_t i = 0; i < n; ++i) {
             if (i < n_prefix) {
@@ -87,7 +87,7 @@ std::vector<float> window_max_scores(
     }
     window_mass /= (double) n_head;
     for (int64_t g = 0; g < n_kv; ++g) {
-        float * m = score.data() + g * n_prefix;
+        float * m = score + g * n_prefix;
         const float floor = (float) (std::accumulate(m, m + n_prefix, 0.0) / n_prefix);
         for (int64_t i = 0; i < n_prefix; ++i) {
             m[i] = std::max(m[i], floor);
@@ -117,7 +117,6 @@ std::vector<float> window_max_scores(
             protect.push_back(g * n_prefix + order[k]);
         }
     }
-    return score;
 }
 
 void norm_share(float * score, const float * value_norm, int64_t n_kv, int64_t n_prefix) {

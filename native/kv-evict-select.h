@@ -31,13 +31,13 @@ std::vector<uint8_t> select_top(const std::vector<float> & s, int64_t budget, co
 // DefensiveKV's scorer (Feng et al. 2025b, arXiv 2510.13334) for one layer's prefix cells, [n_kv][n_prefix], from two
 // reductions of the window's attention over all n cells (the last n - n_prefix are the window's own), each
 // [n_head][n]: mean[h][i], over the window's queries, and pooled_max[h][i], the maximum over the queries of each
-// query's prefix row pooled and rescaled to the row's prefix mass. The score is the maximum over the query group,
+// query's prefix row pooled and rescaled to the row's prefix mass. score [n_kv][n_prefix] gets the maximum over the query group,
 // floored at that KV head's mean over cells. protect gets the flat indices (g * n_prefix + i) of the cells holding the
 // first (0.9 - mass the window puts on its own cells) of a head's mean attention, at most `budget` per head: after any
 // rescale they score the layer's maximum.
-std::vector<float> window_max_scores(
+void window_max_scores(
         const float * mean, const float * pooled_max, int64_t n, int64_t n_prefix, int64_t n_head, int64_t n_kv,
-        int64_t budget, std::vector<int64_t> & protect);
+        int64_t budget, float * score, std::vector<int64_t> & protect);
 
 // DefensiveKV's rescale: each score [n_kv][n_prefix] times its KV head's share of the cell's value norms across the
 // layer's KV heads

@@ -199,7 +199,8 @@ int32_t llama_kv_evict_max_cells(const llama_kv_evict_params * params) {
     if (int32_t err = llama_kv_evict_validate(params)) {
         return err;
     }
-    return find_policy(params->policy)->shares_heads() ? 2 * params->budget - params->window : params->budget;
+    const int32_t head_budget = params->budget - params->window;
+    return params->window + (find_policy(params->policy)->shares_heads() ? (int32_t) head_share_cap(head_budget) : head_budget);
 }
 
 int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params * params) {

@@ -123,13 +123,14 @@ inline float hmax(f32x8 x) {
 // prefix) x c, where c rescales the pooled row to the row's prefix mass. L: the head's e^logit [cell][query], q_sum:
 // the rows' normalisers, n_a of the A queries real
 void pooled_max(const float * L, const float * q_sum, int64_t A, int64_t n_a, int64_t n, int64_t n_prefix, int32_t kernel,
-        float * c_buf, float * out) {
+        float * out) {
     const int64_t half = kernel / 2, V = A / 8;
     // per query the prefix mass P and the pooled row's mass W (cell j lies in as many windows as reach it): pooled
     // sums x P / (W x normaliser) are the normalised pooled row rescaled to the normalised prefix mass
-    std::vector<float> mass(2 * A, 0.0f);
+    std::vector<float> mass(3 * A, 0.0f); // P, W, then the rescale c per query
     f32x8 * P = (f32x8 *) mass.data();
     f32x8 * W = (f32x8 *) (mass.data() + A);
+    float * c_buf = mass.data() + 2 * A;
     for (int64_t j = 0; j < n_prefix; ++j) {
         const float reach = (float) (std::min(j + half, n_prefix - 1) - std::max<int64_t>(j - half, 0) + 1);
         const f32x8 * l = (const f32x8 *) (L + j * A);
@@ -200,7 +201,7 @@ void window_attn_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t per = (n_head + nth - 1) / nth;
     const int64_t h_end = std::min(n_head, (ith + 1) * per);
     std::vector<float> qt, rows(CELLS * hd), logits;
-    std::vector<float> q_max(A), q_sum(A), q_w(A), q_c(A); // per query: largest logit, normaliser, weight / normaliser
+    std::vector<float> q_max(A), q_sum(A), q_w(A); // per query: largest logit, normaliser, weight / normaliser
     for (int64_t h0 = ith * per; h0 < h_end; ) {
         const int64_t g  = h0 / group;
         const int64_t nh = std::min(h_end, (g + 1) * group) - h0;
@@ -288,8 +289,7 @@ void window_attn_cpu(ggml_tensor * dst, int ith, int nth, void * userdata) {
                 out[i] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
             }
             if (args.pooled_max) {
-                pooled_max(L, q_sum.data(), A, n_a, n, args.n_prefix, args.pool_kernel, q_c.data(),
-                           (float *) dst->data + (n_head + h0 + hh) * n);
+                pooled_max(L, q_sum.data(), A, n_a, n, args.n_prefix, args.pool_kernel, (float *) dst->data + (n_head + h0 + hh) * n);
             }
         }
         h0 += nh;
