@@ -200,12 +200,6 @@ POLICY_INFO = _policies()
 POLICIES = {name: p.value for name, p in POLICY_INFO.items()}
 
 
-def shares_heads(policy: str) -> bool:
-    """Whether POLICY shares the budget unequally between heads (the -ada policies, DefensiveKV): the cache holds up
-    to 2 x budget - window cells then."""
-    return POLICY_INFO[policy].shares_heads
-
-
 def _c_defaults() -> dict:
     """llama_kv_evict_default_params as EvictConfig's fields: the one place the defaults are written."""
     p = _default_params()
