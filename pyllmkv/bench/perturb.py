@@ -77,26 +77,28 @@ def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads
     return dict(layers), rows, kept, n_kv
 
 
-def _per_head(queries, rows, kept, w_o, n_kv, layers, n_context) -> list:
-    """Per layer and query head the mean L1 of (o - o') W_O^h over the queries, o' over the cells kept for its KV head
-    and every cell past the context."""
-    per_layer = []
+def _per_head(queries, rows, kept: dict, w_o, n_kv, layers, n_context) -> dict:
+    """Per policy, layer and query head the mean L1 of (o - o') W_O^h over the queries, o over every cell (computed once
+    for all policies), o' over the cells the policy kept for its KV head (kept[policy]) and every cell past the context."""
+    out = {policy: [] for policy in kept}
     for il in layers:
         q_pos, q, scale = queries[il]
         pos, k, v = rows[il]
         n_head = q.shape[1] // k.shape[2]
         head_dim = k.shape[2]
         q = q.reshape(len(q_pos), n_head, head_dim)
-        per_head = []
+        per_head = {policy: [] for policy in kept}
         for h in range(n_head):
             g = h // (n_head // n_kv)
-            keep = np.isin(pos, kept[il][g][kept[il][g] >= 0]) | (pos >= n_context)
             full = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, np.ones(len(pos), bool), scale)
-            part = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, keep, scale)
             w_h = w_o[il][:, h * head_dim : (h + 1) * head_dim].astype(np.float64)
-            per_head.append(float(np.abs((full - part) @ w_h.T).sum(axis=1).mean()))
-        per_layer.append(per_head)
-    return per_layer
+            for policy, held in kept.items():
+                keep = np.isin(pos, held[il][g][held[il][g] >= 0]) | (pos >= n_context)
+                part = attention(q[:, h], q_pos, k[:, g], v[:, g], pos, keep, scale)
+                per_head[policy].append(float(np.abs((full - part) @ w_h.T).sum(axis=1).mean()))
+        for policy in kept:
+            out[policy].append(per_head[policy])
+    return out
 
 
 def perturbation(model_path: str, tokens, budget: int, window: int = 32, n_batch: int = 512, threads: int = 2,
@@ -106,24 +108,24 @@ def perturbation(model_path: str, tokens, budget: int, window: int = 32, n_batch
     the `window` tokens that follow it. Needs an f16 K/V cache (the default)."""
     n_context = len(tokens) - window
     context = tokens[:n_context]
+    configs = {policy: EvictConfig(budget=budget, policy=policy, granularity="head", window=window, pool_kernel=pool_kernel)
+               for policy in policies}
     captured = {}
     for i, policy in enumerate(policies):
-        config = EvictConfig(budget=budget, policy=policy, granularity="head", window=window, pool_kernel=pool_kernel)
-        captured[policy] = _capture(model_path, context, config, n_batch, threads, n_gpu_layers, read_rows=(i == 0))
+        captured[policy] = _capture(model_path, context, configs[policy], n_batch, threads, n_gpu_layers, read_rows=(i == 0))
         if progress:
             progress(1)
     # the next tokens' queries and every row, from the whole text decoded without eviction
-    future_q, future_rows, _, _ = _capture(model_path, tokens, config, n_batch, threads, n_gpu_layers, read_rows=True,
-                                           evict=False)
+    future_q, future_rows, _, _ = _capture(model_path, tokens, configs[policies[0]], n_batch, threads, n_gpu_layers,
+                                           read_rows=True, evict=False)
     queries, rows, _, n_kv = captured[policies[0]]
     w_o = output_projections(model_path, queries)
-    out = {"layers": sorted(queries), "budget": budget, "window": window, "context": n_context, "pool_kernel": pool_kernel,
-           "future": {}}
-    for policy in policies:
-        kept = captured[policy][2]
-        out[policy] = _per_head(queries, rows, kept, w_o, n_kv, out["layers"], n_context)
-        out["future"][policy] = _per_head(future_q, future_rows, kept, w_o, n_kv, out["layers"], n_context)
-        out["n_head"] = len(out[policy][0])
+    layers = sorted(queries)
+    kept = {policy: captured[policy][2] for policy in policies}
+    out = {"layers": layers, "budget": budget, "window": window, "context": n_context, "pool_kernel": pool_kernel,
+           **_per_head(queries, rows, kept, w_o, n_kv, layers, n_context),
+           "future": _per_head(future_q, future_rows, kept, w_o, n_kv, layers, n_context)}
+    out["n_head"] = len(out[policies[0]][0])
     return out
 
 
