@@ -48,6 +48,7 @@ llama_cpp, _lib = _load_llama_cpp()
 GRANULARITIES = {"token": 0, "head": 1}
 
 
+ERR_INVALID = -1
 ERR_NO_QUERIES = -5  # llama_kv_evict before any decode captured the window's queries
 
 
@@ -238,6 +239,31 @@ class EvictConfig:
         window plus the largest head share, which the hook caps at twice the per-head budget (llama_kv_evict_max_cells).
         Raises KVEvictError for invalid parameters."""
         return _check(_max_cells(ctypes.byref(self.to_c())))
+
+    @classmethod
+    def for_cells(cls, cells: int, **kwargs) -> "EvictConfig":
+        """The config that holds at most `cells` cells per sequence after an eviction: the memory bound a user gives as
+        --kv-budget. `budget` is `cells`, or with a policy that shares heads the largest per-head budget whose `cells`
+        fits (about (cells + window) / 2). Raises KVEvictError for invalid parameters or too few cells."""
+        config = cls(budget=cells, **kwargs)
+        if config.cells <= cells:
+            return config
+
+        def fits(budget: int) -> bool:  # too small a budget to be valid counts as fitting: the cells grow with it
+            params = cls(budget=budget, **kwargs).to_c()
+            return _validate(ctypes.byref(params)) < 0 or _max_cells(ctypes.byref(params)) <= cells
+
+        lo, hi = 1, cells - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        config = cls(budget=lo, **kwargs)
+        try:
+            config.validate()
+        except KVEvictError as e:
+            raise KVEvictError(e.code, f"{cells} cells are too few for policy {config.policy}, whose heads share them "
+                                       f"(each about (cells + window) / 2 on average): {e}") from None
+        return config
 
     def validate(self) -> None:
         """Raises KVEvictError with the hook's reason if the parameters are invalid, before any model loads."""

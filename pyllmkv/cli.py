@@ -88,7 +88,7 @@ def _options(opts):
 # what chat and serve share: the model, the budget and policy, and llama.cpp's flags for the context
 model_options = _options([
     click.argument("model", required=False, type=click.Path(path_type=Path)),
-    click.option("--kv-budget", "budget", type=int, default=EvictConfig.budget, show_default=True, help="cells the KV cache keeps per sequence"),
+    click.option("--kv-budget", "budget", type=int, default=EvictConfig.budget, show_default=True, help="most cells the KV cache keeps per sequence (its memory)"),
     click.option("--policy", type=click.Choice(list(POLICIES)), default=EvictConfig.policy, show_default=True, help="which cells to evict"),
     click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default=EvictConfig.granularity, show_default=True,
                  help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
@@ -130,15 +130,18 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     model = _model_path(model)
     from .session import context_size, sliding_window
 
-    config = EvictConfig(budget=budget, policy=policy, granularity=granularity, window=window, pool_kernel=pool_kernel,
-                         prompt_tail=prompt_tail)
+    try:
+        config = EvictConfig.for_cells(budget, policy=policy, granularity=granularity, window=window,
+                                       pool_kernel=pool_kernel, prompt_tail=prompt_tail)
+    except KVEvictError as e:
+        raise click.BadParameter(str(e), param_hint="--kv-budget")
     try:
         need = context_size(sliding_window(str(model)), config.cells, n_batch)
     except (ValueError, KeyError, IndexError) as e:
         raise click.ClickException(f"{model} is not a readable GGUF file ({e}): the file may be truncated")
     n_ctx = n_ctx or need
     if n_ctx < need:
-        raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget (twice it less --window with an -ada policy) + --batch-size, and for a "
+        raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget + --batch-size, and for a "
                                  "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
     fa = _flash_attn(cache_type_v, flash_attn)
@@ -166,7 +169,7 @@ def _stats_line(session) -> str:
     from . import _lib
 
     st = _lib.stats(session.ctx)
-    return (f"[kv] cells {st['n_seq_cells']} (budget {session.config.budget}, allocated {st['kv_size']}), "
+    return (f"[kv] cells {st['n_seq_cells']} (budget {session.config.cells}, allocated {st['kv_size']}), "
             f"KV {st['kv_bytes'] / 2**20:.1f} MiB, evictions {st['n_evictions']} ({st['n_evicted']} cells, "
             f"{st['t_evict_us'] / 1e3:.0f} ms), position {session.n_past}")
 
@@ -339,8 +342,8 @@ def list_models():
 @main.command("policies")
 def list_policies():
     """The policies --policy takes, as the library composes them: what scores a cell, what reweighs the score by the
-    cell's projected value |V W_O|, how the kept cells are shared among heads (shared heads hold up to
-    2 x budget - window cells)."""
+    cell's projected value |V W_O|, how the kept cells are shared among heads (where heads share them,
+    each keeps about (--kv-budget + --window) / 2 on average, so that the sequence holds at most --kv-budget)."""
     rows = [("policy", "scorer", "rescale", "allocation")]
     for p in POLICY_INFO.values():
         rows.append((p.name + (" (default)" if p.name == EvictConfig.policy else ""), p.scorer, p.rescale, p.allocation))

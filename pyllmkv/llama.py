@@ -2,9 +2,9 @@
 
 Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_chat_completion`, streaming,
 `tokenize`/`detokenize`, the OpenAI-shaped results) works unchanged. What differs:
-- the cache holds `kv_budget + n_batch` cells (with an -ada policy `2 * kv_budget - window + n_batch`; a
-  sliding-window model's at least its window + n_batch); before a batch that would not fit, the sequence is evicted
-  down to `kv_budget` cells by the chosen policy;
+- the cache holds `kv_budget + n_batch` cells (a sliding-window model's at least its window + n_batch); before a batch
+  that would not fit, the sequence is evicted down to at most `kv_budget` cells by the chosen policy (with one that
+  shares heads, each head keeps about (kv_budget + window) / 2 cells on average: EvictConfig.for_cells);
 - `n_ctx` is the logical context (positions and prompt length), by default the model's training context, no longer
   the cache size;
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
@@ -44,7 +44,7 @@ class Llama(llama_cpp.Llama):
         n_batch: int = 512,
         **kwargs,
     ):
-        """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: cells kept per sequence;
+        """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the memory bound);
         `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or "token"; `window`: recent queries that score the cache (always kept);
         `pool_kernel`: cells the window's scores are averaged over (odd; 1: none);
         `prompt_tail`: a prompt longer than the cache is evicted with the queries of its last `window` tokens
@@ -54,9 +54,10 @@ class Llama(llama_cpp.Llama):
         With `vocab_only=True` or `embedding=True` eviction is off: the context (kv_budget + n_batch cells) is the
         logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`. Raises KVEvictError for a
         model the hook cannot evict, naming its architecture."""
-        self.evict_config = EvictConfig(budget=kv_budget, policy=policy, granularity=granularity, window=window,
-                                        pool_kernel=pool_kernel, prompt_tail=prompt_tail)
-        self.evict_config.to_c()  # unknown policy or granularity: fail before loading the model
+        # unknown policy or granularity, too small a budget: fail before loading the model
+        self.evict_config = EvictConfig.for_cells(kv_budget, policy=policy, granularity=granularity, window=window,
+                                                  pool_kernel=pool_kernel, prompt_tail=prompt_tail)
+        self.kv_budget = kv_budget
         kwargs.setdefault("n_ubatch", n_batch)
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
@@ -104,7 +105,7 @@ class Llama(llama_cpp.Llama):
         if self._eviction_off_reason:
             return {"enabled": False, "reason": self._eviction_off_reason}
         stats = _lib.stats(self._ctx.ctx)
-        stats["budget"] = self.evict_config.budget
+        stats["budget"] = self.kv_budget
         stats["enabled"] = True
         return stats
 

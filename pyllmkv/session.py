@@ -17,10 +17,10 @@ from ._lib import EvictConfig, llama_cpp
 
 
 def context_size(n_swa: int, cells: int, n_batch: int) -> int:
-    """Cells a context needs: the cells a sequence keeps after an eviction (EvictConfig.cells: the budget, more with
-    an -ada policy) + n_batch, and for a sliding-window model (Gemma 3, window n_swa) at least
-    n_swa + n_batch, since its sliding-window cache keeps the whole window as llama.cpp manages it (eviction acts on
-    the full-attention cache only) and llama.cpp sizes both caches from n_ctx."""
+    """Cells a context needs: the cells a sequence keeps after an eviction (EvictConfig.cells) + n_batch, and for a
+    sliding-window model (Gemma 3, window n_swa) at least n_swa + n_batch, since its sliding-window cache keeps the
+    whole window as llama.cpp manages it (eviction acts on the full-attention cache only) and llama.cpp sizes both
+    caches from n_ctx."""
     return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0)
 
 
@@ -198,7 +198,7 @@ class PromptTail:
 
 
 class Session:
-    """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.budget` cells."""
+    """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.cells` cells."""
 
     def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None, max_position: int = 0):
         """`max_position`: positions stay below it (default: the model's training context); when a batch would

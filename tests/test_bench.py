@@ -89,8 +89,8 @@ def test_bounded_memory_and_stock_shift(results):
     per_cell = full["kv_bytes"] / _padded(full["context"] + bench.TINY.n_decode + n_batch)
     for r in res["speed"]:
         if r["engine"] == "pyllmkv":
-            cells = EvictConfig(budget=r["budget"], policy=r["policy"], window=bench.TINY.window).cells
-            assert r["kv_bytes"] == per_cell * _padded(cells + n_batch), r
+            cells = EvictConfig.for_cells(r["budget"], policy=r["policy"], window=bench.TINY.window).cells
+            assert cells <= r["budget"] and r["kv_bytes"] == per_cell * _padded(cells + n_batch), r
         elif r["engine"] == "stock-shift":
             assert r["kv_bytes"] == per_cell * _padded(r["budget"] + n_batch), r
 

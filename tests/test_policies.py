@@ -86,3 +86,24 @@ def test_policies_command_lists_each_policy_with_its_parts():
     for line, p in zip(lines, POLICY_INFO.values()):
         assert line.split()[0] == p.name and line.split()[-3:] == [p.scorer, p.rescale, p.allocation]
     assert "criticalkv (default)" in r.output
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("cells, window", [(1024, 32), (1023, 32), (40, 8)])
+def test_for_cells_gives_the_largest_budget_that_holds_at_most_the_cells(policy, cells, window):
+    # --kv-budget bounds the cells held for every policy: uniform shares keep it as the budget; shared heads keep
+    # window + up to twice the per-head budget outside it, so their budget is floor((cells + window) / 2)
+    config = EvictConfig.for_cells(cells, policy=policy, window=window)
+    shared = POLICY_INFO[policy].shares_heads
+    assert config.budget == ((cells + window) // 2 if shared else cells)
+    assert config.cells <= cells
+    assert EvictConfig(budget=config.budget + 1, policy=policy, window=window).cells > cells
+    assert (config.policy, config.window) == (policy, window)
+
+
+def test_for_cells_too_few_for_shared_heads_names_the_policy():
+    # 4 sinks + window 8 need a per-head budget of 12: 16 cells for shared heads, 12 for uniform ones
+    assert EvictConfig.for_cells(12, policy="criticalkv", window=8).budget == 12
+    assert EvictConfig.for_cells(16, policy="defensivekv-layer", window=8).budget == 12
+    with pytest.raises(KVEvictError, match="15 cells are too few for policy defensivekv-layer.*n_sink"):
+        EvictConfig.for_cells(15, policy="defensivekv-layer", window=8)

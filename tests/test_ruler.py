@@ -95,9 +95,9 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     for (setting, pol, b), answer in zip(branches, answers):
         fresh = llm()
         ctx = fresh._ctx.ctx
-        cells = EvictConfig(budget=b, policy=pol, window=window).cells if pol != ruler.FULL else n_ctx
+        cells = EvictConfig.for_cells(b, policy=pol, window=window).cells if pol != ruler.FULL else n_ctx
         if pol != ruler.FULL:
-            _lib.enable(ctx, EvictConfig(budget=b, policy=pol, window=window, pool_kernel=kernel, prompt_tail=False))
+            _lib.enable(ctx, EvictConfig.for_cells(b, policy=pol, window=window, pool_kernel=kernel, prompt_tail=False))
         s = Session(fresh, None)
         s.decode(context)
         if pol != ruler.FULL and setting == "agnostic":

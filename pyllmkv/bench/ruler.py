@@ -203,7 +203,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     eog = llm._model.token_eos()
 
     def config(policy: str, budget: int) -> EvictConfig:
-        return EvictConfig(budget=budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=False)
+        return EvictConfig.for_cells(budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=False)
 
     prefill = Session(llm, config("snapkv", llm.n_ctx() - llm.n_batch))  # a budget the prompt never reaches
     prefill.decode(context)

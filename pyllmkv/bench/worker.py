@@ -166,8 +166,8 @@ def open_stream(job: dict):
     from pyllmkv import _lib
     from pyllmkv.session import Session, context_size, sliding_window
 
-    config = pyllmkv.EvictConfig(budget=job["budget"], policy=job["policy"], window=job["window"],
-                                 pool_kernel=job["pool_kernel"], prompt_tail=job["prompt_tail"])
+    config = pyllmkv.EvictConfig.for_cells(job["budget"], policy=job["policy"], window=job["window"],
+                                           pool_kernel=job["pool_kernel"], prompt_tail=job["prompt_tail"])
     n_ctx = context_size(sliding_window(job["model"]), config.cells, job["n_batch"])
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **common)
     return PyllmkvStream(_lib, Session(llm, config))
