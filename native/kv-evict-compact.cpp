@@ -33,7 +33,8 @@ ggml_tensor * head_words(ggml_context * ctx, ggml_tensor * cache, uint32_t strea
 std::string head_slice_unsupported(const char * what, ggml_type type, int64_t hd) {
     if (hd % ggml_blck_size(type) != 0 || ggml_row_size(type, hd) % sizeof(float) != 0) {
         return std::string("head granularity cannot move ") + what + " rows of type " + ggml_type_name(type) +
-               ": head_dim " + std::to_string(hd) + " is not a whole number of its 4-byte-aligned blocks; use granularity token";
+               ": head_dim " + std::to_string(hd) + " is not a whole number of its 4-byte-aligned blocks; use granularity token (with a "
+               "policy of uniform allocation, such as criticalkv)";
     }
     return "";
 }

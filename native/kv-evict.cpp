@@ -56,7 +56,8 @@ std::string validate(const llama_kv_evict_params & p, uint32_t kv_size) {
     }
     if (pol->shares_heads() && p.granularity != LLAMA_KV_EVICT_GRANULARITY_HEAD) {
         return std::string(pol->name) + " gives each KV head its own share of cells (" + name(pol->share) +
-               " allocation): use granularity head";
+               " allocation): use granularity head, or with granularity token a policy of uniform allocation "
+               "(such as criticalkv)";
     }
     if (!(p.ada_alpha >= 0.0f && p.ada_alpha <= 1.0f)) {
         return "ada_alpha must lie in [0, 1]";
@@ -161,7 +162,7 @@ using namespace kv_evict;
 
 llama_kv_evict_params llama_kv_evict_default_params(void) {
     llama_kv_evict_params p{};
-    p.policy            = LLAMA_KV_EVICT_POLICY_CRITICALKV;
+    p.policy            = LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER; // keeps a document's facts for a later question (docs/results.md)
     p.granularity       = LLAMA_KV_EVICT_GRANULARITY_HEAD; // the paper's: every head keeps the cells it needs
     p.budget            = 1024;
     p.window            = 32;   // the CriticalKV authors' observation window

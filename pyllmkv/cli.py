@@ -162,7 +162,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
 @click.group()
 @click.version_option(package_name="pyllmkv")
 def main():
-    """llama.cpp with a KV cache of fixed size (CriticalKV eviction)."""
+    """llama.cpp with a KV cache of fixed size (eviction by output perturbation: LayerDefensiveKV by default)."""
 
 
 def _stats_line(session) -> str:

@@ -96,10 +96,10 @@ def test_pool_kernel_is_the_one_the_session_evicts_with(llama_cpp, tiny_path):
         llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, pool_kernel=k, verbose=False, type_k=0, type_v=0)
         llm.eval(tokens)
         plain = llama_cpp.Llama(model_path=tiny_path, n_ctx=72, n_batch=32, n_ubatch=32, type_k=0, type_v=0, verbose=False)
-        Session(plain, EvictConfig(budget=40, window=8, pool_kernel=k)).decode(tokens)
+        Session(plain, EvictConfig.for_cells(40, window=8, pool_kernel=k)).decode(tokens)
         held[k] = held_positions(llm, ref)
         np.testing.assert_array_equal(held[k], held_positions(plain, ref))
-    assert (held[1] != held[9]).any()
+    assert held[1].shape != held[9].shape or (held[1] != held[9]).any()  # shared heads: the cell count may differ too
     with pytest.raises(KVEvictError, match="pool_kernel must be odd"):
         pyllmkv.Llama(tiny_path, kv_budget=40, pool_kernel=4, verbose=False)
 
@@ -131,7 +131,7 @@ def test_chat_after_renumbering_decodes_only_what_changed(llama_cpp, smollm2_pat
     from pyllmkv.chat import Chat, Sampler
     from pyllmkv.session import Session
 
-    config = pyllmkv.EvictConfig(budget=128, window=32)
+    config = pyllmkv.EvictConfig.for_cells(128, window=32)
     llm = llama_cpp.Llama(model_path=smollm2_path, n_ctx=config.cells + 128, n_batch=128, n_ubatch=128, n_threads=2,
                           verbose=False)
     sess = Session(llm, config, max_position=256)

@@ -89,7 +89,7 @@ def test_logits_after_head_eviction_match_numpy_with_per_head_masks(llama_cpp, t
 def test_repeated_head_evictions_stay_within_budget_smollm2(llama_cpp, smollm2_path):
     budget, n_batch = 256, 128
     llm = _llama(llama_cpp, smollm2_path, "f16", n_ctx=budget + n_batch, n_batch=n_batch)
-    sess = Session(llm, EvictConfig(budget=budget, window=32, granularity="head"))
+    sess = Session(llm, EvictConfig.for_cells(budget, window=32, granularity="head"))
     tokens = llm.tokenize(b"The committee met on Tuesday to review the budget of the harbour authority. " * 80)[:1500]
     seen = []
     logits = sess.decode(tokens, on_batch=lambda n, total: seen.append(_lib.stats(llm)["n_seq_cells"]))
@@ -102,7 +102,7 @@ def test_quantized_head_slice_that_is_not_whole_words_is_refused(llama_cpp, tiny
     llm = llama_cpp.Llama(model_path=tiny_path, n_ctx=512, verbose=False, flash_attn=True, type_k=8, type_v=8)
     with pytest.raises(KVEvictError, match="head granularity cannot move K rows of type q8_0.*use granularity token"):
         _lib.enable(llm, EvictConfig(budget=64, window=8, granularity="head"))
-    _lib.enable(llm, EvictConfig(budget=64, window=8, granularity="token"))
+    _lib.enable(llm, EvictConfig(budget=64, window=8, policy="criticalkv", granularity="token"))
 
 
 @pytest.mark.parametrize("cut", [95, 60])

@@ -121,7 +121,7 @@ def _logits_run(llama_cpp, path, tokens, config, n_ctx, n_batch, **kw):
 def test_logits_bit_identical_to_hook_disabled_within_budget_tiny(llama_cpp, tiny_path, flash_attn):
     tokens = random_tokens(200, seed=5)
     base = _logits_run(llama_cpp, tiny_path, tokens, None, 512, 64, flash_attn=flash_attn)
-    hooked = _logits_run(llama_cpp, tiny_path, tokens, EvictConfig(budget=448, window=16), 512, 64, flash_attn=flash_attn)
+    hooked = _logits_run(llama_cpp, tiny_path, tokens, EvictConfig.for_cells(448, window=16), 512, 64, flash_attn=flash_attn)
     np.testing.assert_array_equal(hooked, base)
 
 
@@ -129,7 +129,7 @@ def test_logits_bit_identical_to_hook_disabled_within_budget_smollm2(llama_cpp, 
     llm = llama_cpp.Llama(model_path=smollm2_path, n_ctx=512, verbose=False, vocab_only=True)
     tokens = llm.tokenize(b"The KV cache of a transformer grows with every token it reads. " * 12)[:300]
     base = _logits_run(llama_cpp, smollm2_path, tokens, None, 1024, 128)
-    hooked = _logits_run(llama_cpp, smollm2_path, tokens, EvictConfig(budget=512, window=32), 1024, 128)
+    hooked = _logits_run(llama_cpp, smollm2_path, tokens, EvictConfig.for_cells(512, window=32), 1024, 128)
     np.testing.assert_array_equal(hooked, base)
 
 
@@ -164,7 +164,7 @@ def test_gemma3_evicts_full_attention_cache_only(llama_cpp, gemma3_path):
     budget, n_batch = 256, 128
     # the sliding-window cache (window 512) is sized from n_ctx too and keeps its window: 512 + n_batch cells
     llm = _llama(llama_cpp, gemma3_path, "f16", n_ctx=512 + n_batch, n_batch=n_batch)
-    sess = Session(llm, EvictConfig(budget=budget, window=32))
+    sess = Session(llm, EvictConfig.for_cells(budget, window=32))
     tokens = llm.tokenize(_long_text().encode())[:1200]
     seen = []
     logits = sess.decode(tokens, on_batch=lambda n, total: seen.append(_lib.stats(llm)))
@@ -186,7 +186,7 @@ def test_evict_config_defaults_are_the_hooks_as_written():
     # EvictConfig takes its defaults from llama_kv_evict_default_params: the values as C writes them, not float32's
     # nearest doubles (which --help would print)
     c = EvictConfig()
-    assert (c.budget, c.policy, c.granularity, c.window, c.pool_kernel, c.n_sink) == (1024, "criticalkv", "head", 32, 13, 4)
+    assert (c.budget, c.policy, c.granularity, c.window, c.pool_kernel, c.n_sink) == (1024, "defensivekv-layer", "head", 32, 13, 4)
     assert (c.first_stage_ratio, c.epsilon, c.ada_alpha) == (0.5, 1e-4, 0.2)
 
 
@@ -305,7 +305,7 @@ def test_cells_past_max_position_are_renumbered_once_per_eviction(llama_cpp, tin
 
 def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path)
-    sess = Session(llm, EvictConfig(budget=40, window=8, granularity="token"))
+    sess = Session(llm, EvictConfig(budget=40, window=8, policy="criticalkv", granularity="token"))
     sess.decode(random_tokens(100, seed=8))
     sess.evict()
     before = _lib.positions(llm)

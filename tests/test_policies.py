@@ -85,7 +85,7 @@ def test_policies_command_lists_each_policy_with_its_parts():
     assert len(lines) == len(POLICIES)
     for line, p in zip(lines, POLICY_INFO.values()):
         assert line.split()[0] == p.name and line.split()[-3:] == [p.scorer, p.rescale, p.allocation]
-    assert "criticalkv (default)" in r.output
+    assert f"{EvictConfig.policy} (default)" in r.output and r.output.count("(default)") == 1
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

@@ -31,7 +31,7 @@ def _layer_queries(data: bytes, ref: TinyRef) -> np.ndarray:
 def test_tail_queries_equal_the_numpy_forward_of_the_tail_alone(llama_cpp, tiny_path):
     ref = TinyRef(tiny_path, kv_cache_dtype="f32")
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
-    sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    sess = Session(llm, EvictConfig.for_cells(40, window=WINDOW))
     tokens = random_tokens(100, seed=40)
     n_past = 17  # as after an earlier turn: the tail sits at n_past + 92 .. n_past + 99
     data = PromptTail(llm).queries(sess.ctx, sess.config, tokens, n_past, 32)
@@ -47,13 +47,13 @@ def test_tail_queries_equal_the_numpy_forward_of_the_tail_alone(llama_cpp, tiny_
 
 def test_no_tail_for_a_prompt_that_fits_or_is_shorter_than_the_window(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
-    sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    sess = Session(llm, EvictConfig.for_cells(40, window=WINDOW))
     tail, config = PromptTail(llm), sess.config
     assert tail.queries(sess.ctx, config, random_tokens(72), 0, 32) is None  # 72 <= budget + n_batch: no eviction
     sess.decode(random_tokens(70))
     assert tail.queries(sess.ctx, config, random_tokens(WINDOW - 1), 70, 32) is None
     assert tail.queries(sess.ctx, config, random_tokens(WINDOW), 70, 32) is not None
-    off = EvictConfig(budget=40, window=WINDOW, prompt_tail=False)
+    off = EvictConfig.for_cells(40, window=WINDOW, prompt_tail=False)
     assert tail.queries(sess.ctx, off, random_tokens(100), 70, 32) is None
     assert tail.queries(sess.ctx, None, random_tokens(100), 70, 32) is None
     # another window on the same model: the tail's context is made again for it
@@ -63,14 +63,14 @@ def test_no_tail_for_a_prompt_that_fits_or_is_shorter_than_the_window(llama_cpp,
 
 def test_a_dropped_session_frees_its_tail_context(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
-    sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    sess = Session(llm, EvictConfig.for_cells(40, window=WINDOW))
     sess.decode(random_tokens(100))
     tail = sess._tail
     assert tail._ctx is not None
     del sess
     gc.collect()
     assert tail._ctx is None and tail._batch is None
-    again = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    again = Session(llm, EvictConfig.for_cells(40, window=WINDOW))
     again.reset()
     again.decode(random_tokens(100))  # the llm decodes on, with a tail of its own
     assert again._tail._ctx is not None
@@ -86,7 +86,7 @@ def tail_scores_against_numpy(llm, path, policy, q_atol, score_tol):
     """Take a prompt's tail after a 60-token prefix, set it, and check the ring and the scores against numpy's forward
     pass: the tail's queries stand as the last `window` positions of the sequence until a decode captures new ones."""
     ref = TinyRef(path, kv_cache_dtype="f32")
-    sess = Session(llm, EvictConfig(budget=40, window=WINDOW, policy=policy))
+    sess = Session(llm, EvictConfig.for_cells(40, window=WINDOW, policy=policy))
     prefix, prompt = random_tokens(60, seed=41), random_tokens(50, seed=42)
     sess.decode(prefix)
     data = PromptTail(llm).queries(sess.ctx, sess.config, prompt, len(prefix), 32)
@@ -114,7 +114,7 @@ def tail_scores_against_numpy(llm, path, policy, q_atol, score_tol):
 
 def test_wrong_queries_are_refused_clearly(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path, n_batch=32)
-    sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
+    sess = Session(llm, EvictConfig.for_cells(40, window=WINDOW))
     with pytest.raises(KVEvictError, match="fewer positions than the queries"):
         _lib.set_window_queries(llm, PromptTail(llm).queries(sess.ctx, sess.config, random_tokens(100), 0, 32))
     sess.decode(random_tokens(50))
@@ -144,7 +144,7 @@ def test_every_eviction_of_a_prompt_scores_with_its_tail(llama_cpp, tiny_path, m
     seen = _record_evictions(monkeypatch)
     if api == "session":
         llm = _llama(llama_cpp, tiny_path, n_batch=32)
-        sess = Session(llm, EvictConfig(budget=40, window=WINDOW))
+        sess = Session(llm, EvictConfig.for_cells(40, window=WINDOW))
         decode = sess.decode
     else:
         llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=WINDOW, n_batch=32, n_threads=2, verbose=False)
@@ -167,7 +167,7 @@ def test_a_renumbered_prompt_is_evicted_with_its_tail_at_the_positions_it_gets(l
     ref = TinyRef(tiny_path, kv_cache_dtype="f32")
     prompt = random_tokens(150, seed=45)
     seen = _record_evictions(monkeypatch)
-    sess = Session(_llama(llama_cpp, tiny_path, n_batch=32), EvictConfig(budget=40, window=WINDOW), max_position=100)
+    sess = Session(_llama(llama_cpp, tiny_path, n_batch=32), EvictConfig.for_cells(40, window=WINDOW), max_position=100)
     sess.decode(prompt)
     assert sess.n_tokens == 150 and sess.n_past < 100
     tail_q = lambda end: ref.trace(prompt[-WINDOW:], positions=np.arange(end - WINDOW, end)).layers[0].q  # noqa: E731
@@ -190,7 +190,8 @@ def test_the_prompt_tail_keeps_a_needle_the_batches_would_evict(smollm2_path):
     start = next(i for i in range(len(prompt)) if prompt[i : i + len(needle)] == needle)
     held = {}
     for prompt_tail in (False, True):
-        llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=256, prompt_tail=prompt_tail, n_threads=2, verbose=False)
+        llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=256, policy="criticalkv", prompt_tail=prompt_tail,
+                                n_threads=2, verbose=False)
         llm.eval(prompt)
         n_layer = pyllmkv.llama_cpp.llama_model_n_layer(llm._model.model)
         n_head_kv = pyllmkv.llama_cpp.llama_model_n_head_kv(llm._model.model)

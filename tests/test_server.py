@@ -172,10 +172,10 @@ def test_llama_cpp_flags_reach_the_model(smollm2_path):
     from pyllmkv._lib import llama_cpp
 
     prompt = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 20 + "The keeper counted"
-    settings = ["--granularity", "token", "-ctk", "q8_0", "-ctv", "q8_0", "-t", "1", "--seed", "7"]
+    settings = ["--policy", "criticalkv", "--granularity", "token", "-ctk", "q8_0", "-ctv", "q8_0", "-t", "1", "--seed", "7"]
     with _serve(smollm2_path, *settings) as port:
         served = _post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1})
-    llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=128, granularity="token", type_k=llama_cpp.GGML_TYPE_Q8_0,
+    llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=128, policy="criticalkv", granularity="token", type_k=llama_cpp.GGML_TYPE_Q8_0,
                         type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True, n_threads=1, logits_all=True, verbose=False)
     local = llm.create_completion(prompt, max_tokens=6, temperature=0, logprobs=1)
     assert llm.kv_stats()["n_evictions"] > 0
