@@ -5,8 +5,9 @@ Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_cha
 - the cache holds `kv_budget + n_batch` cells (a sliding-window model's at least its window + n_batch); before a batch
   that would not fit, the sequence is evicted down to at most `kv_budget` cells by the chosen policy (with one that
   shares heads, each head keeps about (kv_budget + window) / 2 cells on average: EvictConfig.for_cells);
-- `n_ctx` is the logical context (positions and prompt length), by default the model's training context, no longer
-  the cache size;
+- `n_ctx` is the logical context (the tokens a conversation may hold, prompt and answer), by default the model's
+  training context, no longer the cache size; a larger one goes past the training context as `pyllmkv chat` does:
+  before a batch would pass it, the kept cells are renumbered from 0 (session.Positions), so positions stay within;
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
   the conversation reuse the cache as before; a prompt that diverges where the cache no longer holds the preceding
   token is decoded again from the last kept token. What is reused is what the cache kept of the prefix, chosen with
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
-from .session import PromptTail, context_size, evict_to_fit, sliding_window, truncate
+from .session import Positions, PromptTail, context_size, evict_to_fit, sliding_window
 
 
 class Llama(llama_cpp.Llama):
@@ -49,7 +50,7 @@ class Llama(llama_cpp.Llama):
         `pool_kernel`: cells the window's scores are averaged over (odd; 1: none);
         `prompt_tail`: a prompt longer than the cache is evicted with the queries of its last `window` tokens
         (pyllmkv.session.PromptTail), else with those of each batch's end;
-        `n_ctx`: logical context (0: the model's training context). Other arguments go to `llama_cpp.Llama`.
+        `n_ctx`: logical context (0: the model's training context; may exceed it). Other arguments go to `llama_cpp.Llama`.
 
         With `vocab_only=True` or `embedding=True` eviction is off: the context (kv_budget + n_batch cells) is the
         logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`. Raises KVEvictError for a
@@ -76,6 +77,10 @@ class Llama(llama_cpp.Llama):
                 "recurrent state, which the hook cannot evict; use llama_cpp.Llama (pyllmkv.llama_cpp.Llama), which "
                 "has no kv_budget")) from e
         self._tail = PromptTail(self)
+        self._positions = positions = Positions(self._ctx.ctx, self._model.n_ctx_train())
+        place = self._batch.set_batch
+        # llama-cpp-python's eval places a batch at n_tokens; once the kept cells were renumbered, positions lag it
+        self._batch.set_batch = lambda batch, n_past, logits_all: place(batch, positions.of(n_past), logits_all)
 
         self._n_ctx = n_ctx or self._model.n_ctx_train()
         self.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
@@ -122,6 +127,7 @@ class Llama(llama_cpp.Llama):
             raise _lib.KVEvictError(-2, _lib.last_error() or "llama.cpp could not save the state")
         state = super().save_state()
         state.kv_evict = kv_evict
+        state.position_shift = self._positions.shift
         return state
 
     def load_state(self, state: "llama_cpp.LlamaState") -> None:
@@ -131,6 +137,8 @@ class Llama(llama_cpp.Llama):
         super().load_state(state)
         if getattr(state, "kv_evict", None):
             _lib.set_seq_data(self._ctx.ctx, state.kv_evict)
+        if not self._eviction_off_reason:
+            self._positions.shift = getattr(state, "position_shift", 0)
 
     def _create_completion(self, *args, **kwargs):
         # llama-cpp-python refuses a prompt at the logical context (n_ctx) but names the context's cells in the
@@ -147,13 +155,16 @@ class Llama(llama_cpp.Llama):
     def eval(self, tokens: Sequence[int]):
         if self._eviction_off_reason:
             return super().eval(tokens)
-        resume = truncate(self._ctx.ctx, self.n_tokens)
+        resume = self._positions.truncate(self.n_tokens)
         if resume < self.n_tokens:
             # the cell before n_tokens was evicted: decode again from the last kept cell
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
-        tail = self._tail.queries(self._ctx.ctx, self.evict_config, tokens, self.n_tokens, self.n_batch)
+        ctx, config = self._ctx.ctx, self.evict_config
+        tail = self._tail.queries(ctx, config, tokens, self._positions.of(self.n_tokens), self.n_batch)
         for start in range(0, len(tokens), self.n_batch):
             batch = tokens[start : start + self.n_batch]
-            evict_to_fit(self._ctx.ctx, self.evict_config.cells, self.n_batch, len(batch), tail)
+            evict_to_fit(ctx, config.cells, self.n_batch, len(batch), tail)
+            if self._positions.renumber_before(self.n_tokens, len(batch), tail):
+                tail = self._tail.queries(ctx, config, tokens[start:], self._positions.of(self.n_tokens), self.n_batch)
             super().eval(batch)

@@ -111,6 +111,46 @@ def truncate(ctx, n: int) -> int:
     return int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
 
 
+class Positions:
+    """Where sequence 0's tokens sit when it may go on past `max_position` (0: never renumbered): before a batch would
+    pass it, the kept cells are evicted and renumbered from 0 (StreamingLLM keeps positions within its cache the same
+    way), so positions lag the tokens seen by `shift`. Session and pyllmkv.Llama both decode through it."""
+
+    def __init__(self, ctx, max_position: int):
+        self.ctx, self.max_position = ctx, max_position
+        self.shift = 0  # tokens seen - next position
+        self._renumbered_at = -1  # the hook's eviction count at the last renumbering
+
+    def of(self, n_tokens: int) -> int:
+        """The position of the n_tokens-th token seen."""
+        return n_tokens - self.shift
+
+    def truncate(self, n_tokens: int) -> int:
+        """Drops the tokens seen from the n-th on; returns how many it keeps: n, or fewer if the cell before was
+        evicted (see truncate). A token from before a renumbering counts as at its shifted position."""
+        kept = truncate(self.ctx, max(self.of(n_tokens), 0))
+        if kept == 0:
+            self.shift = 0
+        self._renumbered_at = -1  # fewer tokens held: a renumbering may now bring positions lower
+        return kept + self.shift
+
+    def renumber_before(self, n_tokens: int, n_new: int, queries: Optional[bytes]) -> bool:
+        """Evicts (scored with `queries` when given) and renumbers the kept cells from 0 (each KV head's rows on their
+        own, ending at the last cell) if `n_new` more tokens would pass max_position; returns whether it did. A
+        max_position below the cells kept cannot be met: renumbering again before the next eviction would give the
+        same numbers at the cost of a scoring pass and a K shift per decoded token, so until then positions go on."""
+        if not self.max_position or self.of(n_tokens) + n_new <= self.max_position:
+            return False
+        if _lib.stats(self.ctx)["n_evictions"] == self._renumbered_at:
+            return False
+        if queries:
+            _lib.set_window_queries(self.ctx, queries)
+        _lib.evict(self.ctx)
+        self.shift = n_tokens - _lib.compact_positions(self.ctx)
+        self._renumbered_at = _lib.stats(self.ctx)["n_evictions"]
+        return True
+
+
 def will_evict(ctx, cells: int, n_batch: int, n_new: int) -> bool:
     """Whether `n_new` more tokens would take sequence 0 past `cells` + n_batch cells (evict_to_fit evicts then)."""
     return _lib.stats(ctx)["n_seq_cells"] + n_new > cells + n_batch
@@ -210,9 +250,8 @@ class Session:
         self.config = config
         self.n_batch = llm.n_batch
         self.n_vocab = llm.n_vocab()
-        self.n_past = 0  # position of the next token
-        self.n_tokens = 0  # tokens decoded into the sequence: n_past until positions are renumbered
-        self._renumbered_at = -1  # the hook's eviction count when positions were last renumbered
+        self.n_tokens = 0  # tokens decoded into the sequence
+        self.positions = Positions(self.ctx, self.max_position)
         if config is not None:
             need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
             if llm.n_ctx() < need:
@@ -233,37 +272,28 @@ class Session:
             llama_cpp.llama_batch_free(batch)
             self._batch = None
 
+    @property
+    def n_past(self) -> int:
+        """Position of the next token: n_tokens until positions are renumbered."""
+        return self.positions.of(self.n_tokens)
+
+    @n_past.setter
+    def n_past(self, position: int) -> None:
+        """Where decoding goes on, as after loading a state or renumbering outside the session."""
+        self.positions.shift = self.n_tokens - position
+
     def reset(self) -> None:
         """Empties the sequence; the hook stays enabled."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), 0, -1, -1)
-        self.n_past = self.n_tokens = 0
-        self._renumbered_at = -1
+        self.n_tokens = self.positions.truncate(0)
 
     def truncate(self, n: int) -> int:
         """Drops the tokens decoded from the n-th on, so decoding can resume there; returns the number of tokens it
-        keeps: n, or fewer if the cell before was evicted (see truncate). Renumbering moved the positions down by
-        n_tokens - n_past; a token from before the renumbering counts as at its shifted position."""
-        shift = self.n_tokens - self.n_past
-        self.n_past = truncate(self.ctx, max(n - shift, 0))
-        self.n_tokens = self.n_past + shift if self.n_past > 0 else 0
-        self._renumbered_at = -1  # fewer tokens held: a renumbering may now bring positions lower
+        keeps: n, or fewer if the cell before was evicted (Positions.truncate)."""
+        self.n_tokens = self.positions.truncate(n)
         return self.n_tokens
 
     def evict(self) -> int:
         return _lib.evict(self.ctx) if self.config is not None else 0
-
-    def _renumber(self, queries: Optional[bytes]) -> None:
-        """Evicts (scored with `queries` when given), then renumbers the kept cells from 0 (each KV head's rows on
-        their own, ending at the last cell). A max_position below the cells kept cannot be met: renumbering again
-        before the next eviction would give the same numbers at the cost of a scoring pass and a K shift per decoded
-        token, so until then positions go on past max_position."""
-        if _lib.stats(self.ctx)["n_evictions"] == self._renumbered_at:
-            return
-        if queries:
-            _lib.set_window_queries(self.ctx, queries)
-        self.evict()
-        self.n_past = _lib.compact_positions(self.ctx)
-        self._renumbered_at = _lib.stats(self.ctx)["n_evictions"]
 
     def decode(
         self,
@@ -279,8 +309,7 @@ class Session:
             chunk = tokens[start : start + self.n_batch]
             if self.config is not None:
                 evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk), tail)
-                if self.n_past + len(chunk) > self.max_position:
-                    self._renumber(tail)
+                if self.positions.renumber_before(self.n_tokens, len(chunk), tail):
                     # the rest of the prompt now follows the renumbered cells: its tail, at the positions it will have
                     tail = self._tail.queries(self.ctx, self.config, tokens[start:], self.n_past, self.n_batch)
             b = self._batch
@@ -288,7 +317,6 @@ class Session:
             rc = llama_cpp.llama_decode(self.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
-            self.n_past += len(chunk)
             self.n_tokens += len(chunk)
             for i in range(len(chunk)):
                 if b.logits[i]:

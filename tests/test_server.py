@@ -188,3 +188,34 @@ def test_quantized_v_without_flash_attention_is_refused(smollm2_path):
     r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "-ctv", "q8_0", "-fa", "off", "--port",
                         str(_free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
     assert r.returncode != 0 and "needs flash attention" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_conversation_goes_past_the_trained_context_over_http(tmp_path):
+    # the server's engine (pyllmkv.Llama) renumbers positions past the model's trained context (256 here) as the
+    # chat's (Session) does: served and local answers agree, positions stay below 256 after 600 tokens, and the tokens
+    # the API decoded are the chat engine's greedy ones
+    import pyllmkv
+    from pyllmkv import _lib
+    from pyllmkv.session import Session
+    from tinymodel import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny-256.gguf", seed=4, n_ctx_train=256)
+    prompt = "The lighthouse keeper counted the ships that passed the point. " * 10
+    request = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0}
+    with _serve(model, "--kv-budget", "64", "-b", "32", "-c", "1024", "-t", "1") as port:
+        served = _post(port, "/v1/completions", request)
+    llm = pyllmkv.Llama(model, kv_budget=64, n_batch=32, n_ctx=1024, n_threads=1, verbose=False)
+    local = llm.create_completion(**request)
+    assert served["choices"][0]["text"] == local["choices"][0]["text"]
+    n_prompt = len(llm.tokenize(prompt.encode(), special=True))
+    assert n_prompt > 600 and llm.n_tokens > n_prompt and _lib.positions(llm).max() < 256
+
+    plain = pyllmkv.llama_cpp.Llama(model_path=model, n_ctx=pyllmkv.llama_cpp.llama_n_ctx(llm.ctx), n_batch=32,
+                                    n_ubatch=32, n_threads=1, verbose=False)
+    sess = Session(plain, llm.evict_config)
+    decoded = [int(t) for t in llm.input_ids[: llm.n_tokens]]
+    logits, answer = sess.decode(decoded[:n_prompt]), []
+    for _ in range(llm.n_tokens - n_prompt):
+        answer.append(int(np.argmax(logits)))
+        logits = sess.decode(answer[-1:])
+    assert answer == decoded[n_prompt:]

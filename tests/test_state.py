@@ -128,6 +128,32 @@ def test_llama_cpp_python_save_and_load_state_after_head_compaction(tiny_path):
     np.testing.assert_allclose(last_logits(other), expected, rtol=0, atol=1e-5)
 
 
+def test_loaded_state_goes_on_at_the_renumbered_positions(tmp_path):
+    # past the trained context (256) pyllmkv.Llama renumbers its cells: a state saved there carries how far positions
+    # lag the tokens seen, so the restored conversation decodes its next token where the original does
+    from tinymodel import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny-256.gguf", seed=5, n_ctx_train=256)
+
+    def fresh():
+        return pyllmkv.Llama(model, kv_budget=40, window=8, n_batch=32, n_ctx=1024, verbose=False, type_k=0, type_v=0)
+
+    llm = fresh()
+    llm.eval(random_tokens(400, seed=38))
+    state = llm.save_state()
+    assert _lib.positions(llm).max() < 256 and state.position_shift > 0
+    llm.eval([7])
+    other = fresh()
+    other.load_state(state)
+    other.eval([7])
+    np.testing.assert_array_equal(_lib.positions(other), _lib.positions(llm))
+
+    def last_logits(m):
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),))
+
+    np.testing.assert_allclose(last_logits(other), last_logits(llm), rtol=0, atol=1e-5)
+
+
 def test_loaded_state_keeps_where_each_head_row_came_from(tiny_path):
     # head granularity moves rows between cells; a truncation after loading must drop the same cells as in the
     # context that saved the state (the one whose bookkeeping the numpy oracles of test_head_granularity check)
