@@ -217,7 +217,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
         llm.load_state(state)
         _lib.set_seq_data(ctx, kv)
         plain = Session(llm, None)  # decodes without evicting to fit: the one eviction is below
-        plain.n_past = plain.n_tokens = len(context)
+        plain.n_tokens = len(context)  # the next position follows: nothing was renumbered
         if evicting and setting == "agnostic":
             _lib.evict(ctx)
         logits = plain.decode(question)
