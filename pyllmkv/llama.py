@@ -45,12 +45,12 @@ class Llama(llama_cpp.Llama):
         n_batch: int = 512,
         **kwargs,
     ):
-        """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the memory bound);
-        `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or "token"; `window`: recent queries that score the cache (always kept);
-        `pool_kernel`: cells the window's scores are averaged over (odd; 1: none);
-        `prompt_tail`: a prompt longer than the cache is evicted with the queries of its last `window` tokens
-        (pyllmkv.session.PromptTail), else with those of each batch's end;
-        `n_ctx`: logical context (0: the model's training context; may exceed it). Other arguments go to `llama_cpp.Llama`.
+        """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the
+        memory bound); `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or
+        "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the window's scores
+        are averaged over (odd; 1: none); `prompt_tail`: a prompt longer than the cache is evicted with the queries of
+        its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `n_ctx`: logical
+        context (0: the model's training context; may exceed it). Other arguments go to `llama_cpp.Llama`.
 
         With `vocab_only=True` or `embedding=True` eviction is off: the context (kv_budget + n_batch cells) is the
         logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`. Raises KVEvictError for a
