@@ -80,6 +80,17 @@ def test_bad_budget(smollm2_path, budget, message):
     _fails_with([smollm2_path, "-p", "hi", "--kv-budget", budget], message)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--granularity", "token"], "granularity head, or with granularity token a policy of uniform allocation (such as criticalkv)"),
+    (["--kv-budget", "39"], "39 cells are too few for policy defensivekv-layer"),
+])
+def test_the_default_policy_names_what_it_needs(smollm2_path, args, message):
+    # the default shares cells among heads: token granularity, and fewer cells than window + 2 x 4 sinks, are refused
+    # with the reason and the way out, and not in another flag's name
+    _fails_with([smollm2_path, "-p", "hi", *args], message)
+    assert "Invalid value for '--kv-budget'" not in _run(smollm2_path, "-p", "hi", "--granularity", "token").output
+
+
 def test_quantized_v_without_flash_attention(smollm2_path):
     _fails_with([smollm2_path, "-p", "hi", "-ctv", "q8_0", "-fa", "off"], "needs flash attention in llama.cpp: use -fa on or auto")
 

@@ -126,8 +126,8 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     try:
         config = EvictConfig.for_cells(budget, policy=policy, granularity=granularity, window=window,
                                        pool_kernel=pool_kernel, prompt_tail=prompt_tail)
-    except KVEvictError as e:
-        raise click.BadParameter(str(e), param_hint="--kv-budget")
+    except KVEvictError as e:  # the budget, the policy or the granularity: the message names which
+        raise click.ClickException(str(e))
     try:
         need = context_size(sliding_window(str(model)), config.cells, n_batch)
     except (ValueError, KeyError, IndexError) as e:
