@@ -77,6 +77,9 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
         for (int64_t h = 0; h < n_kv; ++h) {
             const std::vector<int32_t> s(src[l * n_kv + h].begin(), src[l * n_kv + h].end());
             const int64_t n = s.size();
+            if (n == 0) {
+                continue; // a head that won no cells (one top-k over a layer's or the model's pairs): nothing to move
+            }
             ggml_tensor * src_idx = g.input(GGML_TYPE_I32, n, 1, s);
             ggml_tensor * dst_idx = ggml_view_1d(ctx, dst_all, n, 0); // a head's share fills the first of the cells
 

@@ -34,8 +34,10 @@ struct evict_graph {
         ggml_tensor * t = ggml_new_tensor_2d(ctx.get(), type, ne0, ne1);
         ggml_set_input(t);
         GGML_ASSERT(ggml_nbytes(t) == data.size() * sizeof(T));
-        std::vector<uint8_t> bytes(ggml_nbytes(t));
-        memcpy(bytes.data(), data.data(), bytes.size());
+        std::vector<uint8_t> bytes(data.size() * sizeof(T));
+        if (!bytes.empty()) {
+            memcpy(bytes.data(), data.data(), bytes.size());
+        }
         inputs.emplace_back(t, std::move(bytes));
         return t;
     }
