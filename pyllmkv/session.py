@@ -245,13 +245,12 @@ class Session:
         pass it, the kept cells are renumbered from 0 (StreamingLLM keeps positions within its cache the same way),
         so a conversation can go on past the context the model was trained for."""
         self.llm = llm
-        self.max_position = max_position or llm._model.n_ctx_train()
         self.ctx = llm._ctx.ctx
         self.config = config
         self.n_batch = llm.n_batch
         self.n_vocab = llm.n_vocab()
         self.n_tokens = 0  # tokens decoded into the sequence
-        self.positions = Positions(self.ctx, self.max_position)
+        self.positions = Positions(self.ctx, max_position or llm._model.n_ctx_train())
         if config is not None:
             need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
             if llm.n_ctx() < need:
@@ -271,6 +270,11 @@ class Session:
         if batch is not None:
             llama_cpp.llama_batch_free(batch)
             self._batch = None
+
+    @property
+    def max_position(self) -> int:
+        """Positions stay below it: the kept cells are renumbered before a batch would pass it."""
+        return self.positions.max_position
 
     @property
     def n_past(self) -> int:
