@@ -98,4 +98,7 @@ inline bool graph_forced(const char * name) {
 int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const std::vector<uint32_t> & cells,
         std::vector<std::vector<float>> & norms /* [layer_kv][cell * n_head_kv + g] */);
 
+// KNorm's scores of the sequence's prefix cells (out.pos, out.cells, out.n_window set): -|K_i|_2 per layer and KV head
+int32_t key_norm_scores(llama_kv_evict_state & st, uint32_t stream, seq_scores & out);
+
 } // namespace kv_evict

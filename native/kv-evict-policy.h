@@ -17,6 +17,7 @@ enum class scorer : int32_t {
     accumulated, // attention summed over every query since the cell was written (H2O)
     window_max,  // the maximum over the window's queries of their pooled rows, floored at the head's mean, and the
                  // cells holding 0.9 of the mean attention protected (DefensiveKV)
+    key_norm,    // minus the key's L2 norm: keys of small norm draw attention, whatever the query (KNorm)
 };
 
 // What reweighs the attention score by the cell's projected value |V_i W_O^h|_1

@@ -45,6 +45,12 @@ def head_scores(a, n_window, n_kv, policy, kernel=13):
     return group_mean(s, n_kv)
 
 
+def key_norm_scores(k, n_prefix):
+    """KNorm (Devoto et al. 2024; kvpress's KnormPress): minus the L2 norm of each prefix cell's key as cached (after
+    RoPE), per KV head. k [N, n_kv, hd] -> [n_kv, n_prefix]."""
+    return -np.linalg.norm(k[:n_prefix].astype(np.float64), axis=-1).T
+
+
 def value_norms(v, w_o, n_head):
     """Group mean of |V_i W_O^h|_1: v [N, n_kv, hd], w_o [n_head*hd, n_embd] -> [n_kv, N]."""
     n_kv, hd = v.shape[1], v.shape[2]

@@ -9,6 +9,7 @@ import pytest
 from conftest import held_positions, keep_from_held, random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
+from pyllmkv.reference import key_norm_scores, select_head
 from pyllmkv.session import Session
 from test_hook import _llama, _reference_scores
 from tinymodel import TinyRef, hadamard64
@@ -67,6 +68,24 @@ def test_each_head_keeps_the_cells_its_own_scores_select(llama_cpp, tiny_path):
         for g in range(ref.n_head_kv):
             expected = np.sort(np.argsort(-scores[il, g], kind="stable")[: budget - window])
             np.testing.assert_array_equal(held[g, : budget - window], expected)
+
+
+@pytest.mark.parametrize("cache", ["f16", "q8_0"])
+def test_knorm_heads_keep_their_smallest_keys(llama_cpp, tiny64_path, cache):
+    # llama.cpp stores a q8_0 K rotated by a Hadamard matrix: an orthonormal rotation, so the stored rows' norms are the
+    # keys' (up to the quantization the reference models)
+    ref = TinyRef(tiny64_path, kv_cache_dtype=cache)
+    llm = _context(llama_cpp, tiny64_path, cache, flash_attn=True)
+    budget, window = 40, 8
+    sess = Session(llm, EvictConfig(budget=budget, window=window, granularity="head", policy="knorm"))
+    tokens = random_tokens(100, seed=13)
+    sess.decode(tokens)
+    assert sess.evict() == 100 - budget
+    for il, layer in enumerate(ref.trace(tokens).layers):
+        scores = key_norm_scores(layer.k, len(tokens) - window)
+        held = _lib.head_positions(llm, il, ref.n_head_kv)
+        for g in range(ref.n_head_kv):
+            np.testing.assert_array_equal(held[g, : budget - window], select_head("knorm", scores[g], None, budget - window))
 
 
 @pytest.mark.parametrize("policy", ["criticalkv", "snapkv"])

@@ -16,7 +16,7 @@ from conftest import random_tokens
 from pyllmkv import _lib
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
-from pyllmkv.reference import head_scores, select_token, value_norms, window_attention
+from pyllmkv.reference import head_scores, key_norm_scores, select_token, value_norms, window_attention
 from tinymodel import TinyRef
 
 F32 = 0  # GGML_TYPE_F32
@@ -48,13 +48,16 @@ def _reference_scores(ref, tokens, window, policy):
     scores, norms = [], []
     for il, layer in enumerate(trace.layers):
         a = window_attention(layer.q[-window:], pos[-window:], layer.k, pos, 1.0 / math.sqrt(ref.head_dim))
-        scores.append(head_scores(a, window, ref.n_head_kv, policy))
+        if policy == "knorm":
+            scores.append(key_norm_scores(layer.k, len(tokens) - window))
+        else:
+            scores.append(head_scores(a, window, ref.n_head_kv, policy))
         norms.append(value_norms(layer.v, ref.w_o(il), ref.n_head)[:, : len(tokens) - window])
     return np.stack(scores), np.stack(norms)
 
 
 @pytest.mark.parametrize("cache", ["f32", "f16"])
-@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "tova", "h2o"])
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "tova", "h2o", "knorm"])
 def test_scores_match_numpy_reference(llama_cpp, tiny_path, cache, policy):
     ref = TinyRef(tiny_path, kv_cache_dtype=cache)
     llm = _llama(llama_cpp, tiny_path, cache)
@@ -67,11 +70,13 @@ def test_scores_match_numpy_reference(llama_cpp, tiny_path, cache, policy):
     for il in range(ref.n_layer):
         pos, score, norm = _lib.scores(llm, il, ref.n_head_kv)
         np.testing.assert_array_equal(pos, np.arange(len(tokens) - window))
-        np.testing.assert_allclose(score, exp_scores[il], **SCORE_TOL[cache])
+        # attention shares are O(1/n), key norms O(1)
+        tol = dict(rtol=NORM_RTOL[cache], atol=0) if policy == "knorm" else SCORE_TOL[cache]
+        np.testing.assert_allclose(score, exp_scores[il], **tol)
         np.testing.assert_allclose(norm, exp_norms[il], rtol=NORM_RTOL[cache])
 
 
-@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "tova", "h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "tova", "h2o", "streaming", "knorm"])
 def test_eviction_keeps_the_cells_the_reference_selects(llama_cpp, tiny_path, policy):
     ref = TinyRef(tiny_path, kv_cache_dtype="f32")
     llm = _llama(llama_cpp, tiny_path)
@@ -142,7 +147,7 @@ def _long_text(n_repeat=40):
     return (zen + "\n") * n_repeat
 
 
-@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "h2o", "tova", "streaming"])
+@pytest.mark.parametrize("policy", ["criticalkv", "snapkv", "h2o", "tova", "streaming", "knorm"])
 def test_cells_stay_within_budget_plus_batch_smollm2(llama_cpp, smollm2_path, policy):
     budget, n_batch = 256, 128
     llm = _llama(llama_cpp, smollm2_path, "f16", n_ctx=budget + n_batch, n_batch=n_batch)
