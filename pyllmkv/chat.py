@@ -33,11 +33,17 @@ class Sampler:
             self.chain = None
 
 
-class Chat:
-    """Turns of a conversation decoded into one sequence; only the new part of each prompt is decoded."""
+class ConversationFull(ValueError):
+    """A message would take the conversation past its most tokens (n_ctx, the CLI's -c)."""
 
-    def __init__(self, session: Session, sampler: Sampler, system: Optional[str] = None):
+
+class Chat:
+    """Turns of a conversation decoded into one sequence; only the new part of each prompt is decoded. `n_ctx`: most
+    tokens the conversation may hold, prompts and answers (0: no limit; the cache holds its budget of them either way)."""
+
+    def __init__(self, session: Session, sampler: Sampler, system: Optional[str] = None, n_ctx: int = 0):
         self.session = session
+        self.n_ctx = n_ctx
         self.llm = session.llm
         self.sampler = sampler
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -62,6 +68,11 @@ class Chat:
             eos_token=token_text("tokenizer.ggml.eos_token_id"),
             bos_token=token_text("tokenizer.ggml.bos_token_id"),
         )
+
+    @property
+    def full(self) -> bool:
+        """The conversation holds n_ctx tokens: the answer stops there."""
+        return bool(self.n_ctx) and len(self.history) >= self.n_ctx
 
     def reset(self) -> None:
         system = [m for m in self.messages if m["role"] == "system"]
@@ -97,6 +108,9 @@ class Chat:
         prompt = self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
         try:
+            if self.n_ctx and len(prompt) > self.n_ctx:
+                raise ConversationFull(f"with this message the conversation holds {len(prompt)} tokens, more than -c "
+                                       f"{self.n_ctx}: /reset to start over, or raise -c (0: no limit)")
             self._feed(prompt, on_batch=on_prefill)
         except BaseException:
             self.messages.pop()  # a turn stopped before its answer began is not part of the conversation
@@ -106,7 +120,7 @@ class Chat:
         answer = ""
         n = 0
         try:
-            while max_tokens < 0 or n < max_tokens:
+            while (max_tokens < 0 or n < max_tokens) and not self.full:
                 tok = self.sampler.sample(self.session.ctx)
                 if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
                     break

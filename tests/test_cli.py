@@ -208,5 +208,27 @@ def test_ctrl_c_during_a_long_prefill_leaves_the_chat_usable(smollm2_path):
 def test_threads_flag_sets_generation_and_prompt_threads(llama_cpp, smollm2_path):
     # llama.cpp's -t sets both; llama-cpp-python's n_threads alone leaves prompt processing at its own default
     from pyllmkv.cli import load
-    sess = load(Path(smollm2_path), 256, "criticalkv", "head", 32, 13, True, 0, 128, 0, "f16", "f16", "auto", 1, -1)
+    sess = load(Path(smollm2_path), 256, "criticalkv", "head", 32, 13, True, 128, 0, "f16", "f16", "auto", 1, -1)
     assert sess.llm.context_params.n_threads == 1 and sess.llm.context_params.n_threads_batch == 1
+
+
+def test_ctx_size_caps_the_conversation_as_serve_does(smollm2_path):
+    # -c means what it means to serve (and pyllmkv.Llama's n_ctx): the most tokens a conversation holds, not the cells
+    from pyllmkv.chat import Chat, ConversationFull, Sampler
+    from pyllmkv.cli import load
+
+    r = _run(smollm2_path, "-p", "word " * 100, "-c", "50", "--kv-budget", "64", "-b", "32")
+    assert r.exit_code == 1 and "more than -c 50" in r.output, r.output
+
+    def answer(n_ctx, max_tokens):
+        sess = load(Path(smollm2_path), 64, "criticalkv", "head", 32, 13, True, 32, 0, "f16", "f16", "auto", 2, 0)
+        chat = Chat(sess, Sampler(temp=0), n_ctx=n_ctx)
+        return chat, "".join(chat.send("Write a long story about a lighthouse.", max_tokens=max_tokens))
+
+    capped, text = answer(60, -1)
+    n_prompt = len(capped.history) - len(capped.llm.tokenize(text.encode(), add_bos=False))
+    assert len(capped.history) == 60 and capped.full and 0 < n_prompt < 60
+    assert text == answer(0, 60 - n_prompt)[1]  # the same answer as without a cap, cut where the cap falls
+    with pytest.raises(ConversationFull, match="more than -c 60"):
+        list(capped.send("And another one."))
+    assert capped.messages[-1]["role"] == "assistant"  # the refused message is not part of the conversation

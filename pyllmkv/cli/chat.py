@@ -14,19 +14,18 @@ from . import options as o
 
 @click.command()
 @o.model_options
-@click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="cache cells to allocate [default: budget + batch size]")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True, help="max tokens per answer (-1: until the model stops)")
 @click.option("--temp", type=float, default=0.8, show_default=True)
 @click.option("-p", "--prompt", type=str, default=None, help="answer this one prompt and exit")
 @click.option("-f", "--file", "prompt_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None, help="read the prompt from a file (any length) and exit")
 @click.option("-sys", "--system-prompt", "system", type=str, default=None)
 @click.option("--kv-stats", is_flag=True, help="print cache statistics after each answer")
-def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
+def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, n_ctx, **load_args):
     """Chat with MODEL (a .gguf path or a name from `pyllmkv models`; default: smollm2-135m, fetched once) in a KV
     cache of --kv-budget cells.
 
     In the chat: /stats shows the cache, /reset starts over, Ctrl-C stops an answer, Ctrl-D or /exit quits."""
-    from ..chat import Chat, Sampler
+    from ..chat import Chat, ConversationFull, Sampler
 
     session = o.load(**load_args)
     if prompt_file is not None:
@@ -35,7 +34,7 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
         except UnicodeDecodeError as e:
             raise click.ClickException(f"{prompt_file} is not UTF-8 text ({e.reason} at byte {e.start}): convert it with iconv")
     try:
-        conversation = Chat(session, Sampler(temp=temp, seed=load_args["seed"]), system=system)
+        conversation = Chat(session, Sampler(temp=temp, seed=load_args["seed"]), system=system, n_ctx=n_ctx)
     except ValueError as e:
         raise click.ClickException(str(e))
 
@@ -62,9 +61,15 @@ def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, **load_args):
         except KeyboardInterrupt:
             answer_pieces.close()  # keeps the partial answer in the conversation
             click.echo(" [stopped]", nl=False)
+        except ConversationFull as e:
+            if prompt is not None:
+                raise click.ClickException(str(e))
+            click.echo(f"[{e}]", nl=False, err=True)
         finally:
             signal.signal(signal.SIGINT, previous)
             bar.close()
+        if conversation.full:
+            click.echo(f" [the conversation holds -c {n_ctx} tokens: /reset to start over]", nl=False, err=True)
         click.echo()
         if kv_stats:
             click.echo(_stats_line(session), err=True)

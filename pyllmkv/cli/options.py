@@ -89,6 +89,9 @@ model_options = option_group([
     click.option("--window", type=int, default=EvictConfig.window, show_default=True, help="observation window: recent queries that score the cache"),
     pool_kernel_option,
     prompt_tail_option,
+    click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=0), default=0,
+                 help="most tokens a conversation holds, prompts and answers, of which the cache keeps --kv-budget "
+                      "[default: 0, chat without limit, serve the model's trained context]"),
     click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
     click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
     click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
@@ -114,7 +117,7 @@ def flash_attn_flag(cache_type_v: str, flash_attn: str) -> bool:
     return flash_attn == "on" or (flash_attn == "auto" and quantized_v)
 
 
-def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_ctx: int, n_batch: int,
+def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_batch: int,
          n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int):
     """Validates the arguments, loads the model and returns a Session with eviction enabled."""
     from .._lib import KVEvictError, llama_cpp
@@ -129,18 +132,14 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     except KVEvictError as e:  # the budget, the policy or the granularity: the message names which
         raise click.ClickException(str(e))
     try:
-        need = context_size(sliding_window(str(model)), config.cells, n_batch)
+        cells = context_size(sliding_window(str(model)), config.cells, n_batch)
     except (ValueError, KeyError, IndexError) as e:
         raise click.ClickException(f"{model} is not a readable GGUF file ({e}): the file may be truncated")
-    n_ctx = n_ctx or need
-    if n_ctx < need:
-        raise click.BadParameter(f"({n_ctx}) must be at least {need}: --kv-budget + --batch-size, and for a "
-                                 "sliding-window model its window + --batch-size", param_hint="--ctx-size")
 
     fa = flash_attn_flag(cache_type_v, flash_attn)
     try:
         llm = llama_cpp.Llama(
-            model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
+            model_path=str(model), n_ctx=cells, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
             type_k=ggml_type(cache_type_k), type_v=ggml_type(cache_type_v), flash_attn=fa, seed=seed,
             verbose=False, **threads(n_threads),
         )

@@ -9,7 +9,6 @@ from . import options as o
 
 @click.command()
 @o.model_options
-@click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, help="logical context: longest prompt + answer [default: the model's]")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--cache", is_flag=True,
