@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
-from .session import Positions, PromptTail, context_size, evict_to_fit, sliding_window
+from .session import Positions, PromptTail, context_size, decode_in_batches, sliding_window
 
 
 class Llama(llama_cpp.Llama):
@@ -160,11 +160,6 @@ class Llama(llama_cpp.Llama):
             # the cell before n_tokens was evicted: decode again from the last kept cell
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
-        ctx, config = self._ctx.ctx, self.evict_config
-        tail = self._tail.queries(ctx, config, tokens, self._positions.of(self.n_tokens), self.n_batch)
-        for start in range(0, len(tokens), self.n_batch):
-            batch = tokens[start : start + self.n_batch]
-            evict_to_fit(ctx, config.cells, self.n_batch, len(batch), tail)
-            if self._positions.renumber_before(self.n_tokens, len(batch), tail):
-                tail = self._tail.queries(ctx, config, tokens[start:], self._positions.of(self.n_tokens), self.n_batch)
-            super().eval(batch)
+        eval_batch = super().eval
+        decode_in_batches(self._ctx.ctx, self.evict_config, self._positions, self._tail, tokens, self.n_tokens, self.n_batch,
+                          lambda start, batch: eval_batch(batch))

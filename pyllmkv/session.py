@@ -172,6 +172,23 @@ def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[by
                 raise
 
 
+def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, tail: "PromptTail", tokens: Sequence[int],
+                      n_tokens: int, n_batch: int, decode: Callable[[int, Sequence[int]], None]) -> None:
+    """The one decode loop of a sequence that evicts (Session for chat and the bench, pyllmkv.Llama for the API and the
+    server): `tokens` follow the n_tokens seen, in batches of n_batch; before each, the sequence is evicted to fit
+    (scored by the prompt tail's queries when it has them) and renumbered if it would pass the positions' maximum;
+    `decode(start, batch)` then decodes tokens[start:start + len(batch)] at positions.of(n_tokens + start)."""
+    queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch)
+    for start in range(0, len(tokens), n_batch):
+        batch = tokens[start : start + n_batch]
+        if config is not None:
+            evict_to_fit(ctx, config.cells, n_batch, len(batch), queries)
+            if positions.renumber_before(n_tokens + start, len(batch), queries):
+                # the rest of the prompt now follows the renumbered cells: its tail, at the positions it will have
+                queries = tail.queries(ctx, config, tokens[start:], positions.of(n_tokens + start), n_batch)
+        decode(start, batch)
+
+
 def fill_batch(batch, tokens: Sequence[int], pos0: int, logits: Callable[[int], bool]) -> None:
     """Sets `batch` to `tokens` of sequence 0 at positions pos0, pos0 + 1, ...; logits(i): whether token i's are wanted."""
     batch.n_tokens = len(tokens)
@@ -308,14 +325,8 @@ class Session:
         """Decodes `tokens` in batches of n_batch; returns the logits of the last token ([n_vocab]) or of all
         tokens ([len(tokens), n_vocab]). `on_batch(n_done, n_total)` is called after each batch."""
         out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
-        tail = self._tail.queries(self.ctx, self.config, tokens, self.n_past, self.n_batch)
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            if self.config is not None:
-                evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(chunk), tail)
-                if self.positions.renumber_before(self.n_tokens, len(chunk), tail):
-                    # the rest of the prompt now follows the renumbered cells: its tail, at the positions it will have
-                    tail = self._tail.queries(self.ctx, self.config, tokens[start:], self.n_past, self.n_batch)
+
+        def decode(start: int, chunk: Sequence[int]) -> None:
             b = self._batch
             fill_batch(b, chunk, self.n_past, lambda i: all_logits or start + i == len(tokens) - 1)
             rc = llama_cpp.llama_decode(self.ctx, b)
@@ -329,4 +340,6 @@ class Session:
                     out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
             if on_batch:
                 on_batch(start + len(chunk), len(tokens))
+
+        decode_in_batches(self.ctx, self.config, self.positions, self._tail, tokens, self.n_tokens, self.n_batch, decode)
         return out if all_logits else out[0]
