@@ -121,16 +121,12 @@ _seq_get_data = _bind("llama_kv_evict_seq_get_data", [_ctx_p, ctypes.c_int32, ct
 _seq_set_data = _bind("llama_kv_evict_seq_set_data", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 _get_window_queries = _bind("llama_kv_evict_get_window_queries", [_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _set_window_queries = _bind("llama_kv_evict_set_window_queries", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
-_head_positions = _bind("llama_kv_evict_head_positions", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
-_read_rows = _bind("llama_kv_evict_read_rows", [_ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_bool, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
-_queries = _bind("llama_kv_evict_queries", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, ctypes.c_int32, _i32_p, _f_p], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
 _describe = _bind("llama_kv_evict_policy_describe", [ctypes.c_int32, ctypes.POINTER(PolicyInfo)], ctypes.c_int32)
 _validate = _bind("llama_kv_evict_validate", [ctypes.POINTER(EvictParams)], ctypes.c_int32)
 _max_cells = _bind("llama_kv_evict_max_cells", [ctypes.POINTER(EvictParams)], ctypes.c_int32)
-_adakv_shares = _bind("llama_kv_evict_adakv_shares", [_f_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_int32, _i32_p], ctypes.c_int32)
 
 
 # A model kept on the CPU is loaded without llama.cpp's repacked weight layouts (CPU_REPACK: quantised rows interleaved
@@ -330,13 +326,6 @@ def scores(ctx, layer: int, n_head_kv: int, seq_id: int = 0, value_norms: bool =
     return pos[:n], score, norm
 
 
-def head_positions(ctx, layer: int, n_head_kv: int, seq_id: int = 0) -> np.ndarray:
-    """[n_head_kv, n_cells]: the position each KV head's token had when decoded (debug; moves with compaction)."""
-    n = _check(_head_positions(_ctx(ctx), seq_id, layer, None, 0))
-    out = np.zeros((n_head_kv, n), dtype=np.int32)
-    _check(_head_positions(_ctx(ctx), seq_id, layer, out.ctypes.data_as(_i32_p), n))
-    return out
-
 
 def _get_bytes(fn, ctx, seq_id: int) -> bytes:
     """What a `fn(ctx, seq_id, out, size)` of the C API writes: asked for its size first, then filled."""
@@ -367,32 +356,7 @@ def set_seq_data(ctx, data: bytes, seq_id: int = 0) -> None:
     _check(_seq_set_data(_ctx(ctx), seq_id, data, len(data)))
 
 
-def read_rows(ctx, layer: int, is_v: bool, n_cells: int, seq_id: int = 0) -> np.ndarray:
-    """[n_cells, row bytes]: the raw bytes of layer's K or V rows of the sequence's cells in position order (debug)."""
-    need = _check(_read_rows(_ctx(ctx), seq_id, layer, is_v, None, 0))
-    out = np.zeros(need, dtype=np.uint8)
-    _check(_read_rows(_ctx(ctx), seq_id, layer, is_v, out.ctypes.data, need))
-    return out.reshape(n_cells, -1)
 
-
-def queries(ctx, layer: int, seq_id: int = 0):
-    """The observation window's queries of one layer as the hook captured them, after RoPE (debug):
-    (pos [n], q [n, n_head * head_dim], kq_scale)."""
-    n_embd_q = ctypes.c_int32()
-    n = _check(_queries(_ctx(ctx), seq_id, layer, None, None, 0, ctypes.byref(n_embd_q), None))
-    pos = np.zeros(n, dtype=np.int32)
-    q = np.zeros((n, n_embd_q.value), dtype=np.float32)
-    scale = ctypes.c_float()
-    _check(_queries(_ctx(ctx), seq_id, layer, pos.ctypes.data_as(_i32_p), q.ctypes.data_as(_f_p), n, None, ctypes.byref(scale)))
-    return pos, q, scale.value
-
-
-def adakv_shares(scores: np.ndarray, budget: int, alpha: float, cap: int) -> np.ndarray:
-    """AdaKV's allocation as the -ada policies compute it: cells each head keeps, given scores [n_head, n]."""
-    scores = np.ascontiguousarray(scores, dtype=np.float32)
-    share = np.zeros(scores.shape[0], dtype=np.int32)
-    _check(_adakv_shares(scores.ctypes.data_as(_f_p), scores.shape[0], scores.shape[1], budget, alpha, cap, share.ctypes.data_as(_i32_p)))
-    return share
 
 
 SCORING_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda"}

@@ -50,9 +50,9 @@ SUBPROCESS_CWD = tempfile.gettempdir()
 def held_positions(llm, ref, n_cells: int | None = None) -> np.ndarray:
     """[n_layer, n_kv, cells]: the position of the token whose row each head holds in each of the sequence's first
     n_cells cells (all by default), -1 where an -ada head holds none."""
-    from pyllmkv import _lib
+    from pyllmkv import debug
 
-    return np.stack([_lib.head_positions(llm, il, ref.n_head_kv)[:, :n_cells] for il in range(ref.n_layer)])
+    return np.stack([debug.head_positions(llm, il, ref.n_head_kv)[:, :n_cells] for il in range(ref.n_layer)])
 
 
 def keep_from_held(held: np.ndarray, n_prefix: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import held_positions, keep_from_held, random_tokens
-from pyllmkv import _lib
+from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.session import Session
 from pyllmkv.reference import adakv_shares, select_head
@@ -28,7 +28,7 @@ def test_adakv_shares_match_numpy(n_head, alpha):
         cap = int(rng.integers(max(1, budget), n + 1)) if trial % 2 else n
         # few distinct values: many ties, across heads and within one
         scores = (rng.integers(0, 5, (n_head, n)) / 4).astype(np.float32) if trial % 3 == 0 else rng.random((n_head, n), dtype=np.float32) ** 4
-        got = _lib.adakv_shares(scores, budget, alpha, cap)
+        got = debug.adakv_shares(scores, budget, alpha, cap)
         np.testing.assert_array_equal(got, adakv_shares(scores, budget, alpha, cap), err_msg=f"n={n} budget={budget} cap={cap}")
         assert got.sum() == n_head * budget and got.max() <= cap
         assert got.min() >= min(max(1, int(np.floor(alpha * budget))), cap), "the safeguard"
@@ -37,11 +37,11 @@ def test_adakv_shares_match_numpy(n_head, alpha):
 def test_adakv_safeguard_and_cap_bind():
     # head 0 holds every high score: without the safeguard head 1 would get nothing, without the cap head 0 all
     scores = np.array([[9, 9, 9, 9, 9, 9, 9, 9, 9, 9], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=np.float32)
-    assert list(_lib.adakv_shares(scores, 5, 0.2, 10)) == [9, 1]
-    assert list(_lib.adakv_shares(scores, 5, 0.0, 10)) == [9, 1]  # at least one cell even with alpha 0
-    assert list(_lib.adakv_shares(scores, 5, 0.2, 6)) == [6, 4]
+    assert list(debug.adakv_shares(scores, 5, 0.2, 10)) == [9, 1]
+    assert list(debug.adakv_shares(scores, 5, 0.0, 10)) == [9, 1]  # at least one cell even with alpha 0
+    assert list(debug.adakv_shares(scores, 5, 0.2, 6)) == [6, 4]
     with pytest.raises(KVEvictError, match="budget <= n"):
-        _lib.adakv_shares(scores, 11, 0.2, 10)
+        debug.adakv_shares(scores, 11, 0.2, 10)
 
 
 @pytest.mark.parametrize("policy", ["snapkv-ada", "criticalkv-ada"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import SUBPROCESS_CWD
-from pyllmkv import EvictConfig, _lib, bench
+from pyllmkv import EvictConfig, _lib, bench, debug
 from pyllmkv.bench import haystack, perturb
 from pyllmkv.session import Session
 from tinymodel import TinyRef
@@ -224,7 +224,7 @@ def test_captured_queries_equal_numpy(llama_cpp, tiny_path):
     Session(llm, None).decode(tokens)
     trace = ref.trace(tokens)
     for il in range(ref.n_layer):
-        pos, q, scale = _lib.queries(llm, il)
+        pos, q, scale = debug.queries(llm, il)
         assert list(pos) == list(range(84, 100))
         np.testing.assert_allclose(q, trace.layers[il].q[84:].reshape(16, -1), rtol=1e-3, atol=1e-3)
         assert scale == pytest.approx(1 / np.sqrt(ref.head_dim))
@@ -261,7 +261,7 @@ def test_perturbation_on_the_next_tokens_equals_numpy(llama_cpp, tiny_path):
     pos, q_pos = np.arange(len(tokens)), np.arange(n_context, len(tokens))
     group, hd = ref.n_head // ref.n_head_kv, ref.head_dim
     for il, layer in enumerate(trace.layers):
-        kept = _lib.head_positions(llm, il, ref.n_head_kv)
+        kept = debug.head_positions(llm, il, ref.n_head_kv)
         for h in range(ref.n_head):
             g = h // group
             keep = np.isin(pos, kept[g][kept[g] >= 0]) | (pos >= n_context)

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pyllmkv import _lib
+from pyllmkv import _lib, debug
 from pyllmkv._lib import POLICIES, EvictConfig, KVEvictError, llama_cpp
 from pyllmkv.session import Session
 
@@ -62,7 +62,7 @@ def _consistent(llm, sess):
     if enabled and len(pos):
         try:
             for il in range(2):
-                held = _lib.head_positions(llm, il, 2)
+                held = debug.head_positions(llm, il, 2)
                 assert held.max() < sess.n_past
         except KVEvictError as e:  # disabled: the per-head bookkeeping is gone, which is a clean error
             assert "not enabled" in str(e)
@@ -72,7 +72,7 @@ def _save_and_load(llm, mem):
     """Saves the sequence (llama.cpp's state and the hook's data), clears it, loads both: nothing may change."""
     data = _lib.seq_data(llm)  # refused when the hook is disabled; after an -ada eviction, llama.cpp's state needs it read first
     pos = _lib.positions(llm)
-    held = [_lib.head_positions(llm, il, 2) for il in range(2)]
+    held = [debug.head_positions(llm, il, 2) for il in range(2)]
     ctx = llm._ctx.ctx
     n = llama_cpp.llama_state_seq_get_size(ctx, 0)
     buf = (ctypes.c_uint8 * n)()
@@ -82,7 +82,7 @@ def _save_and_load(llm, mem):
     _lib.set_seq_data(llm, data)
     np.testing.assert_array_equal(_lib.positions(llm), pos)
     for il in range(2):
-        np.testing.assert_array_equal(_lib.head_positions(llm, il, 2), held[il])
+        np.testing.assert_array_equal(debug.head_positions(llm, il, 2), held[il])
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyllmkv import _lib
+from pyllmkv import debug
 from test_head_granularity import _context, renumbering_against_numpy
 from test_hook import _llama
 from test_kernels import ATTN_SHAPES, SHAPES, _scores, attention_reference, norms_reference, shaped_model
@@ -50,7 +50,7 @@ def test_cuda_eviction_keeps_the_cells_the_cpu_keeps(llama_cpp, tiny64_path, pol
         _, _, _, st, llm = _scores(llama_cpp, tiny64_path, "f32", 160, policy=policy, budget=64, n_gpu_layers=ngl)
         assert st["n_evictions"] >= 1
         n_kv = int(llama_cpp.llama_model_n_head_kv(llm._model.model))
-        held[ngl] = [{(h, int(p)) for h, row in enumerate(_lib.head_positions(llm, il, n_kv)) for p in row if p >= 0}
+        held[ngl] = [{(h, int(p)) for h, row in enumerate(debug.head_positions(llm, il, n_kv)) for p in row if p >= 0}
                      for il in range(int(llama_cpp.llama_model_n_layer(llm._model.model)))]
     for cpu, gpu in zip(held[0], held[99]):
         assert len(cpu) == len(gpu)

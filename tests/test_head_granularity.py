@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import held_positions, keep_from_held, random_tokens
-from pyllmkv import _lib
+from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.reference import key_norm_scores, select_head
 from pyllmkv.session import Session
@@ -39,16 +39,16 @@ def test_compacted_rows_equal_original_rows(llama_cpp, tiny64_path, cache, flash
     sess = Session(llm, EvictConfig(budget=40, window=8, granularity="head", policy=policy))
     tokens = random_tokens(100, seed=9)
     sess.decode(tokens)
-    before = {(il, v): _per_head_bytes(_lib.read_rows(llm, il, v, 100), ref.n_head_kv) for il in range(ref.n_layer) for v in (False, True)}
+    before = {(il, v): _per_head_bytes(debug.read_rows(llm, il, v, 100), ref.n_head_kv) for il in range(ref.n_layer) for v in (False, True)}
     n_removed = sess.evict()
     n_cells = _lib.stats(llm)["n_seq_cells"]
     assert n_removed == 100 - n_cells and (n_cells == 40 or policy.endswith("-ada"))
     for il in range(ref.n_layer):
-        held = _lib.head_positions(llm, il, ref.n_head_kv)  # [n_kv, n_cells]: the token each head holds per cell
+        held = debug.head_positions(llm, il, ref.n_head_kv)  # [n_kv, n_cells]: the token each head holds per cell
         assert (held[:, -8:] == np.arange(92, 100)).all()  # the window stays in every head
         assert not all((held[g] == held[0]).all() for g in range(ref.n_head_kv)), "heads should choose differently"
         for v in (False, True):
-            after = _per_head_bytes(_lib.read_rows(llm, il, v, n_cells), ref.n_head_kv)
+            after = _per_head_bytes(debug.read_rows(llm, il, v, n_cells), ref.n_head_kv)
             for g in range(ref.n_head_kv):
                 kept = held[g] >= 0  # an -ada head whose share is shorter holds nothing in the last cells
                 np.testing.assert_array_equal(after[g][kept], before[(il, v)][g][held[g][kept]])
@@ -64,7 +64,7 @@ def test_each_head_keeps_the_cells_its_own_scores_select(llama_cpp, tiny_path):
     scores, _ = _reference_scores(ref, tokens, window, "snapkv")
     sess.evict()
     for il in range(ref.n_layer):
-        held = _lib.head_positions(llm, il, ref.n_head_kv)
+        held = debug.head_positions(llm, il, ref.n_head_kv)
         for g in range(ref.n_head_kv):
             expected = np.sort(np.argsort(-scores[il, g], kind="stable")[: budget - window])
             np.testing.assert_array_equal(held[g, : budget - window], expected)
@@ -83,7 +83,7 @@ def test_knorm_heads_keep_their_smallest_keys(llama_cpp, tiny64_path, cache):
     assert sess.evict() == 100 - budget
     for il, layer in enumerate(ref.trace(tokens).layers):
         scores = key_norm_scores(layer.k, len(tokens) - window)
-        held = _lib.head_positions(llm, il, ref.n_head_kv)
+        held = debug.head_positions(llm, il, ref.n_head_kv)
         for g in range(ref.n_head_kv):
             np.testing.assert_array_equal(held[g, : budget - window], select_head("knorm", scores[g], None, budget - window))
 
@@ -172,8 +172,8 @@ def renumbering_against_numpy(llm, path, policy, cache, atol, rope_atol):
     sess.evict()
     n_cells = _lib.stats(llm)["n_seq_cells"]
     held = held_positions(llm, ref)
-    rows = [_lib.read_rows(llm, il, False, n_cells).view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim) for il in range(ref.n_layer if cache == "f32" else 0)]
-    queries = [_lib.queries(llm, il) for il in range(ref.n_layer)]
+    rows = [debug.read_rows(llm, il, False, n_cells).view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim) for il in range(ref.n_layer if cache == "f32" else 0)]
+    queries = [debug.queries(llm, il) for il in range(ref.n_layer)]
     assert held.max() >= _lib.positions(llm)[-9], "compaction moved rows of later tokens into earlier cells"
     assert len(np.union1d(held[held >= 0], _lib.positions(llm))) > n_cells, "the heads hold no more tokens than cells"
     target = np.full_like(held, -1)  # the oracle: each head's tokens in order, the newest at the last cell
@@ -190,7 +190,7 @@ def renumbering_against_numpy(llm, path, policy, cache, atol, rope_atol):
     np.testing.assert_array_equal(_lib.positions(llm), np.arange(n_cells))
     delta = n_cells - len(prefix)  # how far the window's cells moved
     for il, (pos, q, _) in enumerate(queries):
-        pos_after, q_after, _ = _lib.queries(llm, il)
+        pos_after, q_after, _ = debug.queries(llm, il)
         np.testing.assert_array_equal(pos_after, pos + delta)
         rotate = hadamard64 if cache == "q8_0" else (lambda x: x)
         turned = rotate(ref.rope(rotate(q.reshape(len(pos), ref.n_head, ref.head_dim).astype(np.float64)), np.full(len(pos), delta)))
@@ -200,7 +200,7 @@ def renumbering_against_numpy(llm, path, policy, cache, atol, rope_atol):
     got = np.stack([sess.decode([t]) for t in new])  # the first decode applies llama.cpp's K-shift
     np.testing.assert_array_equal(held_positions(llm, ref, n_cells), target)
     for il in range(len(rows)):  # f32: bit for bit up to RoPE's rounding
-        after = _lib.read_rows(llm, il, False, n_cells + 3)[:n_cells].view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim)
+        after = debug.read_rows(llm, il, False, n_cells + 3)[:n_cells].view(np.float32).reshape(n_cells, ref.n_head_kv, ref.head_dim)
         for g in range(ref.n_head_kv):
             kept = held[il, g] >= 0
             expected = ref.rope(rows[il][kept, g][:, None, :].astype(np.float64), target[il, g][kept] - held[il, g][kept])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import random_tokens
-from pyllmkv import _lib
+from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig
 from pyllmkv.session import Session
 from pyllmkv.reference import defensive_scores, head_scores, value_norms, window_attention
@@ -62,7 +62,7 @@ def shaped_model(tmp_path, head_dim, group, seed, dtype="f32"):
 def norms_reference(llm, ref, n_tokens, n_prefix):
     """The numpy value norms on the kernel's own inputs: the f32 cache's V rows, and W_O as TinyRef reads the file."""
     return np.stack([
-        value_norms(_lib.read_rows(llm, il, True, n_tokens).view(np.float32).reshape(n_tokens, ref.n_head_kv, ref.head_dim),
+        value_norms(debug.read_rows(llm, il, True, n_tokens).view(np.float32).reshape(n_tokens, ref.n_head_kv, ref.head_dim),
                     ref.w_o(il), ref.n_head)[:, :n_prefix]
         for il in range(ref.n_layer)])
 
@@ -106,8 +106,8 @@ def window_attentions(llm, n_layer, n_head_kv, group, head_dim) -> list:
     pos = _lib.positions(llm)
     out = []
     for il in range(n_layer):
-        q_pos, q, scale = _lib.queries(llm, il)
-        k = _lib.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
+        q_pos, q, scale = debug.queries(llm, il)
+        k = debug.read_rows(llm, il, False, len(pos)).view(np.float32).reshape(len(pos), n_head_kv, head_dim)
         out.append(window_attention(q.reshape(len(q_pos), n_head_kv * group, head_dim), q_pos, k, pos, scale))
     return out
 

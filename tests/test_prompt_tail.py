@@ -12,7 +12,7 @@ import pytest
 
 import pyllmkv
 from conftest import random_tokens
-from pyllmkv import _lib
+from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.bench import haystack
 from pyllmkv.session import PromptTail, Session
@@ -98,7 +98,7 @@ def tail_scores_against_numpy(llm, path, policy, q_atol, score_tol):
     pos = np.arange(len(prefix))
     trace = ref.trace(prefix)
     for il in range(ref.n_layer):
-        q_pos, q, _ = _lib.queries(llm, il)
+        q_pos, q, _ = debug.queries(llm, il)
         np.testing.assert_array_equal(q_pos, pos[-WINDOW:])
         q = q.reshape(WINDOW, ref.n_head, ref.head_dim)
         np.testing.assert_allclose(q, q_tail.layers[il].q, rtol=0, atol=q_atol)
@@ -108,7 +108,7 @@ def tail_scores_against_numpy(llm, path, policy, q_atol, score_tol):
         np.testing.assert_allclose(score, head_scores(a, WINDOW, ref.n_head_kv, policy), **score_tol)
 
     sess.decode(prompt[:3])
-    q_pos, _, _ = _lib.queries(llm, 0)
+    q_pos, _, _ = debug.queries(llm, 0)
     assert q_pos[-1] == len(prefix) + 2
 
 
@@ -130,7 +130,7 @@ def _record_evictions(monkeypatch) -> list:
     evict = _lib.evict
 
     def recording(ctx, seq_id=0):
-        seen.append(_lib.queries(ctx, 0)[1].copy())
+        seen.append(debug.queries(ctx, 0)[1].copy())
         return evict(ctx, seq_id)
 
     monkeypatch.setattr(_lib, "evict", recording)
@@ -195,7 +195,7 @@ def test_the_prompt_tail_keeps_a_needle_the_batches_would_evict(smollm2_path):
         llm.eval(prompt)
         n_layer = pyllmkv.llama_cpp.llama_model_n_layer(llm._model.model)
         n_head_kv = pyllmkv.llama_cpp.llama_model_n_head_kv(llm._model.model)
-        rows = np.stack([_lib.head_positions(llm, il, n_head_kv) for il in range(n_layer)])
+        rows = np.stack([debug.head_positions(llm, il, n_head_kv) for il in range(n_layer)])
         # rows of the needle's key digits, over every layer and KV head
         held[prompt_tail] = int(((rows >= start) & (rows < start + len(needle))).sum())
         llm.close()

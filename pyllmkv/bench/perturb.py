@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _lib
+from .. import _lib, debug
 from .._lib import EvictConfig, llama_cpp
 from ..session import Session
 
@@ -59,20 +59,20 @@ def _capture(model_path: str, tokens, config: EvictConfig, n_batch: int, threads
     layers = []
     for il in range(int(llama_cpp.llama_model_n_layer(llm._model.model))):
         try:
-            layers.append((il, _lib.queries(ctx, il)))
+            layers.append((il, debug.queries(ctx, il)))
         except _lib.KVEvictError:  # a sliding-window layer: not in the evicted cache
             continue
     rows = {}
     if read_rows:
         pos = _lib.positions(ctx)
         for il, _ in layers:
-            k = _lib.read_rows(ctx, il, False, len(pos)).view(np.float16).reshape(len(pos), n_kv, -1)
-            v = _lib.read_rows(ctx, il, True, len(pos)).view(np.float16).reshape(len(pos), n_kv, -1)
+            k = debug.read_rows(ctx, il, False, len(pos)).view(np.float16).reshape(len(pos), n_kv, -1)
+            v = debug.read_rows(ctx, il, True, len(pos)).view(np.float16).reshape(len(pos), n_kv, -1)
             rows[il] = (pos, k, v)
     kept = {}
     if evict:
         _lib.evict(ctx)
-        kept = {il: _lib.head_positions(ctx, il, n_kv) for il, _ in layers}
+        kept = {il: debug.head_positions(ctx, il, n_kv) for il, _ in layers}
     llm.close()
     return dict(layers), rows, kept, n_kv
 
