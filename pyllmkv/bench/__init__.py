@@ -28,6 +28,7 @@ from .._lib import POLICIES as _POLICY_IDS
 from ..session import gguf_model_int
 from . import haystack, ruler
 from .grid import FULL, QUICK, TINY, Grid  # noqa: F401  (the grids are bench.FULL, ...)
+from .stock import lib_dir as stock_lib_dir
 
 POLICIES = list(_POLICY_IDS)
 # streaming (4 sinks + the most recent) is what stock context shift keeps when one eviction takes a cache to its budget
@@ -55,17 +56,6 @@ class Options:
 def needs_stock(suites) -> bool:
     """Whether these suites run stock llama.cpp beside pyllmkv."""
     return bool(set(suites) & {"speed", "needle", "ppl"})
-
-
-def stock_lib_dir() -> Path:
-    """The unpatched llama.cpp: $PYLLMKV_STOCK_LIB_DIR, else pyllmkv/stock of the installed package."""
-    env = os.environ.get("PYLLMKV_STOCK_LIB_DIR")
-    d = Path(env) if env else Path(__file__).resolve().parent.parent / "stock"
-    if not any(d.glob("*llama.*")):
-        raise FileNotFoundError(
-            f"stock llama.cpp is not in {d}: install pyllmkv with `pip install .` (it builds it unless "
-            "-DPYLLMKV_STOCK=OFF), or set PYLLMKV_STOCK_LIB_DIR to the lib folder of an unpatched build")
-    return d
 
 
 class Runner:

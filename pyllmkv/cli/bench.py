@@ -74,8 +74,8 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
     model = o.model_path(model)
     try:
         if b.needs_stock(list(suites) or b.SUITES):
-            b.stock_lib_dir()
-    except FileNotFoundError as e:
+            b.stock_lib_dir(say=lambda msg: click.echo(msg, err=True))
+    except (FileNotFoundError, RuntimeError) as e:
         raise click.ClickException(str(e))
     out = out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     grid = b.TINY if tiny else b.QUICK if quick else b.FULL
