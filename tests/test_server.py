@@ -204,6 +204,11 @@ def test_a_conversation_goes_past_the_trained_context_over_http(tmp_path):
     request = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0}
     with _serve(model, "--kv-budget", "64", "-b", "32", "-c", "1024", "-t", "1") as port:
         served = _post(port, "/v1/completions", request)
+        # past -c: the limit the error names is -c's, not the cache's cells
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(port, "/v1/completions", dict(request, prompt=prompt * 2))
+        message = json.loads(refused.value.read())["error"]["message"]
+        assert refused.value.code == 400 and "maximum context length is 1024 tokens" in message, message
     llm = pyllmkv.Llama(model, kv_budget=64, n_batch=32, n_ctx=1024, n_threads=1, verbose=False)
     local = llm.create_completion(**request)
     assert served["choices"][0]["text"] == local["choices"][0]["text"]
