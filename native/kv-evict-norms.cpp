@@ -51,11 +51,10 @@ ggml_tensor * value_norms_graph(ggml_context * ctx, evict_graph & g, const llama
     const int64_t k_in   = hd * n_head;
     const int64_t m      = v->ne[1];
 
-    std::vector<float> eye(k_in * k_in, 0.0f);
-    for (int64_t i = 0; i < k_in; ++i) {
-        eye[i * k_in + i] = 1.0f;
-    }
-    ggml_tensor * w = ggml_mul_mat(ctx, model.layers[il].wo, g.input(GGML_TYPE_F32, k_in, k_in, eye)); // [n_embd, k_in]
+    // the identity made on the backend from a row of ones: as an input it crossed to the device (or over RPC) whole,
+    // k_in^2 floats per layer per eviction
+    ggml_tensor * eye = ggml_diag(ctx, g.input(GGML_TYPE_F32, k_in, 1, std::vector<float>(k_in, 1.0f)));
+    ggml_tensor * w = ggml_mul_mat(ctx, model.layers[il].wo, eye);                   // [n_embd, k_in]
     w = ggml_cont(ctx, ggml_transpose(ctx, w));                                       // [k_in, n_embd]
     w = ggml_reshape_3d(ctx, w, hd, n_head, w->ne[1]);
     w = ggml_cont(ctx, ggml_permute(ctx, w, 0, 2, 1, 3));                             // [hd, n_embd, n_head]
