@@ -21,11 +21,11 @@ or hybrid model (Mamba, Jamba, ...) is refused: its state is not a KV cache the 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _lib
+from . import _lib, rpc
 from ._lib import EvictConfig, llama_cpp
 from .session import Positions, PromptTail, context_size, decode_in_batches, sliding_window
 
@@ -43,6 +43,7 @@ class Llama(llama_cpp.Llama):
         prompt_tail: bool = True,
         n_ctx: int = 0,
         n_batch: int = 512,
+        rpc_servers: Optional[str] = None,
         **kwargs,
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the
@@ -50,7 +51,9 @@ class Llama(llama_cpp.Llama):
         "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the window's scores
         are averaged over (odd; 1: none); `prompt_tail`: a prompt longer than the cache is evicted with the queries of
         its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `n_ctx`: logical
-        context (0: the model's training context; may exceed it). Other arguments go to `llama_cpp.Llama`.
+        context (0: the model's training context; may exceed it); `rpc_servers`: "HOST:PORT,..." of ggml-rpc-servers
+        that the n_gpu_layers layers are split across (pyllmkv.rpc; llama-cpp-python 0.3.36 takes the argument and
+        ignores it). Other arguments go to `llama_cpp.Llama`.
 
         With `vocab_only=True` or `embedding=True` eviction is off: the context (kv_budget + n_batch cells) is the
         logical context, and `kv_stats()` returns `{"enabled": False, "reason": ...}`. Raises KVEvictError for a
@@ -59,6 +62,8 @@ class Llama(llama_cpp.Llama):
         self.evict_config = EvictConfig.for_cells(kv_budget, policy=policy, granularity=granularity, window=window,
                                                   pool_kernel=pool_kernel, prompt_tail=prompt_tail)
         self.kv_budget = kv_budget
+        if rpc_servers:
+            rpc.add_servers(rpc_servers)
         kwargs.setdefault("n_ubatch", n_batch)
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)

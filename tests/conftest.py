@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +63,13 @@ def keep_from_held(held: np.ndarray, n_prefix: int) -> np.ndarray:
         for g in range(held.shape[1]):
             keep[il, g, held[il, g][held[il, g] >= 0]] = True
     return keep
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_tokens(n: int, seed: int = 1, n_vocab: int = 256, low: int = 0) -> list[int]:

@@ -30,8 +30,9 @@ def test_relative_links_exist(doc):
 
 
 
-# a measurement: a percentage, a speed, a size, a time, a ratio such as 0.92x, or a decimal such as a perplexity
-MEASURED = re.compile(r"\d(?:[\d,]*\.?\d*)\s*(?:%|tok/s|MiB|GiB|ms\b|s\b)|\d\.\d+x\b|\b\d+\.\d+\b")
+# a measurement: a percentage, a speed, a size, a time, a ratio such as 0.92x, or a decimal such as a perplexity (not a
+# version or an address: 0.3.36, 192.168.1.2)
+MEASURED = re.compile(r"\d(?:[\d,]*\.?\d*)\s*(?:%|tok/s|MiB|GiB|MB|ms\b|s\b)|\d\.\d+x\b|(?<![\w.-])\d+\.\d+(?![\w.])")
 RUN_LINK = re.compile(r"\]\((docs/bench/[^)#\s]+)\)")
 
 

@@ -16,14 +16,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import SUBPROCESS_CWD
+from conftest import SUBPROCESS_CWD, free_port
 from soak import rss_mib
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port: int, path: str, body: dict, timeout: float = 300) -> dict:
@@ -46,7 +40,7 @@ def server(smollm2_path):
 @contextlib.contextmanager
 def _serve(model_path, *args):
     """Starts `pyllmkv serve` on a free port, yields the port once it answers, stops it (also when the test fails)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyllmkv", "serve", model_path, "--kv-budget", "128", "-b", "128", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(), cwd=SUBPROCESS_CWD,
@@ -186,7 +180,7 @@ def test_llama_cpp_flags_reach_the_model(smollm2_path):
 
 def test_quantized_v_without_flash_attention_is_refused(smollm2_path):
     r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "-ctv", "q8_0", "-fa", "off", "--port",
-                        str(_free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
+                        str(free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
     assert r.returncode != 0 and "needs flash attention" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -8,6 +8,7 @@ from .bench import bench
 from .chat import chat
 from .listing import list_models, list_policies
 from .options import load
+from .rpc_server import rpc_server
 from .serve import serve
 
 __all__ = ["main", "load"]
@@ -19,5 +20,5 @@ def main():
     """llama.cpp with a KV cache of fixed size (eviction by output perturbation: LayerDefensiveKV by default)."""
 
 
-for command in (chat, serve, bench, list_models, list_policies):
+for command in (chat, serve, bench, list_models, list_policies, rpc_server):
     main.add_command(command)

@@ -98,6 +98,8 @@ model_options = option_group([
     click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
     click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
                  help="auto: on when -ctv is quantized (llama.cpp needs it then), else off as in llama-cpp-python"),
+    click.option("--rpc", "rpc_servers", type=str, default=None, metavar="HOST:PORT,...",
+                 help="ggml-rpc-servers (`pyllmkv rpc-server` on each host) to split the -ngl layers across, as llama.cpp's --rpc"),
     click.option("-t", "--threads", "n_threads", type=int, default=None, help="CPU threads [default: llama-cpp-python's]"),
     click.option("--seed", type=int, default=-1, show_default=True, help="sampling seed (-1: random)"),
 ])
@@ -118,7 +120,8 @@ def flash_attn_flag(cache_type_v: str, flash_attn: str) -> bool:
 
 
 def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_batch: int,
-         n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int):
+         n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int,
+         rpc_servers: Optional[str] = None):
     """Validates the arguments, loads the model and returns a Session with eviction enabled."""
     from .._lib import KVEvictError, llama_cpp
     from ..session import Session, context_size, sliding_window
@@ -137,6 +140,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
         raise click.ClickException(f"{model} is not a readable GGUF file ({e}): the file may be truncated")
 
     fa = flash_attn_flag(cache_type_v, flash_attn)
+    add_rpc_servers(rpc_servers, n_gpu_layers)
     try:
         llm = llama_cpp.Llama(
             model_path=str(model), n_ctx=cells, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
@@ -149,6 +153,22 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
         return Session(llm, config)
     except KVEvictError as e:
         raise click.ClickException(str(e))
+
+
+def add_rpc_servers(rpc_servers: Optional[str], n_gpu_layers: int) -> None:
+    """--rpc: registers the servers (checked to answer) before the model loads."""
+    if not rpc_servers:
+        return
+    from .. import rpc
+
+    try:
+        rpc.add_servers(rpc_servers)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--rpc")
+    except (ConnectionError, RuntimeError) as e:
+        raise click.ClickException(str(e))
+    if n_gpu_layers == 0:
+        click.echo("pyllmkv: --rpc places the -ngl layers on the servers; with -ngl 0 every layer stays here", err=True)
 
 
 def int_list(ctx, param, value):

@@ -16,7 +16,7 @@ from . import options as o
                    "(llama-cpp-python's prompt cache)")
 @click.option("--cache-size", type=int, default=2 << 30, show_default=True, help="bytes of RAM --cache may hold")
 def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, n_ctx, n_batch, n_gpu_layers, cache_type_k,
-          cache_type_v, flash_attn, n_threads, seed, host, port, cache, cache_size):
+          cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, cache, cache_size):
     """OpenAI-compatible server (llama-cpp-python's) on MODEL with a KV cache of --kv-budget cells."""
     from ..server import create_app, port_in_use
 
@@ -24,6 +24,7 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
     model = o.model_path(model)
     if port_in_use(host, port):
         raise click.ClickException(f"port {port} on {host} is in use: pass another with --port")
+    o.add_rpc_servers(rpc_servers, n_gpu_layers)
     try:
         app = create_app(str(model), kv_budget=budget, policy=policy, granularity=granularity, window=window,
                          pool_kernel=pool_kernel, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
