@@ -58,6 +58,12 @@ def _on_abort(message: bytes) -> None:
 
 
 _abort_callback = _ABORT_CALLBACK(_on_abort)  # kept alive for ggml
+
+# ggml's backend registry, resolved through libllama's dependencies (libggml)
+_reg_by_name = _lib._bind("ggml_backend_reg_by_name", [ctypes.c_char_p], ctypes.c_void_p)
+_reg_get_proc_address = _lib._bind("ggml_backend_reg_get_proc_address", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p)
+_register = _lib._bind("ggml_backend_register", [ctypes.c_void_p], None)
+_set_abort_callback = _lib._bind("ggml_set_abort_callback", [_ABORT_CALLBACK], _ABORT_CALLBACK)
 _stderr_fd = None
 
 
@@ -66,24 +72,18 @@ def add_servers(servers: Union[str, Iterable[str]]) -> list[str]:
     aborts the process on a server it cannot reach). Models loaded afterwards in this process split their -ngl layers
     across them. Returns the endpoints registered now (one registered before is not registered twice)."""
     items = endpoints(servers)
-    lib = _lib._lib  # libllama: its dependencies (libggml) resolve the backend registry's symbols
-    lib.ggml_backend_reg_by_name.argtypes, lib.ggml_backend_reg_by_name.restype = [ctypes.c_char_p], ctypes.c_void_p
-    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    lib.ggml_backend_register.argtypes, lib.ggml_backend_register.restype = [ctypes.c_void_p], None
-    lib.ggml_set_abort_callback.argtypes, lib.ggml_set_abort_callback.restype = [_ABORT_CALLBACK], _ABORT_CALLBACK
-    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    reg = _reg_by_name(b"RPC")
     if not reg:
         raise RuntimeError("this build has no RPC backend: rebuild with CMAKE_ARGS=\"... -DGGML_RPC=ON\" pip install .")
-    add = _ADD_SERVER(lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server"))
+    add = _ADD_SERVER(_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server"))
     new = [e for e in items if e not in _registered]
     for endpoint in new:
         _reachable(endpoint)
     for endpoint in new:
-        lib.ggml_backend_register(add(endpoint.encode()))
+        _register(add(endpoint.encode()))
         _registered.append(endpoint)
     global _stderr_fd
     if _stderr_fd is None:
         _stderr_fd = os.dup(2)
-    lib.ggml_set_abort_callback(_abort_callback)
+    _set_abort_callback(_abort_callback)
     return new
