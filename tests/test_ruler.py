@@ -65,6 +65,7 @@ def test_samples_are_deterministic():
     b = ruler.samples(TEXT, count, ruler.TASKS, 1000, 2)
     assert a == b
     assert ruler.samples(TEXT, count, ["niah_single"], 1000, 2) == a[:2]  # the same whatever else runs
+    assert ruler.samples(TEXT, count, ["vt", "fwe"], 1000, 2) == a[8:10] + a[12:14]
     assert a[0] != a[1]
 
 

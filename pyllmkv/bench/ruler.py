@@ -175,10 +175,11 @@ class Generator:
 
 def samples(text: str, count: Callable[[str], int], tasks: Sequence[str], context_tokens: int, n: int,
             seed: int = 0) -> list[Sample]:
-    """n samples of each task, the same for a given (text, tasks, context, seed) whatever else runs."""
+    """n samples of each task, the same for a given (text, task, context, seed) whatever else runs: a run of some of
+    the tasks draws the samples a run of all of them does."""
     out = []
-    for t, task in enumerate(tasks):
-        gen = Generator(text, count, seed * 1000 + context_tokens * 10 + t)
+    for task in tasks:
+        gen = Generator(text, count, seed * 1000 + context_tokens * 10 + TASKS.index(task))
         out += [gen.sample(task, context_tokens) for _ in range(n)]
     return out
 
