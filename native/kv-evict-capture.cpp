@@ -17,21 +17,30 @@ namespace kv_evict {
 
 namespace {
 
-// Writes the positions of the captured queries' slots at every decode. One per layer: each is a few integers.
+// Writes at every decode the ring row each captured query goes to: its sequence's slot for the tokens among the last
+// `window` of their sequence in the batch, the discard row for the others. One per layer: each is a few integers.
 class graph_input_capture : public llm_graph_input_i {
 public:
     graph_input_capture(llama_kv_evict_state * st, int64_t n_tokens, int64_t n_capture)
         : st(st), n_tokens(n_tokens), n_capture(n_capture) {}
 
     void set_input(const llama_ubatch * ubatch) override {
-        std::vector<int64_t> idx(n_capture);
-        for (int64_t t = 0; t < n_capture; ++t) {
-            const llama_pos pos = ubatch->pos[n_tokens - n_capture + t];
-            idx[t] = st->slot(pos);
-            st->slot_pos[idx[t]] = pos;
-        }
+        std::vector<llama_pos> pos_max(st->seqs.size(), -1);
         for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
-            st->min_written = std::min(st->min_written, ubatch->pos[t]);
+            kv_evict_seq & seq = st->seqs[ubatch->seq_id[t][0]];
+            seq.min_written = std::min(seq.min_written, ubatch->pos[t]);
+            pos_max[ubatch->seq_id[t][0]] = std::max(pos_max[ubatch->seq_id[t][0]], ubatch->pos[t]);
+        }
+        std::vector<int64_t> idx(n_capture, st->discard_row());
+        for (int64_t t = 0; t < n_capture; ++t) {
+            const int64_t      i      = n_tokens - n_capture + t;
+            const llama_seq_id seq_id = ubatch->seq_id[i][0];
+            const llama_pos    pos    = ubatch->pos[i];
+            if (pos > pos_max[seq_id] - st->params.window) {
+                kv_evict_seq & seq = st->seqs[seq_id];
+                seq.slot_pos[seq.slot(pos)] = pos;
+                idx[t] = seq.ring_row0 + seq.slot(pos);
+            }
         }
         ggml_backend_tensor_set(slots, idx.data(), 0, ggml_nbytes(slots));
     }
@@ -57,20 +66,27 @@ public:
     void set_input(const llama_ubatch * ubatch) override {
         // cells this ubatch writes hold new tokens in every head, whichever input is set first
         for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
-            st->min_written = std::min(st->min_written, ubatch->pos[t]);
+            kv_evict_seq & seq = st->seqs[ubatch->seq_id[t][0]];
+            seq.min_written = std::min(seq.min_written, ubatch->pos[t]);
         }
-        const auto & cells = st->kv->get_cells(0);
-        const int64_t n_cells = mask->ne[0];
-        const int64_t n_head  = mask->ne[2];
-        const int64_t group   = n_head / st->n_head_kv;
-        std::vector<float> m(n_cells * n_head, 0.0f);
-        for (int64_t c = 0; c < n_cells; ++c) {
-            if (cells.is_empty(c)) {
-                continue;
-            }
-            for (int64_t h = 0; h < n_head; ++h) {
-                if (st->absent(l, c, cells.pos_get(c), h / group)) {
-                    m[h * n_cells + c] = -INFINITY;
+        // one mask per stream of the ubatch, as llama.cpp's: stream s holds the s-th run of n_tokens / n_stream tokens
+        const int64_t n_cells  = mask->ne[0];
+        const int64_t n_head   = mask->ne[2];
+        const int64_t n_stream = mask->ne[3];
+        const int64_t group    = n_head / st->n_head_kv;
+        std::vector<float> m(n_cells * n_head * n_stream, 0.0f);
+        for (int64_t s = 0; s < n_stream; ++s) {
+            const llama_seq_id   seq_id = ubatch->seq_id[s * (ubatch->n_tokens / n_stream)][0];
+            const kv_evict_seq & seq    = st->seqs[seq_id];
+            const auto &         cells  = st->kv->get_cells(seq_id);
+            for (int64_t c = 0; c < n_cells; ++c) {
+                if (cells.is_empty(c)) {
+                    continue;
+                }
+                for (int64_t h = 0; h < n_head; ++h) {
+                    if (seq.absent(l, c, cells.pos_get(c), h / group)) {
+                        m[(s * n_head + h) * n_cells + c] = -INFINITY;
+                    }
                 }
             }
         }
@@ -87,7 +103,7 @@ public:
         return params.ubatch.n_tokens == n_tokens && params.cparams.kv_evict == st;
     }
 
-    ggml_tensor * mask = nullptr; // [n_kv cells, 1, n_head], the type of llama.cpp's mask
+    ggml_tensor * mask = nullptr; // [n_kv cells, 1, n_head, n_stream], the type of llama.cpp's mask
 
 private:
     llama_kv_evict_state * st;
@@ -108,25 +124,28 @@ bool edit_seq_rm(llama_kv_evict_state & st, llama_seq_id seq_id, llama_pos p0, l
 // The per-head mask lives in the hook: before the hook goes, the cells where a head holds no token leave the cache,
 // or that head would attend whatever row the cell holds
 void drop_absent_cells(llama_kv_evict_state & st) {
-    if (!st.any_absent) {
-        return;
-    }
     st.lctx->synchronize();
     const int64_t n_layer_kv = st.kv->get_layer_ids().size();
-    std::vector<llama_pos> drop;
-    for (const auto & [pos, cell] : st.kv->get_cells(0).seq_pos_get(0)) {
-        for (int64_t l = 0; l < n_layer_kv; ++l) {
-            for (int64_t g = 0; g < st.n_head_kv; ++g) {
-                if (st.absent(l, cell, pos, g) && (drop.empty() || drop.back() != pos)) {
-                    drop.push_back(pos);
+    for (llama_seq_id seq_id = 0; seq_id < (llama_seq_id) st.seqs.size(); ++seq_id) {
+        kv_evict_seq & seq = st.seqs[seq_id];
+        if (!seq.any_absent) {
+            continue;
+        }
+        std::vector<llama_pos> drop;
+        for (const auto & [pos, cell] : st.kv->get_cells(seq_id).seq_pos_get(seq_id)) {
+            for (int64_t l = 0; l < n_layer_kv; ++l) {
+                for (int64_t g = 0; g < st.n_head_kv; ++g) {
+                    if (seq.absent(l, cell, pos, g) && (drop.empty() || drop.back() != pos)) {
+                        drop.push_back(pos);
+                    }
                 }
             }
         }
+        for (llama_pos pos : drop) {
+            edit_seq_rm(st, seq_id, pos, pos + 1);
+        }
+        seq.any_absent = false;
     }
-    for (llama_pos pos : drop) {
-        edit_seq_rm(st, 0, pos, pos + 1);
-    }
-    st.any_absent = false;
 }
 
 } // namespace kv_evict
@@ -141,7 +160,8 @@ ggml_tensor * llama_kv_evict_attn(llama_kv_evict_state * st, ggml_context * ctx0
     st->kq_scale[il] = kq_scale;
 
     const int64_t n_tokens  = q_cur->ne[2];
-    const int64_t n_capture = std::min<int64_t>(n_tokens, st->params.window);
+    // one sequence: its window is among the batch's last tokens; several: any token may be among its sequence's last
+    const int64_t n_capture = st->seqs.size() == 1 ? std::min<int64_t>(n_tokens, st->params.window) : n_tokens;
 
     auto inp = std::make_unique<graph_input_capture>(st, n_tokens, n_capture);
     inp->slots = ggml_new_tensor_1d(ctx0, GGML_TYPE_I64, n_capture);
@@ -163,41 +183,74 @@ ggml_tensor * llama_kv_evict_attn(llama_kv_evict_state * st, ggml_context * ctx0
     const int64_t l = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il) - layer_ids.begin();
     const int64_t n_head = q_cur->ne[1];
     auto head = std::make_unique<graph_input_head_mask>(st, l, n_tokens);
-    head->mask = ggml_new_tensor_4d(ctx0, kq_mask->type, kq_mask->ne[0], 1, n_head, 1);
+    head->mask = ggml_new_tensor_4d(ctx0, kq_mask->type, kq_mask->ne[0], 1, n_head, kq_mask->ne[3]);
     ggml_set_input(head->mask);
     ggml_tensor * mask = ggml_add(ctx0, ggml_repeat_4d(ctx0, kq_mask, kq_mask->ne[0], kq_mask->ne[1], n_head, kq_mask->ne[3]), head->mask);
     res->add_input(std::move(head));
     return mask;
 }
 
+// the sequences a call for seq_id (-1: all) covers
+static std::vector<llama_seq_id> seqs_of(const llama_kv_evict_state * st, int32_t seq_id) {
+    std::vector<llama_seq_id> ids;
+    for (llama_seq_id s = 0; s < (llama_seq_id) st->seqs.size(); ++s) {
+        if (seq_id < 0 || s == seq_id) {
+            ids.push_back(s);
+        }
+    }
+    return ids;
+}
+
 void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t p0, int32_t p1) {
     if (st->editing || !st->kv) {
         return;
     }
-    const llama_seq_id seq = seq_id < 0 ? 0 : seq_id; // one sequence per context
     // a cell goes if a head holds a moved row of a removed token in it, or of a token past the last cell (the
     // sequence continues after its last cell, and such a row's RoPE position would lie past the next queries);
     // removing cells can lower the last cell, hence the loop
     const int64_t n_layer_kv = st->kv->get_layer_ids().size();
-    for (bool again = true; again;) {
-        const llama_pos last = st->kv->seq_pos_max(seq);
-        std::vector<llama_pos> drop;
-        for (const auto & [pos, cell] : st->kv->get_cells(seq).seq_pos_get(seq)) {
-            bool go = false;
-            for (int64_t l = 0; l < n_layer_kv && !go; ++l) {
-                for (int64_t g = 0; g < st->n_head_kv && !go; ++g) {
-                    const llama_pos e = st->held_pos(l, cell, pos, g);
-                    go = (e >= p0 && e < p1) || e > last;
+    for (llama_seq_id s : seqs_of(st, seq_id)) {
+        const kv_evict_seq & seq = st->seqs[s];
+        for (bool again = true; again;) {
+            const llama_pos last = st->kv->seq_pos_max(s);
+            std::vector<llama_pos> drop;
+            for (const auto & [pos, cell] : st->kv->get_cells(s).seq_pos_get(s)) {
+                bool go = false;
+                for (int64_t l = 0; l < n_layer_kv && !go; ++l) {
+                    for (int64_t g = 0; g < st->n_head_kv && !go; ++g) {
+                        const llama_pos e = seq.held_pos(l, cell, pos, g);
+                        go = (e >= p0 && e < p1) || e > last;
+                    }
+                }
+                if (go) {
+                    drop.push_back(pos);
                 }
             }
-            if (go) {
-                drop.push_back(pos);
+            for (llama_pos pos : drop) {
+                edit_seq_rm(*st, s, pos, pos + 1);
             }
+            again = !drop.empty();
         }
-        for (llama_pos pos : drop) {
-            edit_seq_rm(*st, seq, pos, pos + 1);
+    }
+}
+
+void llama_kv_evict_on_seq_cp(llama_kv_evict_state * st, int32_t seq_id_src, int32_t seq_id_dst) {
+    // llama.cpp copies the source's cells and rows into the destination's stream, cell for cell: the hook's
+    // bookkeeping of the source goes with them, and so do the window's queries, into the destination's ring rows
+    const kv_evict_seq & src = st->seqs[seq_id_src];
+    kv_evict_seq & dst = st->seqs[seq_id_dst];
+    const int32_t row0 = dst.ring_row0;
+    dst = src;
+    dst.ring_row0 = row0;
+    dst.n_evictions = 0;
+    dst.n_evicted   = 0;
+    dst.t_evict_us  = 0;
+    for (ggml_tensor * ring : st->ring) {
+        if (ring) {
+            std::vector<uint8_t> rows(src.window * ring->nb[1]);
+            ggml_backend_tensor_get(ring, rows.data(), src.ring_row0 * ring->nb[1], rows.size());
+            ggml_backend_tensor_set(ring, rows.data(), dst.ring_row0 * ring->nb[1], rows.size());
         }
-        again = !drop.empty();
     }
 }
 
@@ -205,21 +258,21 @@ static const char * const ADA_STATE_REFUSED = "the cache holds an -ada eviction'
                                               "leaves out: read llama_kv_evict_seq_get_data first and save it beside the "
                                               "state (pyllmkv.Llama.save_state does)";
 
-void llama_kv_evict_on_state_write(const llama_kv_evict_state * st) {
-    if (st->any_absent && !st->mask_saved) {
-        set_error(ERR_UNSUPPORTED, ADA_STATE_REFUSED);
-        throw std::runtime_error(ADA_STATE_REFUSED);
+void llama_kv_evict_on_state_write(const llama_kv_evict_state * st, int32_t seq_id) {
+    for (llama_seq_id s : seqs_of(st, seq_id)) {
+        if (st->seqs[s].any_absent && !st->seqs[s].mask_saved) {
+            set_error(ERR_UNSUPPORTED, ADA_STATE_REFUSED);
+            throw std::runtime_error(ADA_STATE_REFUSED);
+        }
     }
 }
 
-void llama_kv_evict_on_state_read(llama_kv_evict_state * st) {
+void llama_kv_evict_on_state_read(llama_kv_evict_state * st, int32_t seq_id) {
     // the loaded cells' rows sit at their cells' positions until llama_kv_evict_seq_set_data says otherwise; the
     // captured queries belong to what the cache held before
-    std::fill(st->side_pos.begin(), st->side_pos.end(), -1);
-    std::fill(st->norm_valid.begin(), st->norm_valid.end(), 0);
-    std::fill(st->slot_pos.begin(), st->slot_pos.end(), -1);
-    st->any_absent = false;
-    st->h2o_last   = -1;
+    for (llama_seq_id s : seqs_of(st, seq_id)) {
+        st->seqs[s].forget();
+    }
 }
 
 void llama_kv_evict_state_free(llama_kv_evict_state * st) {

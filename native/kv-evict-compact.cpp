@@ -109,9 +109,11 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
     return 0;
 }
 
-int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift,
+int32_t shift_rows_and_queries(llama_kv_evict_state & st, llama_seq_id seq_id, const std::vector<std::vector<int32_t>> & shift,
         llama_pos query_shift) {
     const llama_hparams & hparams = st.lctx->get_model().hparams;
+    const uint32_t stream = st.kv->get_stream(seq_id);
+    const kv_evict_seq & seq = st.seqs[seq_id];
     const auto layer_ids = st.kv->get_layer_ids();
     const int64_t n_kv = st.n_head_kv;
 
@@ -156,10 +158,12 @@ int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const
         }
         ggml_tensor * ring = st.ring[il];
         if (query_shift != 0 && ring) {
-            // the ring is f32: the K-shift ropes it in place, so the Hadamard rotation is undone and redone around it
-            ggml_tensor * q = ggml_reshape_3d(ctx, ring, hd, ring->ne[0] / hd, ring->ne[1]);
+            // the sequence's ring rows are f32: the K-shift ropes them in place, so the Hadamard rotation is undone and
+            // redone around it
+            ggml_tensor * rows = ggml_view_2d(ctx, ring, ring->ne[0], seq.window, ring->nb[1], seq.ring_row0 * ring->nb[1]);
+            ggml_tensor * q = ggml_reshape_3d(ctx, rows, hd, ring->ne[0] / hd, seq.window);
             if (!query_pos) {
-                query_pos = g.input(GGML_TYPE_I32, ring->ne[1], 1, std::vector<int32_t>(ring->ne[1], query_shift));
+                query_pos = g.input(GGML_TYPE_I32, seq.window, 1, std::vector<int32_t>(seq.window, query_shift));
             }
             ggml_tensor * turned = st.kv->build_k_shift(ctx, st.lctx->get_cparams(), rot ? llama_mul_mat_hadamard(ctx, q, rot) : q,
                                                         query_pos, nullptr, il);

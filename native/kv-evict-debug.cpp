@@ -21,6 +21,7 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
     }
     const int64_t n_kv = ctx->get_model().hparams.n_head_kv(il);
     const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
+    const kv_evict_seq & seq = st->seqs[seq_id];
     const int64_t n = pcs.size();
     const int64_t m = std::min<int64_t>(n, n_max);
     int64_t i = 0;
@@ -29,7 +30,7 @@ int32_t llama_kv_evict_head_positions(llama_context * ctx, llama_seq_id seq_id, 
             break;
         }
         for (int64_t g = 0; g < n_kv; ++g) {
-            out[g * m + i] = st->held_pos(l, cell, pos, g);
+            out[g * m + i] = seq.held_pos(l, cell, pos, g);
         }
         ++i;
     }
@@ -44,7 +45,7 @@ int64_t llama_kv_evict_read_rows(llama_context * ctx, llama_seq_id seq_id, int32
     if (int32_t err = layer_index(*kv, il); err < 0) {
         return err;
     }
-    ctx->synchronize();
+    settle(ctx);
     ggml_tensor * t = is_v ? kv->get_v_storage(il) : kv->get_k_storage(il);
     const bool transposed = is_v && kv->get_v_trans();
     const uint32_t stream = kv->get_stream(seq_id);
@@ -80,7 +81,7 @@ int32_t llama_kv_evict_queries(llama_context * ctx, llama_seq_id seq_id, int32_t
     ctx->synchronize();
     std::vector<int32_t>   slots;
     std::vector<llama_pos> q_pos;
-    st->window_slots(st->kv->seq_pos_max(seq_id), slots, q_pos);
+    st->seqs[seq_id].window_slots(st->kv->seq_pos_max(seq_id), slots, q_pos);
     const ggml_tensor * ring = st->ring[il];
     for (int32_t i = 0; i < std::min<int32_t>((int32_t) slots.size(), n_max); ++i) {
         if (pos) {

@@ -89,6 +89,7 @@ int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_s
 // holds no token in the last ones: the layer's attention masks them for that head (llama_kv_evict_attn).
 int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
     const auto & p = st.params;
+    kv_evict_seq & seq = st.seqs[seq_id];
     const int64_t n_prefix = sc.n_prefix();
     const int64_t budget   = p.budget - sc.n_window;
     const policy & pol = st.policy();
@@ -166,23 +167,23 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
         const int64_t l = hh / n_kv, g = hh % n_kv;
         const int64_t k = src[hh].size();
         for (int64_t j = 0; j < k; ++j) {
-            norm[j] = st.value_norm[st.side(l, src[hh][j], g)];
-            acc[j]  = st.h2o_acc[st.side(l, src[hh][j], g)];
-            hpos[j] = st.head_pos[st.side(l, src[hh][j], g)];
+            norm[j] = seq.value_norm[seq.side(l, src[hh][j], g)];
+            acc[j]  = seq.h2o_acc[seq.side(l, src[hh][j], g)];
+            hpos[j] = seq.head_pos[seq.side(l, src[hh][j], g)];
         }
         for (int64_t j = 0; j < n_keep; ++j) {
-            const size_t at = st.side(l, dst[j], g);
-            st.value_norm[at]  = j < k ? norm[j] : 0.0f;
-            st.h2o_acc[at]     = j < k ? acc[j] : 0.0f;
-            st.head_pos[at]    = j < k ? hpos[j] : -1;
-            st.head_absent[at] = j >= k;
-            st.any_absent     |= j >= k;
+            const size_t at = seq.side(l, dst[j], g);
+            seq.value_norm[at]  = j < k ? norm[j] : 0.0f;
+            seq.h2o_acc[at]     = j < k ? acc[j] : 0.0f;
+            seq.head_pos[at]    = j < k ? hpos[j] : -1;
+            seq.head_absent[at] = j >= k;
+            seq.any_absent     |= j >= k;
         }
     }
-    st.mask_saved = false;
+    seq.mask_saved = false;
     for (uint32_t cell : dst) {
         // the policies that weigh by value norms computed every prefix cell's; the others recompute them from the rows
-        st.norm_valid[cell] = pol.needs_value_norms();
+        seq.norm_valid[cell] = pol.needs_value_norms();
     }
 
     // the destination cells are the first n_keep prefix positions: the rest of the prefix is one position range
@@ -196,7 +197,8 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
 // budget while their (head, cell) pairs are, whatever their largest share
 int64_t held_cells(const llama_kv_evict_state & st, llama_seq_id seq_id) {
     const auto & pcs = st.kv->get_cells(seq_id).seq_pos_get(seq_id);
-    if (!st.any_absent) {
+    const kv_evict_seq & seq = st.seqs[seq_id];
+    if (!seq.any_absent) {
         return pcs.size();
     }
     int64_t most = 0;
@@ -204,7 +206,7 @@ int64_t held_cells(const llama_kv_evict_state & st, llama_seq_id seq_id) {
         int64_t pairs = 0;
         for (const auto & [pos, cell] : pcs) {
             for (int64_t g = 0; g < st.n_head_kv; ++g) {
-                pairs += !st.absent(l, cell, pos, g);
+                pairs += !seq.absent(l, cell, pos, g);
             }
         }
         most = std::max(most, (pairs + st.n_head_kv - 1) / st.n_head_kv);

@@ -22,7 +22,8 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     if (!llama_memory_can_shift(mem)) {
         return set_error(ERR_UNSUPPORTED, "this model's cache cannot shift positions (no RoPE shift), so they cannot be compacted");
     }
-    ctx->synchronize();
+    settle(ctx);
+    kv_evict_seq & seq = st->seqs[seq_id];
 
     // the cells are numbered in order, together with an iSWA model's sliding-window cells (they may hold positions
     // evicted from the full-attention cache): seq_add moves both caches
@@ -50,7 +51,7 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
     // llama.cpp's K-shift turns every row with its cell; a row whose number differs turns by the difference too.
     llama_pos first_new = (llama_pos) new_pos.size();
     for (const auto & [pos, cell] : pcs) {
-        if (st->holds_new_token(cell, pos)) {
+        if (seq.holds_new_token(cell, pos)) {
             first_new = std::min(first_new, new_pos.at(pos));
         }
     }
@@ -60,7 +61,7 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         for (int64_t g = 0; g < st->n_head_kv; ++g) {
             std::vector<std::tuple<llama_pos, uint32_t, llama_pos>> rows; // (position RoPE gave the row, cell, cell's position)
             for (const auto & [pos, cell] : pcs) {
-                if (const llama_pos e = st->held_pos(l, cell, pos, g); e >= 0 && !st->holds_new_token(cell, pos)) {
+                if (const llama_pos e = seq.held_pos(l, cell, pos, g); e >= 0 && !seq.holds_new_token(cell, pos)) {
                     rows.emplace_back(e, cell, pos);
                 }
             }
@@ -75,21 +76,21 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
                 const auto [e, cell, pos] = rows[r];
                 const llama_pos to = first + (llama_pos) r;
                 if (const int32_t by = (to - e) - (new_pos.at(pos) - pos); by != 0) {
-                    shift.resize(st->kv_size, 0);
+                    shift.resize(seq.kv_size, 0);
                     shift[cell] = by;
                 }
-                numbered_rows.emplace_back(st->side(l, cell, g), to);
+                numbered_rows.emplace_back(seq.side(l, cell, g), to);
             }
         }
     }
     // the window's cells move with the last run of cells: their captured queries turn as the K-shift turns their keys,
     // so the next eviction scores them at the same distances
     const llama_pos delta_last = new_pos.empty() ? 0 : new_pos.rbegin()->second - new_pos.rbegin()->first;
-    if (int32_t err = shift_rows_and_queries(*st, st->kv->get_stream(seq_id), row_shift, delta_last)) {
+    if (int32_t err = shift_rows_and_queries(*st, seq_id, row_shift, delta_last)) {
         return err;
     }
     for (const auto & [i, to] : numbered_rows) {
-        st->head_pos[i] = to;
+        seq.head_pos[i] = to;
     }
 
     // one seq_add per run of cells that move by the same amount; runs move down in ascending order, so a moved run
@@ -112,19 +113,19 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
         const auto it = new_pos.find(p);
         return it == new_pos.end() ? -1 : it->second;
     };
-    for (llama_pos & p : st->side_pos) {
+    for (llama_pos & p : seq.side_pos) {
         if (p >= 0) {
             p = moved(p);
         }
     }
     if (!new_pos.empty()) {
-        for (llama_pos & p : st->slot_pos) {
+        for (llama_pos & p : seq.slot_pos) {
             const llama_pos q = p >= 0 ? moved(p) : -1;
             p = q >= 0 && q - p == delta_last ? q : -1;
         }
-        st->slot_offset = ((st->slot_offset - delta_last) % st->params.window + st->params.window) % st->params.window;
-        st->min_written = std::min<llama_pos>(st->min_written + delta_last, new_pos.size());
-        st->h2o_last    = st->h2o_last < 0 ? -1 : st->h2o_last + delta_last;
+        seq.slot_offset = ((seq.slot_offset - delta_last) % seq.window + seq.window) % seq.window;
+        seq.min_written = std::min<llama_pos>(seq.min_written + delta_last, new_pos.size());
+        seq.h2o_last    = seq.h2o_last < 0 ? -1 : seq.h2o_last + delta_last;
     }
     return (int32_t) new_pos.size();
 }

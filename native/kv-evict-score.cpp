@@ -74,6 +74,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     const int64_t n_kv       = hparams.n_head_kv(layer_ids[0]);
     const uint32_t stream    = st.kv->get_stream(seq_id);
     const auto & cells       = st.kv->get_cells(seq_id);
+    kv_evict_seq & seq       = st.seqs[seq_id];
 
     out = seq_scores();
     for (const auto & [pos, cell] : cells.seq_pos_get(seq_id)) {
@@ -95,28 +96,28 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     std::vector<uint32_t> norm_todo;
     for (int64_t i = 0; i < n; ++i) {
         const uint32_t c = out.cells[i];
-        if (st.holds_new_token(c, out.pos[i])) {
-            st.side_pos[c]   = out.pos[i];
-            st.norm_valid[c] = 0;
+        if (seq.holds_new_token(c, out.pos[i])) {
+            seq.side_pos[c]   = out.pos[i];
+            seq.norm_valid[c] = 0;
             for (int64_t l = 0; l < n_layer_kv; ++l) {
-                std::fill_n(st.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
-                std::fill_n(st.head_pos.begin() + (l * kv_size + c) * n_kv, n_kv, out.pos[i]);
-                std::fill_n(st.head_absent.begin() + (l * kv_size + c) * n_kv, n_kv, 0);
+                std::fill_n(seq.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
+                std::fill_n(seq.head_pos.begin() + (l * kv_size + c) * n_kv, n_kv, out.pos[i]);
+                std::fill_n(seq.head_absent.begin() + (l * kv_size + c) * n_kv, n_kv, 0);
             }
         }
-        if (need_norms && i < n_prefix && !st.norm_valid[c]) {
+        if (need_norms && i < n_prefix && !seq.norm_valid[c]) {
             norm_todo.push_back(c);
         }
     }
     // AdaKV: the (head, cell) pairs that hold no token, for the whole sequence (the window holds every head)
     std::vector<uint8_t> absent_all;
-    if (st.any_absent) {
+    if (seq.any_absent) {
         absent_all.assign(n_layer_kv * n_kv * n, 0);
         out.absent.assign(n_layer_kv * n_kv * n_prefix, 0);
         for (int64_t l = 0; l < n_layer_kv; ++l) {
             for (int64_t g = 0; g < n_kv; ++g) {
                 for (int64_t i = 0; i < n; ++i) {
-                    absent_all[(l * n_kv + g) * n + i] = st.absent(l, out.cells[i], out.pos[i], g);
+                    absent_all[(l * n_kv + g) * n + i] = seq.absent(l, out.cells[i], out.pos[i], g);
                     if (i < n_prefix) {
                         out.absent[(l * n_kv + g) * n_prefix + i] = absent_all[(l * n_kv + g) * n + i];
                     }
@@ -125,7 +126,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         }
     }
     if (commit || need_norms) {
-        st.min_written = pos_max + 1;
+        seq.min_written = pos_max + 1;
     }
 
     if (!norm_todo.empty()) {
@@ -136,9 +137,9 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         for (size_t j = 0; j < norm_todo.size(); ++j) {
             const uint32_t c = norm_todo[j];
             for (int64_t l = 0; l < n_layer_kv; ++l) {
-                std::copy_n(norms[l].begin() + j * n_kv, n_kv, st.value_norm.begin() + (l * kv_size + c) * n_kv);
+                std::copy_n(norms[l].begin() + j * n_kv, n_kv, seq.value_norm.begin() + (l * kv_size + c) * n_kv);
             }
-            st.norm_valid[c] = 1;
+            seq.norm_valid[c] = 1;
         }
     }
     if (need_norms) {
@@ -146,7 +147,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         for (int64_t l = 0; l < n_layer_kv; ++l) {
             for (int64_t gk = 0; gk < n_kv; ++gk) {
                 for (int64_t i = 0; i < n_prefix; ++i) {
-                    out.value_norm[(l * n_kv + gk) * n_prefix + i] = st.value_norm[(l * kv_size + out.cells[i]) * n_kv + gk];
+                    out.value_norm[(l * n_kv + gk) * n_prefix + i] = seq.value_norm[(l * kv_size + out.cells[i]) * n_kv + gk];
                 }
             }
         }
@@ -163,7 +164,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     // the window's queries: ring slots holding positions inside the window, in position order
     std::vector<int32_t>   q_slot;
     std::vector<llama_pos> q_pos;
-    st.window_slots(pos_max, q_slot, q_pos);
+    seq.window_slots(pos_max, q_slot, q_pos);
     const int64_t n_q = q_slot.size();
     if (n_q == 0) {
         return set_error(ERR_NO_QUERIES, "no queries were captured for this sequence: decode at least one token after llama_kv_evict_enable, or "
@@ -177,7 +178,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         q_weight.back() = 1.0f;
     } else if (pol.score == scorer::accumulated) {
         for (int64_t j = 0; j < n_q; ++j) {
-            q_weight[j] = q_pos[j] > st.h2o_last ? 1.0f : 0.0f;
+            q_weight[j] = q_pos[j] > seq.h2o_last ? 1.0f : 0.0f;
         }
     }
 
@@ -301,7 +302,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
                     for (int64_t j = 0; j < group; ++j) {
                         new_attn += s[(gk * group + j) * n + i] / group;
                     }
-                    float & acc = st.h2o_acc[(l * kv_size + out.cells[i]) * n_kv + gk];
+                    float & acc = seq.h2o_acc[(l * kv_size + out.cells[i]) * n_kv + gk];
                     if (i < n_prefix) {
                         score[gk * n_prefix + i] = acc + new_attn;
                     }
@@ -313,7 +314,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         }
     }
     if (commit && pol.score == scorer::accumulated) {
-        st.h2o_last = q_pos.back();
+        seq.h2o_last = q_pos.back();
     }
 
     // the rescale, then the cells the scorer protects at the layer's maximum

@@ -35,10 +35,10 @@ static size_t query_bytes(const llama_kv_evict_state & st) {
     return n;
 }
 
-// the queries of the given ring slots, per layer of the cache [n_slots][n_embd_q] f32, to w; returns the end
-static uint8_t * get_queries(const llama_kv_evict_state & st, const std::vector<int32_t> & slots, uint8_t * w) {
+// the queries of the given ring rows, per layer of the cache [n_rows][n_embd_q] f32, to w; returns the end
+static uint8_t * get_queries(const llama_kv_evict_state & st, const std::vector<int32_t> & rows, uint8_t * w) {
     for (int32_t il : st.kv->get_layer_ids()) {
-        for (int32_t s : slots) {
+        for (int32_t s : rows) {
             ggml_backend_tensor_get(st.ring[il], w, s * st.ring[il]->nb[1], st.ring[il]->nb[1]);
             w += st.ring[il]->nb[1];
         }
@@ -46,15 +46,16 @@ static uint8_t * get_queries(const llama_kv_evict_state & st, const std::vector<
     return w;
 }
 
-// makes q_pos the captured positions (the ring holds nothing else) and their queries those at r, laid out as get_queries
-static void set_queries(llama_kv_evict_state & st, const std::vector<llama_pos> & q_pos, const uint8_t * r) {
-    std::fill(st.slot_pos.begin(), st.slot_pos.end(), -1);
+// makes q_pos the captured positions of seq (its ring rows hold nothing else) and their queries those at r, laid out
+// as get_queries
+static void set_queries(const llama_kv_evict_state & st, kv_evict_seq & seq, const std::vector<llama_pos> & q_pos, const uint8_t * r) {
+    std::fill(seq.slot_pos.begin(), seq.slot_pos.end(), -1);
     for (llama_pos p : q_pos) {
-        st.slot_pos[st.slot(p)] = p;
+        seq.slot_pos[seq.slot(p)] = p;
     }
     for (int32_t il : st.kv->get_layer_ids()) {
         for (llama_pos p : q_pos) {
-            ggml_backend_tensor_set(st.ring[il], r, st.slot(p) * st.ring[il]->nb[1], st.ring[il]->nb[1]);
+            ggml_backend_tensor_set(st.ring[il], r, (seq.ring_row0 + seq.slot(p)) * st.ring[il]->nb[1], st.ring[il]->nb[1]);
             r += st.ring[il]->nb[1];
         }
     }
@@ -71,13 +72,14 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
         return err;
     }
     ctx->synchronize();
+    kv_evict_seq & seq = st->seqs[seq_id];
     const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
     std::vector<int32_t>   slots;
     std::vector<llama_pos> q_pos;
-    st->window_slots(pcs.empty() ? -1 : pcs.rbegin()->first, slots, q_pos);
+    seq.window_slots(pcs.empty() ? -1 : pcs.rbegin()->first, slots, q_pos);
     const auto layer_ids = st->kv->get_layer_ids();
     const seq_data_header h = { SEQ_DATA_MAGIC, SEQ_DATA_VERSION, (int32_t) layer_ids.size(), (int32_t) st->n_head_kv,
-                                (int32_t) pcs.size(), (int32_t) q_pos.size(), st->h2o_last };
+                                (int32_t) pcs.size(), (int32_t) q_pos.size(), seq.h2o_last };
     const size_t need = seq_data_size(*st, h);
     if (!out || size < need) {
         return (int64_t) need;
@@ -96,7 +98,7 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
     for (int64_t l = 0; l < h.n_layer_kv; ++l) {
         for (const auto & [pos, cell] : pcs) {
             for (int64_t g = 0; g < h.n_head_kv; ++g) {
-                const llama_pos e = st->held_pos(l, cell, pos, g);
+                const llama_pos e = seq.held_pos(l, cell, pos, g);
                 put(&e, sizeof(e));
             }
         }
@@ -104,14 +106,14 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
     for (int64_t l = 0; l < h.n_layer_kv; ++l) {
         for (const auto & [pos, cell] : pcs) {
             for (int64_t g = 0; g < h.n_head_kv; ++g) {
-                const float acc = st->holds_new_token(cell, pos) ? 0.0f : st->h2o_acc[st->side(l, cell, g)];
+                const float acc = seq.holds_new_token(cell, pos) ? 0.0f : seq.h2o_acc[seq.side(l, cell, g)];
                 put(&acc, sizeof(acc));
             }
         }
     }
     put(q_pos.data(), q_pos.size() * sizeof(llama_pos));
     get_queries(*st, slots, w);
-    st->mask_saved = true;
+    seq.mask_saved = true;
     return (int64_t) need;
 }
 
@@ -147,6 +149,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     read_into(q_pos.data(), q_pos.size() * sizeof(llama_pos));
 
     ctx->synchronize();
+    kv_evict_seq & seq = st->seqs[seq_id];
     const auto & pcs = st->kv->get_cells(seq_id).seq_pos_get(seq_id);
     if (!std::equal(pos.begin(), pos.end(), pcs.begin(), pcs.end(), [](llama_pos p, const auto & pc) { return p == pc.first; })) {
         return set_error(ERR_INVALID, "the data belongs to other cells than the sequence holds: load the state it was saved "
@@ -162,25 +165,25 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     // the cells count as scored: their side data is set (norms are computed again from the rows); -1: an -ada head
     // holds no token in the cell, which the mask hides from it
     int64_t i = 0;
-    st->any_absent = false;
+    seq.any_absent = false;
     for (const auto & [p, cell] : pcs) {
-        st->side_pos[cell]   = p;
-        st->norm_valid[cell] = 0;
+        seq.side_pos[cell]   = p;
+        seq.norm_valid[cell] = 0;
         for (int64_t l = 0; l < h.n_layer_kv; ++l) {
             for (int64_t g = 0; g < h.n_head_kv; ++g) {
-                const size_t at = st->side(l, cell, g), from = (l * h.n_cells + i) * h.n_head_kv + g;
-                st->head_pos[at]    = head_pos[from];
-                st->h2o_acc[at]     = h2o_acc[from];
-                st->head_absent[at] = head_pos[from] == -1;
-                st->any_absent     |= head_pos[from] == -1;
+                const size_t at = seq.side(l, cell, g), from = (l * h.n_cells + i) * h.n_head_kv + g;
+                seq.head_pos[at]    = head_pos[from];
+                seq.h2o_acc[at]     = h2o_acc[from];
+                seq.head_absent[at] = head_pos[from] == -1;
+                seq.any_absent     |= head_pos[from] == -1;
             }
         }
         ++i;
     }
-    st->min_written = pos_max + 1;
-    st->h2o_last    = h.h2o_last;
-    st->mask_saved  = false; // a state written from here is saved beside data read again
-    set_queries(*st, q_pos, r);
+    seq.min_written = pos_max + 1;
+    seq.h2o_last    = h.h2o_last;
+    seq.mask_saved  = false; // a state written from here is saved beside data read again
+    set_queries(*st, seq, q_pos, r);
     return 0;
 }
 
@@ -192,7 +195,7 @@ int64_t llama_kv_evict_get_window_queries(llama_context * ctx, llama_seq_id seq_
     ctx->synchronize();
     std::vector<int32_t>   slots;
     std::vector<llama_pos> q_pos;
-    st->window_slots(st->kv->seq_pos_max(seq_id), slots, q_pos);
+    st->seqs[seq_id].window_slots(st->kv->seq_pos_max(seq_id), slots, q_pos);
     const size_t need = slots.size() * query_bytes(*st);
     if (out && size >= need) {
         get_queries(*st, slots, static_cast<uint8_t *>(out));
@@ -219,6 +222,6 @@ int32_t llama_kv_evict_set_window_queries(llama_context * ctx, llama_seq_id seq_
         q_pos[i] = pos_max - n + 1 + i;
     }
     ctx->synchronize();
-    set_queries(*st, q_pos, static_cast<const uint8_t *>(data));
+    set_queries(*st, st->seqs[seq_id], q_pos, static_cast<const uint8_t *>(data));
     return 0;
 }

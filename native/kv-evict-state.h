@@ -16,30 +16,30 @@ struct llama_context;
 struct llama_memory_i;
 class  llama_kv_cache;
 
-struct llama_kv_evict_state {
-    llama_context       * lctx = nullptr;
-    llama_kv_cache      * kv   = nullptr; // the cache eviction acts on: the full-attention one of an iSWA pair
-    llama_kv_evict_params params{};
+// What the hook keeps for one sequence. Each sequence of a context has cells of its own (llama.cpp's stream of that
+// sequence, kv_unified = false), so the side data is indexed by the sequence's cells and its window's queries fill
+// rows of their own in each layer's query ring.
+struct kv_evict_seq {
+    int32_t  window    = 0;
+    int32_t  ring_row0 = 0; // the sequence's first row in the query rings
+    uint32_t kv_size   = 0; // cells of the sequence's stream
+    int64_t  n_head_kv = 0;
 
-    // query ring per model layer (nullptr for layers outside `kv`): [n_embd_head_k * n_head, window] f32, on the
-    // backend of that layer's K cache; the query of position pos is in slot(pos)
-    std::vector<ggml_tensor *> ring;
-    std::vector<float>         kq_scale;  // per model layer, as build_attn passed it
-    std::vector<llama_pos>     slot_pos;  // position whose query each slot holds, -1 = none
-    int32_t slot_offset = 0;              // changes when positions are compacted, so the window's slots stay put
-    int32_t slot(llama_pos pos) const { return ((pos + slot_offset) % params.window + params.window) % params.window; }
-    // the ring slots holding the window's queries (positions pos_max - window + 1 .. pos_max), in position order
-    void window_slots(llama_pos pos_max, std::vector<int32_t> & slots, std::vector<llama_pos> & pos) const {
-        for (llama_pos qp = std::max<llama_pos>(0, pos_max - params.window + 1); qp <= pos_max; ++qp) {
+    // the query of position pos is in ring row ring_row0 + slot(pos); slot_pos: position whose query each slot holds,
+    // -1 = none; slot_offset changes when positions are compacted, so the window's slots stay put
+    std::vector<llama_pos> slot_pos;
+    int32_t slot_offset = 0;
+    int32_t slot(llama_pos pos) const { return ((pos + slot_offset) % window + window) % window; }
+    // the ring rows holding the window's queries (positions pos_max - window + 1 .. pos_max), in position order
+    void window_slots(llama_pos pos_max, std::vector<int32_t> & rows, std::vector<llama_pos> & pos) const {
+        for (llama_pos qp = std::max<llama_pos>(0, pos_max - window + 1); qp <= pos_max; ++qp) {
             const int32_t s = slot(qp);
             if (slot_pos[s] == qp) {
-                slots.push_back(s);
+                rows.push_back(ring_row0 + s);
                 pos.push_back(qp);
             }
         }
     }
-    std::vector<ggml_context_ptr>        ring_ctxs;
-    std::vector<ggml_backend_buffer_ptr> ring_bufs;
 
     // lowest position written by a decode since the last scoring: cells at or above it hold new K/V
     llama_pos min_written = 0;
@@ -58,12 +58,28 @@ struct llama_kv_evict_state {
     bool mask_saved = false;
     llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
 
+    int32_t n_evictions = 0;
+    int64_t n_evicted   = 0;
+    int64_t t_evict_us  = 0;
+
+    kv_evict_seq(int32_t window, int32_t ring_row0, uint32_t kv_size, int64_t n_head_kv, int64_t n_layer_kv)
+        : window(window), ring_row0(ring_row0), kv_size(kv_size), n_head_kv(n_head_kv), slot_pos(window, -1),
+          value_norm(n_layer_kv * kv_size * n_head_kv, 0.0f), h2o_acc(value_norm.size(), 0.0f),
+          head_pos(value_norm.size(), -1), side_pos(kv_size, -1), norm_valid(kv_size, 0), head_absent(value_norm.size(), 0) {}
+
+    // the cells hold other tokens now (a state was read): the bookkeeping starts afresh
+    void forget() {
+        std::fill(side_pos.begin(), side_pos.end(), -1);
+        std::fill(norm_valid.begin(), norm_valid.end(), 0);
+        std::fill(slot_pos.begin(), slot_pos.end(), -1);
+        any_absent = false;
+        h2o_last   = -1;
+    }
+
     // whether the cell at pos holds K/V decoded since its side data was last set (reused cell, or a new write)
     bool holds_new_token(uint32_t cell, llama_pos pos) const { return side_pos[cell] != pos || pos >= min_written; }
 
     // index of (layer l of the evicted cache, cell, KV head g) in the side data
-    uint32_t kv_size   = 0;
-    int64_t  n_head_kv = 0;
     size_t side(int64_t l, uint32_t cell, int64_t g) const { return ((size_t) l * kv_size + cell) * n_head_kv + g; }
 
     bool absent(int64_t l, uint32_t cell, llama_pos pos, int64_t g) const {
@@ -78,6 +94,24 @@ struct llama_kv_evict_state {
         }
         return absent(l, cell, pos, g) ? -1 : head_pos[side(l, cell, g)];
     }
+};
+
+struct llama_kv_evict_state {
+    llama_context       * lctx = nullptr;
+    llama_kv_cache      * kv   = nullptr; // the cache eviction acts on: the full-attention one of an iSWA pair
+    llama_kv_evict_params params{};
+
+    // query ring per model layer (nullptr for layers outside `kv`): [n_embd_head_k * n_head, window * n_seq + 1] f32,
+    // on the backend of that layer's K cache; each sequence's window in its rows, the last row takes the queries a
+    // decode does not keep (those of a batch's tokens before their sequence's window)
+    std::vector<ggml_tensor *> ring;
+    std::vector<float>         kq_scale;  // per model layer, as build_attn passed it
+    std::vector<ggml_context_ptr>        ring_ctxs;
+    std::vector<ggml_backend_buffer_ptr> ring_bufs;
+    int32_t discard_row() const { return params.window * (int32_t) seqs.size(); }
+
+    std::vector<kv_evict_seq> seqs; // per sequence id
+    int64_t n_head_kv = 0;
 
     // the policy's parts (params are validated when the hook is enabled)
     const kv_evict::policy & policy() const { return *kv_evict::find_policy(params.policy); }
@@ -95,9 +129,6 @@ struct llama_kv_evict_state {
     int32_t value_norm_kernel  = 0; // kv_evict::scoring_kernel that computed the last norms
     int32_t window_attn_kernel = 0; // kv_evict::scoring_kernel that computed the last window attention
     size_t  scoring_bytes      = 0; // largest compute buffers of the hook's graphs so far
-    int32_t n_evictions = 0;
-    int64_t n_evicted   = 0;
-    int64_t t_evict_us  = 0;
 };
 
 namespace kv_evict {
@@ -136,6 +167,10 @@ int32_t seq_cache(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv
 int32_t layer_index(llama_kv_cache & kv, int32_t il);
 int32_t enabled_layer(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_kv_evict_state *& st);
 
+// Waits for the context's work and applies the cache updates llama.cpp defers to the next decode (a K-shift after
+// seq_add, the rows seq_cp copies into another sequence's stream): the hook is about to read or move rows
+void settle(llama_context * ctx);
+
 // The hook's own removals: not the user's, so llama_kv_evict_on_seq_rm leaves them alone
 bool edit_seq_rm(llama_kv_evict_state & st, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 
@@ -157,10 +192,10 @@ std::string head_granularity_unsupported(llama_kv_cache & kv, const llama_hparam
 int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vector<uint32_t> & dst,
         const std::vector<std::vector<uint32_t>> & src);
 
-// RoPE-shifts, for every layer l and KV head h with a non-empty shift[l*n_head_kv + h] (one entry per cell), that
-// head's K row of each cell by the cell's entry, and the captured queries of every layer by query_shift (as the K-shift
-// turns the keys of their cells)
-int32_t shift_rows_and_queries(llama_kv_evict_state & st, uint32_t stream, const std::vector<std::vector<int32_t>> & shift,
+// RoPE-shifts, for every layer l and KV head h with a non-empty shift[l*n_head_kv + h] (one entry per cell of seq_id's
+// stream), that head's K row of each cell by the cell's entry, and the sequence's captured queries of every layer by
+// query_shift (as the K-shift turns the keys of their cells)
+int32_t shift_rows_and_queries(llama_kv_evict_state & st, llama_seq_id seq_id, const std::vector<std::vector<int32_t>> & shift,
         llama_pos query_shift);
 
 enum error_code : int32_t {

@@ -91,8 +91,10 @@ std::string unsupported(const llama_context & lctx, llama_kv_cache * kv) {
     if (hp.attn_soft_cap || hp.f_max_alibi_bias != 0.0f || model.arch == LLM_ARCH_GROK) {
         return std::string("architecture ") + llm_arch_name(model.arch) + " uses attention soft-capping or ALiBi, which the hook does not score yet";
     }
-    if (lctx.get_cparams().n_seq_max != 1) {
-        return "eviction supports one sequence per context (n_seq_max = 1)";
+    if (kv->get_n_stream() != lctx.get_cparams().n_seq_max) {
+        // compaction moves a sequence's rows within its own cells
+        return "several sequences share one cache (kv_unified = true): eviction needs a stream of cells per sequence, "
+               "create the context with kv_unified = false (llama.cpp's default)";
     }
     for (uint32_t il : kv->get_layer_ids()) {
         if (!model.layers[il].wo) {
@@ -145,6 +147,11 @@ int32_t seq_cache(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv
         return set_error(ERR_UNSUPPORTED, "the context's memory is not a KV cache");
     }
     return check_seq_id(ctx, seq_id);
+}
+
+void settle(llama_context * ctx) {
+    ctx->synchronize();
+    ctx->memory_update(false);
 }
 
 // The enabled state and the index of layer il among the evicted cache's layers, or an error code
@@ -234,7 +241,11 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
     st->params = *params;
     st->ring.assign(hp.n_layer(), nullptr);
     st->kq_scale.assign(hp.n_layer(), 1.0f);
-    st->slot_pos.assign(params->window, -1);
+    st->n_head_kv = hp.n_head_kv(layer_ids[0]);
+    const uint32_t n_seq = ctx->get_cparams().n_seq_max;
+    for (uint32_t s = 0; s < n_seq; ++s) {
+        st->seqs.emplace_back(params->window, params->window * s, kv->get_size(), st->n_head_kv, layer_ids.size());
+    }
 
     // one ring tensor per layer, in the buffer type of that layer's K cache (the same device as the cache)
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
@@ -245,7 +256,8 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
             st->ring_ctxs.emplace_back(ggml_init(ip));
             ctx_of[buft] = st->ring_ctxs.back().get();
         }
-        st->ring[il] = ggml_new_tensor_2d(ctx_of[buft], GGML_TYPE_F32, hp.n_embd_head_k(il) * hp.n_head(il), params->window);
+        st->ring[il] = ggml_new_tensor_2d(ctx_of[buft], GGML_TYPE_F32, hp.n_embd_head_k(il) * hp.n_head(il),
+                                          st->discard_row() + 1);
         ggml_format_name(st->ring[il], "kv_evict_q_l%u", il);
     }
     for (auto & [buft, c] : ctx_of) {
@@ -256,16 +268,6 @@ int32_t llama_kv_evict_enable(llama_context * ctx, const llama_kv_evict_params *
         ggml_backend_buffer_clear(buf, 0);
         st->ring_bufs.emplace_back(buf);
     }
-
-    st->kv_size   = kv->get_size();
-    st->n_head_kv = hp.n_head_kv(layer_ids[0]);
-    const size_t side = (size_t) layer_ids.size() * st->kv_size * st->n_head_kv;
-    st->head_absent.assign(side, 0);
-    st->value_norm.assign(side, 0.0f);
-    st->h2o_acc.assign(side, 0.0f);
-    st->head_pos.assign(side, -1);
-    st->side_pos.assign(kv->get_size(), -1);
-    st->norm_valid.assign(kv->get_size(), 0);
 
     if (llama_kv_evict_state * old = ctx->get_cparams().kv_evict) {
         drop_absent_cells(*old);
@@ -289,7 +291,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
         return err;
     }
     const int64_t t_start = ggml_time_us();
-    ctx->synchronize();
+    settle(ctx);
 
     if (held_cells(*st, seq_id) <= st->params.budget) {
         return 0;
@@ -311,9 +313,10 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     if (n_removed < 0) {
         return n_removed;
     }
-    st->n_evictions += n_removed > 0;
-    st->n_evicted   += n_removed;
-    st->t_evict_us  += ggml_time_us() - t_start;
+    kv_evict_seq & seq = st->seqs[seq_id];
+    seq.n_evictions += n_removed > 0;
+    seq.n_evicted   += n_removed;
+    seq.t_evict_us  += ggml_time_us() - t_start;
     return n_removed;
 }
 
@@ -324,7 +327,7 @@ int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t 
     if (l < 0) {
         return l;
     }
-    ctx->synchronize();
+    settle(ctx);
 
     seq_scores sc;
     if (int32_t err = score_sequence(*st, seq_id, value_norm != nullptr, /*commit=*/false, sc)) {
@@ -381,9 +384,9 @@ int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama
         stats->kv_bytes += size;
     }
     if (const llama_kv_evict_state * st = ctx->get_cparams().kv_evict) {
-        stats->n_evictions = st->n_evictions;
-        stats->n_evicted   = st->n_evicted;
-        stats->t_evict_us  = st->t_evict_us;
+        stats->n_evictions = st->seqs[seq_id].n_evictions;
+        stats->n_evicted   = st->seqs[seq_id].n_evicted;
+        stats->t_evict_us  = st->seqs[seq_id].t_evict_us;
         stats->value_norm_kernel  = st->value_norm_kernel;
         stats->window_attn_kernel = st->window_attn_kernel;
         stats->scoring_bytes      = st->scoring_bytes;

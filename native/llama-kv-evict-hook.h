@@ -28,14 +28,18 @@ ggml_tensor * llama_kv_evict_attn(
 // head-wise compaction may have moved rows of the removed tokens into other cells, which then go too
 void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t p0, int32_t p1);
 
-// Called from llama_kv_cache::state_write while eviction is enabled: throws std::runtime_error (llama.cpp's state API
-// then reports the error and writes nothing) if the cache relies on the hook's per-head mask, which llama.cpp's state
-// leaves out, and llama_kv_evict_seq_get_data has not written it since it last changed
-void llama_kv_evict_on_state_write(const llama_kv_evict_state * st);
+// Called from llama_kv_cache::seq_cp when it copies seq_id_src's cells and rows into seq_id_dst's stream, while
+// eviction is enabled: the hook's bookkeeping and captured queries of the source are copied with them
+void llama_kv_evict_on_seq_cp(llama_kv_evict_state * st, int32_t seq_id_src, int32_t seq_id_dst);
 
-// Called from llama_kv_cache::state_read while eviction is enabled: the cells hold other tokens now, so the hook's
-// per-cell bookkeeping starts afresh
-void llama_kv_evict_on_state_read(llama_kv_evict_state * st);
+// Called from llama_kv_cache::state_write of seq_id (-1: all) while eviction is enabled: throws std::runtime_error
+// (llama.cpp's state API then reports the error and writes nothing) if the cache relies on the hook's per-head mask,
+// which llama.cpp's state leaves out, and llama_kv_evict_seq_get_data has not written it since it last changed
+void llama_kv_evict_on_state_write(const llama_kv_evict_state * st, int32_t seq_id);
+
+// Called from llama_kv_cache::state_read of seq_id (-1: all) while eviction is enabled: the cells hold other tokens
+// now, so the hook's per-cell bookkeeping of those sequences starts afresh
+void llama_kv_evict_on_state_read(llama_kv_evict_state * st, int32_t seq_id);
 
 // Called from ~llama_context. Accepts nullptr.
 void llama_kv_evict_state_free(llama_kv_evict_state * st);

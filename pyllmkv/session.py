@@ -102,22 +102,22 @@ def sliding_window(model_path: str) -> int:
     return gguf_model_int(model_path, "attention.sliding_window")
 
 
-def truncate(ctx, n: int) -> int:
-    """Drops positions >= n of sequence 0 (with the hook, also the cells holding moved rows of those tokens) and
+def truncate(ctx, n: int, seq_id: int = 0) -> int:
+    """Drops positions >= n of the sequence (with the hook, also the cells holding moved rows of those tokens) and
     returns the position decoding resumes at: n, or less if the cell before n was evicted (llama.cpp continues a
     sequence only at its highest position + 1)."""
     mem = llama_cpp.llama_get_memory(ctx)
-    llama_cpp.llama_memory_seq_rm(mem, 0, n, -1)
-    return int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+    llama_cpp.llama_memory_seq_rm(mem, seq_id, n, -1)
+    return int(llama_cpp.llama_memory_seq_pos_max(mem, seq_id)) + 1
 
 
 class Positions:
-    """Where sequence 0's tokens sit when it may go on past `max_position` (0: never renumbered): before a batch would
+    """Where a sequence's tokens sit when it may go on past `max_position` (0: never renumbered): before a batch would
     pass it, the kept cells are evicted and renumbered from 0 (StreamingLLM keeps positions within its cache the same
-    way), so positions lag the tokens seen by `shift`. Session and pyllmkv.Llama both decode through it."""
+    way), so positions lag the tokens seen by `shift`. Session, Sequences and pyllmkv.Llama decode through it."""
 
-    def __init__(self, ctx, max_position: int):
-        self.ctx, self.max_position = ctx, max_position
+    def __init__(self, ctx, max_position: int, seq_id: int = 0):
+        self.ctx, self.max_position, self.seq_id = ctx, max_position, seq_id
         self.shift = 0  # tokens seen - next position
         self._renumbered_at = -1  # the hook's eviction count at the last renumbering
 
@@ -128,7 +128,7 @@ class Positions:
     def truncate(self, n_tokens: int) -> int:
         """Drops the tokens seen from the n-th on; returns how many it keeps: n, or fewer if the cell before was
         evicted (see truncate). A token from before a renumbering counts as at its shifted position."""
-        kept = truncate(self.ctx, max(self.of(n_tokens), 0))
+        kept = truncate(self.ctx, max(self.of(n_tokens), 0), self.seq_id)
         if kept == 0:
             self.shift = 0
         self._renumbered_at = -1  # fewer tokens held: a renumbering may now bring positions lower
@@ -141,33 +141,34 @@ class Positions:
         same numbers at the cost of a scoring pass and a K shift per decoded token, so until then positions go on."""
         if not self.max_position or self.of(n_tokens) + n_new <= self.max_position:
             return False
-        if _lib.stats(self.ctx)["n_evictions"] == self._renumbered_at:
+        seq_id = self.seq_id
+        if _lib.stats(self.ctx, seq_id)["n_evictions"] == self._renumbered_at:
             return False
         if queries:
-            _lib.set_window_queries(self.ctx, queries)
-        _lib.evict(self.ctx)
-        self.shift = n_tokens - _lib.compact_positions(self.ctx)
-        self._renumbered_at = _lib.stats(self.ctx)["n_evictions"]
+            _lib.set_window_queries(self.ctx, queries, seq_id)
+        _lib.evict(self.ctx, seq_id)
+        self.shift = n_tokens - _lib.compact_positions(self.ctx, seq_id)
+        self._renumbered_at = _lib.stats(self.ctx, seq_id)["n_evictions"]
         return True
 
 
-def will_evict(ctx, cells: int, n_batch: int, n_new: int) -> bool:
-    """Whether `n_new` more tokens would take sequence 0 past `cells` + n_batch cells (evict_to_fit evicts then)."""
-    return _lib.stats(ctx)["n_seq_cells"] + n_new > cells + n_batch
+def will_evict(ctx, cells: int, n_batch: int, n_new: int, seq_id: int = 0) -> bool:
+    """Whether `n_new` more tokens would take the sequence past `cells` + n_batch cells (evict_to_fit evicts then)."""
+    return _lib.stats(ctx, seq_id)["n_seq_cells"] + n_new > cells + n_batch
 
 
-def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[bytes] = None) -> None:
-    """Evicts sequence 0 down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells; scored
+def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[bytes] = None, seq_id: int = 0) -> None:
+    """Evicts the sequence down to its budget if `n_new` more tokens would take it past `cells` + n_batch cells; scored
     with `queries` (PromptTail's) when given, else with those the last decode captured."""
-    if will_evict(ctx, cells, n_batch, n_new):
+    if will_evict(ctx, cells, n_batch, n_new, seq_id):
         try:
             if queries:
-                _lib.set_window_queries(ctx, queries)
-            _lib.evict(ctx)
+                _lib.set_window_queries(ctx, queries, seq_id)
+            _lib.evict(ctx, seq_id)
         except _lib.KVEvictError as e:
             # enabled on a sequence decoded before: nothing scores it until this batch captured queries, so let the
             # batch in if the cache has room (the next batch evicts)
-            st = _lib.stats(ctx)
+            st = _lib.stats(ctx, seq_id)
             if e.code != _lib.ERR_NO_QUERIES or st["n_seq_cells"] + n_new > st["kv_size"]:
                 raise
 
@@ -237,12 +238,13 @@ class PromptTail:
             self._ctx.close()
             self._ctx = None
 
-    def queries(self, ctx, config: Optional[EvictConfig], tokens: Sequence[int], n_past: int, n_batch: int) -> Optional[bytes]:
-        """For decoding `tokens` from position n_past into the sequence of `ctx` evicted by `config`: the queries of
+    def queries(self, ctx, config: Optional[EvictConfig], tokens: Sequence[int], n_past: int, n_batch: int,
+                seq_id: int = 0) -> Optional[bytes]:
+        """For decoding `tokens` from position n_past into sequence seq_id of `ctx` evicted by `config`: the queries of
         their last window tokens, or None when there is no config, no prompt tail, or the tokens fit in the cache
         without an eviction or are fewer than the window."""
         if config is None or not config.prompt_tail or len(tokens) < config.window or \
-                not will_evict(ctx, config.cells, n_batch, len(tokens)):
+                not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
             return None
         w = config.window
         if self._window != w:

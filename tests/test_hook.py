@@ -227,12 +227,6 @@ def test_even_pool_kernel_is_refused(llama_cpp, tiny_path):
         _lib.enable(llm, EvictConfig(budget=64, window=8, pool_kernel=4))
 
 
-def test_several_sequences_are_refused(llama_cpp, tiny_path):
-    llm = _llama(llama_cpp, tiny_path, embedding=True)  # llama-cpp-python's way to n_seq_max > 1
-    with pytest.raises(KVEvictError, match="one sequence per context"):
-        _lib.enable(llm, EvictConfig(budget=64, window=8))
-
-
 def test_recurrent_architecture_is_refused(llama_cpp, tmp_path):
     from tinymodel import write_tiny_mamba
 

@@ -1,0 +1,114 @@
+"""Several conversations in one llama.cpp context, each within its own budget.
+
+llama.cpp decodes tokens of many sequences in one batch; with a cache per sequence (kv_unified = false, a stream of
+cells each) the hook keeps each sequence's window, scores and evictions apart. Before a batch, each sequence that
+its tokens would take past its cells is evicted alone; the others are left as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Sequence
+
+import numpy as np
+
+from . import _lib
+from ._lib import EvictConfig, llama_cpp
+from .session import Positions, PromptTail, context_size, evict_to_fit
+
+
+class Sequences:
+    """`n_seq` sequences of `llm`'s model in a context of their own, each evicted down to `config.cells` cells (None:
+    the full cache, for comparison). A batch holds at most n_batch tokens of any of them."""
+
+    def __init__(self, llm: "llama_cpp.Llama", config: EvictConfig | None, n_seq: int, n_batch: int | None = None,
+                 n_ctx_seq: int = 0):
+        """`n_ctx_seq`: cells per sequence without a config (the full cache); with one they follow from its cells."""
+        from llama_cpp._internals import LlamaContext
+
+        if n_seq < 1:
+            raise ValueError(f"n_seq must be at least 1 (got {n_seq})")
+        self.config, self.n_seq = config, n_seq
+        self.n_batch = n_batch or llm.n_batch
+        self.n_vocab = llm.n_vocab()
+        if config is not None:
+            per_seq = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
+        else:
+            per_seq = n_ctx_seq or llm.n_ctx()
+        params = type(llm.context_params).from_buffer_copy(llm.context_params)
+        params.n_ctx, params.n_seq_max, params.kv_unified = per_seq * n_seq, n_seq, False
+        params.n_batch = params.n_ubatch = self.n_batch
+        self._context = LlamaContext(model=llm._model, params=params, verbose=False)
+        self.ctx = self._context.ctx
+        if config is not None:
+            _lib.enable(self.ctx, config)
+        self.positions = [Positions(self.ctx, llm._model.n_ctx_train(), s) for s in range(n_seq)]
+        self.n_tokens = [0] * n_seq  # tokens decoded into each sequence
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._tail = PromptTail(llm)
+        # freed before the model llama-cpp-python frees on close (its exit stack runs last-in first)
+        llm._stack.callback(self.close)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self._tail.close()
+        if self._context is not None:
+            self._context.close()
+            self._context = None
+
+    def decode(self, tokens: Mapping[int, Sequence[int]]) -> Dict[int, np.ndarray]:
+        """Decodes tokens[seq_id] after what each sequence holds, as few batches as n_batch allows (each batch takes
+        the sequences in turn); returns the logits of each sequence's last token ([n_vocab] per seq_id). A sequence is
+        evicted as Session evicts one: scored by its prompt's tail when the config says so (PromptTail)."""
+        for seq_id in tokens:
+            if not 0 <= seq_id < self.n_seq:
+                raise ValueError(f"sequence id {seq_id} is out of range (0..{self.n_seq - 1})")
+        todo = {s: list(t) for s, t in tokens.items() if len(t)}
+        queries = {s: self._queries(s, t) for s, t in todo.items()}
+        out: Dict[int, np.ndarray] = {}
+        while todo:
+            # an equal share of the batch per sequence, the rest to the first ones: sequences advance together
+            share, extra = divmod(self.n_batch, len(todo))
+            parts = {s: t[: share + (i < extra)] for i, (s, t) in enumerate(todo.items())}
+            for s, part in parts.items():
+                if self.config is not None:
+                    evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(part), queries[s], seq_id=s)
+                    if self.positions[s].renumber_before(self.n_tokens[s], len(part), queries[s]):
+                        # the rest now follows the renumbered cells: its tail, at the positions it will have
+                        queries[s] = self._queries(s, todo[s])
+            self._decode_batch(parts, {s: len(todo[s]) == len(p) for s, p in parts.items()}, out)
+            todo = {s: t[len(parts[s]):] for s, t in todo.items() if len(t) > len(parts[s])}
+        return out
+
+    def _queries(self, seq_id: int, tokens: Sequence[int]):
+        return self._tail.queries(self.ctx, self.config, tokens, self.positions[seq_id].of(self.n_tokens[seq_id]),
+                                  self.n_batch, seq_id)
+
+    def _decode_batch(self, parts: Mapping[int, Sequence[int]], last: Mapping[int, bool], out: Dict[int, np.ndarray]) -> None:
+        b = self._batch
+        rows = {}
+        i = 0
+        for s, part in parts.items():
+            pos0 = self.positions[s].of(self.n_tokens[s])
+            for j, tok in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = tok, pos0 + j, 1, s
+                b.logits[i] = last[s] and j == len(part) - 1
+                if b.logits[i]:
+                    rows[s] = i
+                i += 1
+        b.n_tokens = i
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        for s, part in parts.items():
+            self.n_tokens[s] += len(part)
+        for s, row in rows.items():
+            out[s] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,)).copy()
+
+    def clear(self, seq_id: int) -> None:
+        """Empties one sequence (a new conversation in its cells); the others are untouched."""
+        self.n_tokens[seq_id] = self.positions[seq_id].truncate(0)
+
+    def stats(self, seq_id: int) -> dict:
+        return _lib.stats(self.ctx, seq_id)
