@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
-from .session import Positions, PromptTail, context_size, evict_to_fit
+from .session import Positions, PromptTail, context_size, fill_batch, make_room
 
 
 class Sequences:
@@ -65,7 +65,8 @@ class Sequences:
             if not 0 <= seq_id < self.n_seq:
                 raise ValueError(f"sequence id {seq_id} is out of range (0..{self.n_seq - 1})")
         todo = {s: list(t) for s, t in tokens.items() if len(t)}
-        queries = {s: self._queries(s, t) for s, t in todo.items()}
+        queries = {s: self._tail.queries(self.ctx, self.config, t, self.positions[s].of(self.n_tokens[s]), self.n_batch, s)
+                   for s, t in todo.items()}
         out: Dict[int, np.ndarray] = {}
         while todo:
             # an equal share of the batch per sequence, the rest to the first ones: sequences advance together
@@ -73,31 +74,20 @@ class Sequences:
             parts = {s: t[: share + (i < extra)] for i, (s, t) in enumerate(todo.items())}
             for s, part in parts.items():
                 if self.config is not None:
-                    evict_to_fit(self.ctx, self.config.cells, self.n_batch, len(part), queries[s], seq_id=s)
-                    if self.positions[s].renumber_before(self.n_tokens[s], len(part), queries[s]):
-                        # the rest now follows the renumbered cells: its tail, at the positions it will have
-                        queries[s] = self._queries(s, todo[s])
+                    queries[s] = make_room(self.ctx, self.config, self.positions[s], self._tail, todo[s], len(part),
+                                           self.n_tokens[s], self.n_batch, queries[s])
             self._decode_batch(parts, {s: len(todo[s]) == len(p) for s, p in parts.items()}, out)
             todo = {s: t[len(parts[s]):] for s, t in todo.items() if len(t) > len(parts[s])}
         return out
 
-    def _queries(self, seq_id: int, tokens: Sequence[int]):
-        return self._tail.queries(self.ctx, self.config, tokens, self.positions[seq_id].of(self.n_tokens[seq_id]),
-                                  self.n_batch, seq_id)
-
     def _decode_batch(self, parts: Mapping[int, Sequence[int]], last: Mapping[int, bool], out: Dict[int, np.ndarray]) -> None:
         b = self._batch
-        rows = {}
-        i = 0
+        rows, at = {}, 0
         for s, part in parts.items():
-            pos0 = self.positions[s].of(self.n_tokens[s])
-            for j, tok in enumerate(part):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = tok, pos0 + j, 1, s
-                b.logits[i] = last[s] and j == len(part) - 1
-                if b.logits[i]:
-                    rows[s] = i
-                i += 1
-        b.n_tokens = i
+            fill_batch(b, part, self.positions[s].of(self.n_tokens[s]), lambda j: last[s] and j == len(part) - 1, s, at)
+            at += len(part)
+            if last[s]:
+                rows[s] = at - 1
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")

@@ -179,26 +179,36 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
     server): `tokens` follow the n_tokens seen, in batches of n_batch; before each, the sequence is evicted to fit
     (scored by the prompt tail's queries when it has them) and renumbered if it would pass the positions' maximum;
     `decode(start, batch)` then decodes tokens[start:start + len(batch)] at positions.of(n_tokens + start)."""
-    queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch)
+    queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch, positions.seq_id)
     for start in range(0, len(tokens), n_batch):
         batch = tokens[start : start + n_batch]
         if config is not None:
-            evict_to_fit(ctx, config.cells, n_batch, len(batch), queries)
-            if positions.renumber_before(n_tokens + start, len(batch), queries):
-                # the rest of the prompt now follows the renumbered cells: its tail, at the positions it will have
-                queries = tail.queries(ctx, config, tokens[start:], positions.of(n_tokens + start), n_batch)
+            queries = make_room(ctx, config, positions, tail, tokens[start:], len(batch), n_tokens + start, n_batch, queries)
         decode(start, batch)
 
 
-def fill_batch(batch, tokens: Sequence[int], pos0: int, logits: Callable[[int], bool]) -> None:
-    """Sets `batch` to `tokens` of sequence 0 at positions pos0, pos0 + 1, ...; logits(i): whether token i's are wanted."""
-    batch.n_tokens = len(tokens)
+def make_room(ctx, config: EvictConfig, positions: Positions, tail: "PromptTail", rest: Sequence[int], n_new: int,
+              n_tokens: int, n_batch: int, queries: Optional[bytes]) -> Optional[bytes]:
+    """Before decoding the first n_new of `rest` (the tokens that follow the n_tokens seen) into positions.seq_id:
+    evicts the sequence to fit, scored by `queries` (the prompt tail's) when given, and renumbers it if they would
+    pass the positions' maximum. Returns the queries for the rest's later batches: after a renumbering, the rest's
+    tail again, at the positions it will have."""
+    evict_to_fit(ctx, config.cells, n_batch, n_new, queries, positions.seq_id)
+    if positions.renumber_before(n_tokens, n_new, queries):
+        return tail.queries(ctx, config, rest, positions.of(n_tokens), n_batch, positions.seq_id)
+    return queries
+
+
+def fill_batch(batch, tokens: Sequence[int], pos0: int, logits: Callable[[int], bool], seq_id: int = 0, at: int = 0) -> None:
+    """Sets entries at, at + 1, ... of `batch` to `tokens` of seq_id at positions pos0, pos0 + 1, ... (the batch then
+    ends there); logits(i): whether token i's are wanted."""
+    batch.n_tokens = at + len(tokens)
     for i, tok in enumerate(tokens):
-        batch.token[i] = tok
-        batch.pos[i] = pos0 + i
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = logits(i)
+        batch.token[at + i] = tok
+        batch.pos[at + i] = pos0 + i
+        batch.n_seq_id[at + i] = 1
+        batch.seq_id[at + i][0] = seq_id
+        batch.logits[at + i] = logits(i)
 
 
 class PromptTail:
