@@ -6,6 +6,7 @@ CPU. What loopback does not prove: bandwidth and latency between hosts, and serv
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -115,3 +116,24 @@ def test_chat_and_the_api_with_rpc_answer_as_locally(smollm2_path):
     text, n_evictions, kernel = remote[1].stdout.rsplit(" ", 2)
     assert local[1].stdout.rsplit(" ", 2) == [text, n_evictions, "fused-cpu\n"] and kernel.strip() == "ggml-graph"
     assert int(n_evictions) > 0
+
+
+def test_bench_with_rpc_runs_stock_and_pyllmkv_on_the_servers(tiny_path, tmp_path):
+    # every job, stock llama.cpp's included, registers the servers with its own library; oracle: the same bench locally
+    def bench(out: Path, *extra: str) -> list[dict]:
+        cmd = [sys.executable, "-m", "pyllmkv", "bench", tiny_path, "--tiny", "--suite", "ppl", "-t", "1",
+               "--ppl-policies", "criticalkv,snapkv", "-o", str(out), *extra]
+        proc = subprocess.run(cmd, cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads((out / "results.json").read_text())["ppl"]
+
+    local = bench(tmp_path / "local")
+    with _servers(2) as (servers, _):
+        remote = bench(tmp_path / "remote", "-ngl", "99", "--rpc", servers)
+    assert [(r["engine"], r["policy"], r["budget"]) for r in remote] == [(r["engine"], r["policy"], r["budget"]) for r in local]
+    assert {r["engine"] for r in remote} == {"stock", "stock-shift", "pyllmkv"}
+    for r, l in zip(remote, local):
+        assert [d for d in r["devices"] if d.startswith("RPC")] == ["RPC0", "RPC1"] and "devices" not in l
+        np.testing.assert_allclose(r["ppl"], l["ppl"], rtol=1e-3)
+        if r["policy"] == "criticalkv":  # the value norms were computed where the cache lives
+            assert (r["value_norm_kernel"], l["value_norm_kernel"]) == ("ggml-graph", "fused-cpu")

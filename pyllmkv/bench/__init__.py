@@ -48,6 +48,7 @@ class Options:
     threads: int = 2
     n_batch: int = 0           # 0: the grid's
     n_gpu_layers: int = 0
+    rpc_servers: Optional[str] = None  # HOST:PORT,... the -ngl layers are split across, in every job
     text: Optional[Path] = None
     command: str = ""
     dump_logits: bool = False  # perplexity: keep every job's logits (tests)
@@ -85,7 +86,7 @@ class Runner:
         o = self.opts
         job = dict(suite=suite, engine=engine, tokens=[int(t) for t in tokens], budget=budget, policy=policy, n_ctx=n_ctx,
                    window=o.grid.window, pool_kernel=o.grid.pool_kernel, prompt_tail=o.grid.prompt_tail, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
-                   model=o.model, stock_lib=self.stock_lib, n_keep=N_KEEP, n_decode=o.grid.n_decode,
+                   rpc_servers=o.rpc_servers, model=o.model, stock_lib=self.stock_lib, n_keep=N_KEEP, n_decode=o.grid.n_decode,
                    n_answer=o.grid.n_answer)
         job.update(extra)
         self.n += 1
@@ -135,6 +136,10 @@ class Bench:
 
         opts.n_batch = opts.n_batch or opts.grid.n_batch
         self.opts, self.progress = opts, progress
+        if opts.rpc_servers:  # in this process too, for the suites that run here (perturbation)
+            from .. import rpc
+
+            rpc.add_servers(opts.rpc_servers)
         self.runner = Runner(opts)
         self.vocab = llama_cpp.Llama(model_path=opts.model, vocab_only=True, verbose=False)
         self.llama_cpp_version = llama_cpp.__version__
@@ -325,7 +330,7 @@ def _run(opts: Options, bench: Bench) -> dict:
     from . import report
 
     results = {"meta": {"model": str(opts.model), "command": opts.command, "threads": opts.threads,
-                        "n_batch": opts.n_batch, "n_gpu_layers": opts.n_gpu_layers, "grid": asdict(opts.grid),
+                        "n_batch": opts.n_batch, "n_gpu_layers": opts.n_gpu_layers, "rpc_servers": opts.rpc_servers, "grid": asdict(opts.grid),
                         "text": bench.text_source, "n_ctx_train": bench.n_ctx_train, "stock_lib": bench.runner.stock_lib,
                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "platform": sys.platform,
                         "llama_cpp_python": bench.llama_cpp_version}}

@@ -155,7 +155,8 @@ def ruler_tables(rows: list[dict]) -> list[str]:
 def markdown(results: dict) -> str:
     m = results["meta"]
     out = [f"# pyllmkv bench: {Path(m['model']).name}", "",
-           f"`{m['command']}` ({m['started']}; {m['threads']} threads, batch {m['n_batch']}, -ngl {m['n_gpu_layers']}). "
+           f"`{m['command']}` ({m['started']}; {m['threads']} threads, batch {m['n_batch']}, -ngl {m['n_gpu_layers']}"
+           f"{', the layers on the RPC servers ' + m['rpc_servers'] + ' in every job' if m.get('rpc_servers') else ''}). "
            f"Stock: the same pinned llama.cpp (llama-cpp-python {m['llama_cpp_python']}'s) unpatched. Text: {m['text']}. "
            f"The model was trained on {m['n_ctx_train']} positions."
            # runs from before the prompt tail existed have no such key: their prompts were evicted by each batch's end

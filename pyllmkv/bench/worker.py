@@ -37,9 +37,8 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def gpu_memory_used_mib() -> float | None:
-    """Memory in use on the process's GPUs (total - free, as ggml's devices report it; the whole device, so run one
-    job at a time), or None without a GPU device."""
+def loaded_ggml():
+    """The libggml this process loaded (through the patched or the stock libllama), or None before any."""
     import ctypes
 
     with open("/proc/self/maps") as f:
@@ -50,7 +49,26 @@ def gpu_memory_used_mib() -> float | None:
     ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_name.restype = ctypes.c_char_p
     ggml.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    return ggml
+
+
+def device_names() -> list[str]:
+    """ggml's devices in this process, as llama.cpp lists them (an RPC server is "RPC0[HOST:PORT]" or similar)."""
+    ggml = loaded_ggml()
+    return [ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i)).decode() for i in range(ggml.ggml_backend_dev_count())] if ggml else []
+
+
+def gpu_memory_used_mib() -> float | None:
+    """Memory in use on the process's GPUs (total - free, as ggml's devices report it; the whole device, so run one
+    job at a time), or None without a GPU device."""
+    import ctypes
+
+    ggml = loaded_ggml()
+    if ggml is None:
+        return None
     used, gpus = 0, 0
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
@@ -143,6 +161,22 @@ class PyllmkvStream:
                 "window_attn_kernel": st["window_attn_kernel"]}
 
 
+def package_module(name: str):
+    """A module of pyllmkv that imports nothing of it, loaded by path: importing the package loads the patched libllama."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_rpc_servers(job: dict) -> None:
+    """--rpc: the servers registered with pyllmkv's library before a model loads."""
+    if job.get("rpc_servers"):
+        from pyllmkv import rpc
+
+        rpc.add_servers(job["rpc_servers"])
+
+
 def llama_args(job: dict) -> dict:
     """The llama_cpp.Llama arguments every job shares."""
     return dict(n_batch=job["n_batch"], n_ubatch=job["n_batch"], n_threads=job["threads"],
@@ -153,18 +187,19 @@ def open_stream(job: dict):
     common = llama_args(job)
     if job["engine"] in ("stock", "stock-shift"):
         os.environ["LLAMA_CPP_LIB_PATH"] = job["stock_lib"]
-        spec = importlib.util.spec_from_file_location("_preload", Path(__file__).resolve().parent.parent / "_preload.py")
-        preload = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(preload)
-        preload.libstdcxx_global()
+        package_module("_preload").libstdcxx_global()
         import llama_cpp
 
+        if job.get("rpc_servers"):
+            package_module("rpc").add_servers(job["rpc_servers"], llama_cpp.llama_cpp._lib)
         llm = llama_cpp.Llama(model_path=job["model"], n_ctx=job["n_ctx"], **common)
         return StockStream(llama_cpp, llm, job["n_ctx"], job["n_keep"] if job["engine"] == "stock-shift" else None)
 
     import pyllmkv
     from pyllmkv import _lib
     from pyllmkv.session import Session, context_size, sliding_window
+
+    add_rpc_servers(job)
 
     config = pyllmkv.EvictConfig.for_cells(job["budget"], policy=job["policy"], window=job["window"],
                                            pool_kernel=job["pool_kernel"], prompt_tail=job["prompt_tail"])
@@ -191,6 +226,7 @@ def run_ruler(job: dict) -> dict:
     import pyllmkv
     from pyllmkv.bench.ruler import branch_answers
 
+    add_rpc_servers(job)
     n_ctx = len(job["tokens"]) + len(job["question"]) + job["n_answer"] + job["n_batch"]
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **llama_args(job))
     t0 = time.perf_counter()
@@ -236,7 +272,9 @@ def run(job: dict) -> dict:
         result = {"n_scored": int(len(nll)), "nll": float(nll.mean()), "ppl": float(np.exp(nll.mean()))}
     result.update(stream.counters())
     result["peak_rss_mib"] = peak_rss_mib()
-    if job["n_gpu_layers"]:
+    if job.get("rpc_servers"):
+        result["devices"] = device_names()  # the remote hosts' memory is not this machine's VRAM
+    elif job["n_gpu_layers"]:
         result["vram_mib"] = gpu_memory_used_mib()
     return result
 

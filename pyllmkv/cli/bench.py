@@ -60,7 +60,9 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
-def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers, **overrides):
+@click.option("--rpc", "rpc_servers", type=str, default=None, metavar="HOST:PORT,...",
+              help="ggml-rpc-servers to split the -ngl layers across, in every job, stock and pyllmkv alike")
+def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers, rpc_servers, **overrides):
     """pyllmkv against stock llama.cpp on MODEL: speed and memory, needle retrieval, perplexity under a budget and
     per-head output perturbation, every policy; writes results.json, results.md and PNG plots."""
     from .. import bench as b
@@ -72,6 +74,7 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
     except ImportError:
         raise click.ClickException("pyllmkv bench draws its plots with matplotlib: pip install matplotlib (or \"pyllmkv[bench]\")")
     model = o.model_path(model)
+    o.add_rpc_servers(rpc_servers, n_gpu_layers)  # checked here, before any job: each job registers them again
     try:
         if b.needs_stock(list(suites) or b.SUITES):
             b.stock_lib_dir(say=lambda msg: click.echo(msg, err=True))
@@ -83,7 +86,7 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
         overrides["other_policies"] = False
     grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
     opts = b.Options(model=str(model), out=out, grid=grid, suites=list(suites) or list(SUITES),
-                     threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers, text=text,
+                     threads=threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, text=text,
                      command="pyllmkv bench " + " ".join(sys.argv[2:]))
 
     def progress(label, n):
