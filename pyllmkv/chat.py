@@ -57,7 +57,9 @@ class Chat:
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:
-            raise ValueError("the model has no chat template in its GGUF metadata (tokenizer.chat_template)")
+            raise ValueError("the model has no chat template in its GGUF metadata (tokenizer.chat_template): a base model "
+                             "continues text and does not chat; choose an instruct model (`pyllmkv models`, column chat), "
+                             "or use this one through bench or the completion API")
 
         def token_text(key):
             tid = meta.get(key)

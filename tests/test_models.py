@@ -51,6 +51,7 @@ def test_listed_facts_are_the_gguf_header(request, fixture, name):
     assert gguf.LlamaFileType(meta["general.file_type"]).name == "MOSTLY_" + model.quantization
     assert round(os.path.getsize(path) / 2**20) == model.mib
     assert meta.get("general.size_label") == model.parameters
+    assert ("tokenizer.chat_template" in meta) == model.chat
 
 
 def test_models_command_lists_every_name_and_whether_fetched(tmp_path, monkeypatch, smollm2_path):

