@@ -1,7 +1,10 @@
 """The README's headline plot, from committed bench runs: decode speed and KV memory against context (stock full
 cache, stock context shift, pyllmkv), and what a budget keeps when the question comes after the eviction.
 
-    python scripts/headline_plot.py --speed docs/bench/RUN --ruler docs/bench/RUN [--policies criticalkv,...] -o docs/headline.png
+    python scripts/headline_plot.py --speed docs/bench/RUN [RUN...] --ruler docs/bench/RUN [--policies criticalkv,...] [--speed-policies ...] -o docs/headline.png
+
+Several speed runs (e.g. one more context, run later) are drawn as one: a row of a later run replaces the same
+context and configuration of an earlier one.
 """
 
 from __future__ import annotations
@@ -28,19 +31,24 @@ def model_name(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--speed", type=Path, required=True, help="a run folder with the speed suite")
+    ap.add_argument("--speed", type=Path, nargs="+", required=True, help="run folders with the speed suite")
     ap.add_argument("--ruler", type=Path, required=True, help="a run folder with the ruler suite")
     ap.add_argument("--policies", default="criticalkv,defensivekv", help="pyllmkv's lines")
+    ap.add_argument("--speed-policies", default=None,
+                    help="pyllmkv's lines in the speed panels [default: --policies]; leave out a policy whose runs differ in "
+                         "more than the context (e.g. a change of its cells between them)")
     ap.add_argument("--budget", type=int, default=1024, help="the speed run's budget to show (stock shift's too)")
     ap.add_argument("-o", "--out", type=Path, default=Path("docs/headline.png"))
     args = ap.parse_args()
     policies = args.policies.split(",")
-    speed = json.loads((args.speed / "results.json").read_text())
+    runs = [json.loads((d / "results.json").read_text()) for d in args.speed]
+    speed = runs[0]
+    speed["speed"] = list({(r["context"], r["policy"], r["budget"]): r for run in runs for r in run["speed"]}.values())
     ruler = json.loads((args.ruler / "results.json").read_text())
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = [r for r in speed["speed"] if r["policy"] == "stock full" or r["budget"] == args.budget]
-    for label in [*STOCK, *policies]:
+    for label in [*STOCK, *(args.speed_policies.split(",") if args.speed_policies else policies)]:
         rs = sorted((r for r in rows if r["policy"] == label), key=lambda r: r["context"])
         if not rs:
             continue
