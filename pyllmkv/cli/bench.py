@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import options as o
+from .. import models
 from .._lib import EvictConfig
 from ..bench import RULER_POLICIES, SUITES
 from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
@@ -63,7 +64,7 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("--rpc", "rpc_servers", type=str, default=None, metavar="HOST:PORT,...",
               help="ggml-rpc-servers to split the -ngl layers across, in every job, stock and pyllmkv alike")
 def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers, rpc_servers, **overrides):
-    """pyllmkv against stock llama.cpp on MODEL: speed and memory, needle retrieval, perplexity under a budget and
+    """pyllmkv against stock llama.cpp on MODEL (default: smollm2-135m, which the grids are sized for): speed and memory, needle retrieval, perplexity under a budget and
     per-head output perturbation, every policy; writes results.json, results.md and PNG plots."""
     from .. import bench as b
 
@@ -73,7 +74,7 @@ def bench(model, quick, tiny, suites, out, text, threads, n_batch, n_gpu_layers,
         import matplotlib  # noqa: F401
     except ImportError:
         raise click.ClickException("pyllmkv bench draws its plots with matplotlib: pip install matplotlib (or \"pyllmkv[bench]\")")
-    model = o.model_path(model)
+    model = o.model_path(model, default=models.BENCH_DEFAULT)
     o.add_rpc_servers(rpc_servers, n_gpu_layers)  # checked here, before any job: each job registers them again
     try:
         if b.needs_stock(list(suites) or b.SUITES):

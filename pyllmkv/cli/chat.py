@@ -21,7 +21,7 @@ from . import options as o
 @click.option("-sys", "--system-prompt", "system", type=str, default=None)
 @click.option("--kv-stats", is_flag=True, help="print cache statistics after each answer")
 def chat(n_predict, temp, prompt, prompt_file, system, kv_stats, n_ctx, **load_args):
-    """Chat with MODEL (a .gguf path or a name from `pyllmkv models`; default: smollm2-135m, fetched once) in a KV
+    """Chat with MODEL (a .gguf path or a name from `pyllmkv models`; default: qwen2.5-coder-1.5b, fetched once) in a KV
     cache of --kv-budget cells.
 
     In the chat: /stats shows the cache, /reset starts over, Ctrl-C stops an answer, Ctrl-D or /exit quits."""

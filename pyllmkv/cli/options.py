@@ -32,11 +32,11 @@ def check_gguf(path: Path) -> None:
         raise click.BadParameter(f"{path} is not a GGUF file (it does not start with 'GGUF'): convert it with llama.cpp's convert_hf_to_gguf.py", param_hint="MODEL")
 
 
-def model_path(model: Optional[Path]) -> Path:
+def model_path(model: Optional[Path], default: str = models.DEFAULT) -> Path:
     """MODEL's path, or the model of that name, or the default model (fetched once) when none is given; checked to be
     a GGUF file. A file of that name in the working folder wins over the name."""
     if model is None:
-        model = Path(models.DEFAULT)
+        model = Path(default)
     if not model.exists() and str(model) in models.MODELS:
         model = models.MODELS[str(model)].path()
     check_gguf(model)
