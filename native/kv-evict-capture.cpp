@@ -245,6 +245,7 @@ void llama_kv_evict_on_seq_cp(llama_kv_evict_state * st, int32_t seq_id_src, int
     dst.n_evictions = 0;
     dst.n_evicted   = 0;
     dst.t_evict_us  = 0;
+    dst.t_phase_us  = {};
     for (ggml_tensor * ring : st->ring) {
         if (ring) {
             std::vector<uint8_t> rows(src.window * ring->nb[1]);

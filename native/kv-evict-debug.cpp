@@ -112,3 +112,13 @@ int32_t llama_kv_evict_adakv_shares(const float * scores, int32_t n_head, int32_
     std::copy(sh.begin(), sh.end(), share);
     return 0;
 }
+
+int32_t llama_kv_evict_profile(llama_context * ctx, llama_seq_id seq_id, int64_t * t_us, int32_t n) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    const auto & t_phase = st->seqs[seq_id].t_phase_us;
+    std::copy_n(t_phase.begin(), std::clamp<int32_t>(n, 0, EVICT_PHASE_COUNT), t_us);
+    return EVICT_PHASE_COUNT;
+}

@@ -61,7 +61,11 @@ std::vector<uint8_t> select_token(const llama_kv_evict_params & p, const seq_sco
 // Token granularity: the cells select_token drops leave the full-attention cache. Only that cache: an iSWA model's
 // sliding-window cache keeps its window as llama.cpp manages it
 int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
+    auto & t_phase = st.seqs[seq_id].t_phase_us;
+    const int64_t t_select = ggml_time_us();
     const std::vector<uint8_t> keep = select_token(st.params, sc, n_layer_kv, n_kv);
+    const int64_t t_compact = ggml_time_us();
+    t_phase[EVICT_PHASE_SELECT] += t_compact - t_select;
 
     // runs of evicted positions: seq_rm scans every cell, so one call per run rather than per cell
     int32_t n_removed = 0;
@@ -80,6 +84,7 @@ int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_s
         n_removed += j - i;
         i = j;
     }
+    t_phase[EVICT_PHASE_COMPACT] += ggml_time_us() - t_compact;
     return n_removed;
 }
 
@@ -90,6 +95,7 @@ int32_t evict_tokens(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_s
 int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scores & sc, int64_t n_layer_kv, int64_t n_kv) {
     const auto & p = st.params;
     kv_evict_seq & seq = st.seqs[seq_id];
+    const int64_t t_select = ggml_time_us();
     const int64_t n_prefix = sc.n_prefix();
     const int64_t budget   = p.budget - sc.n_window;
     const policy & pol = st.policy();
@@ -156,6 +162,8 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
         }
     }
     const std::vector<uint32_t> dst(sc.cells.begin(), sc.cells.begin() + n_keep);
+    const int64_t t_compact = ggml_time_us();
+    seq.t_phase_us[EVICT_PHASE_SELECT] += t_compact - t_select;
     if (int32_t err = compact_heads(st, st.kv->get_stream(seq_id), dst, src)) {
         return err;
     }
@@ -190,6 +198,7 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
     if (n_keep < n_prefix && !edit_seq_rm(st, seq_id, sc.pos[n_keep], sc.pos[n_prefix])) {
         return set_error(ERR_COMPUTE, "the cache refused to remove the compacted prefix");
     }
+    seq.t_phase_us[EVICT_PHASE_COMPACT] += ggml_time_us() - t_compact;
     return (int32_t) (n_prefix - n_keep);
 }
 

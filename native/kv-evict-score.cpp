@@ -130,9 +130,13 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     }
 
     if (!norm_todo.empty()) {
+        const int64_t t_norms = ggml_time_us();
         std::vector<std::vector<float>> norms;
         if (int32_t err = compute_value_norms(st, stream, norm_todo, norms)) {
             return err;
+        }
+        if (commit) {
+            seq.t_phase_us[EVICT_PHASE_NORMS] += ggml_time_us() - t_norms;
         }
         for (size_t j = 0; j < norm_todo.size(); ++j) {
             const uint32_t c = norm_todo[j];

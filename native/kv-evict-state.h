@@ -6,6 +6,7 @@
 #include "kv-evict-policy.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -15,6 +16,16 @@ struct llama_hparams;
 struct llama_context;
 struct llama_memory_i;
 class  llama_kv_cache;
+
+// The parts of an eviction, timed apart (llama_kv_evict_profile, in this order)
+enum evict_phase {
+    EVICT_PHASE_SETTLE,  // waiting for the decode still running on the backend
+    EVICT_PHASE_NORMS,   // projected-value norms of the cells new since the last eviction
+    EVICT_PHASE_SCORE,   // the rest of scoring: window attention, pooling, bookkeeping
+    EVICT_PHASE_SELECT,  // choosing each head's kept cells on the host
+    EVICT_PHASE_COMPACT, // moving kept rows and removing the rest
+    EVICT_PHASE_COUNT,
+};
 
 // What the hook keeps for one sequence. Each sequence of a context has cells of its own (llama.cpp's stream of that
 // sequence, kv_unified = false), so the side data is indexed by the sequence's cells and its window's queries fill
@@ -61,6 +72,7 @@ struct kv_evict_seq {
     int32_t n_evictions = 0;
     int64_t n_evicted   = 0;
     int64_t t_evict_us  = 0;
+    std::array<int64_t, EVICT_PHASE_COUNT> t_phase_us{}; // where t_evict_us went (llama_kv_evict_profile)
 
     kv_evict_seq(int32_t window, int32_t ring_row0, uint32_t kv_size, int64_t n_head_kv, int64_t n_layer_kv)
         : window(window), ring_row0(ring_row0), kv_size(kv_size), n_head_kv(n_head_kv), slot_pos(window, -1),

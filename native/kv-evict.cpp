@@ -292,10 +292,13 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     }
     const int64_t t_start = ggml_time_us();
     settle(ctx);
+    const int64_t t_settled = ggml_time_us();
 
     if (held_cells(*st, seq_id) <= st->params.budget) {
         return 0;
     }
+    kv_evict_seq & seq = st->seqs[seq_id];
+    seq.t_phase_us[EVICT_PHASE_SETTLE] += t_settled - t_start;
 
     const auto & hp = ctx->get_model().hparams;
     const int64_t n_layer_kv = st->kv->get_layer_ids().size();
@@ -303,9 +306,11 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
 
     seq_scores sc;
     const bool need_norms = st->policy().needs_value_norms();
+    const int64_t norms_before = seq.t_phase_us[EVICT_PHASE_NORMS];
     if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/true, sc)) {
         return err;
     }
+    seq.t_phase_us[EVICT_PHASE_SCORE] += ggml_time_us() - t_settled - (seq.t_phase_us[EVICT_PHASE_NORMS] - norms_before);
     const bool head_wise = st->params.granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD &&
                            st->policy().score != scorer::recency; // recency keeps the same cells in every head
     const int32_t n_removed = head_wise ? evict_heads(*st, seq_id, sc, n_layer_kv, n_kv)
@@ -313,7 +318,6 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     if (n_removed < 0) {
         return n_removed;
     }
-    kv_evict_seq & seq = st->seqs[seq_id];
     seq.n_evictions += n_removed > 0;
     seq.n_evicted   += n_removed;
     seq.t_evict_us  += ggml_time_us() - t_start;

@@ -26,6 +26,12 @@ extern "C" {
     LLAMA_API int32_t llama_kv_evict_queries(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * pos,
             float * q, int32_t n_max, int32_t * n_embd_q, float * kq_scale);
 
+    // Debug: where the evictions of seq_id spent their time (t_evict_us of llama_kv_evict_stats), summed over them in
+    // microseconds: t_us[0] waiting for the decode still running, [1] projected-value norms of the new cells, [2] the
+    // rest of scoring (window attention, pooling), [3] choosing the kept cells on the host, [4] moving kept rows and
+    // removing the rest. Writes min(n, 5) values. Returns 5, or a negative error code
+    LLAMA_API int32_t llama_kv_evict_profile(struct llama_context * ctx, llama_seq_id seq_id, int64_t * t_us, int32_t n);
+
     // AdaKV's allocation as the -ada policies compute it, for tests and analysis: how many of n cells each of n_head
     // heads keeps (share[h]) given scores[h*n + i], a pool of n_head * budget, safeguard alpha and a per-head cap.
     // Returns 0 or a negative error code

@@ -314,3 +314,20 @@ def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
     pos, score, _ = _lib.scores(llm, 0, 2)
     np.testing.assert_array_equal(pos, np.arange(32))
     assert np.isfinite(score).all() and score.sum() > 0
+
+
+@pytest.mark.parametrize("policy, granularity", [("criticalkv", "head"), ("snapkv", "head"), ("criticalkv", "token")])
+def test_profile_splits_the_eviction_time(llama_cpp, smollm2_path, policy, granularity):
+    """llama_kv_evict_profile's phases add up to t_evict_us, and only a policy that weighs by value norms spends time
+    on them."""
+    from pyllmkv import debug
+
+    budget, n_batch = 256, 128
+    llm = _llama(llama_cpp, smollm2_path, "f16", n_ctx=budget + n_batch, n_batch=n_batch)
+    sess = Session(llm, EvictConfig(budget=budget, window=32, policy=policy, granularity=granularity, prompt_tail=False))
+    sess.decode(llm.tokenize(_long_text().encode())[:1500])
+    st, phases = _lib.stats(llm), debug.profile(llm)
+    assert st["n_evictions"] >= 5
+    assert sum(phases.values()) == pytest.approx(st["t_evict_us"] / 1e6, rel=0.02, abs=1e-3)
+    assert (phases["norms"] > 0) == (policy == "criticalkv")
+    assert phases["score"] > 0 and phases["select"] > 0 and phases["compact"] > 0
