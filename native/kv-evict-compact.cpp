@@ -6,6 +6,7 @@
 // so every query from the window on attends to all of them, and each head sees exactly the K/V rows it chose.
 #include "kv-evict-state.h"
 #include "kv-evict-graph.h"
+#include "kv-evict-kernels.h"
 
 #include "llama-context.h"
 #include "llama-impl.h"
@@ -70,10 +71,24 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
     std::vector<int64_t> dst64(dst.begin(), dst.end());
     ggml_tensor * dst_all = g.input(GGML_TYPE_I64, dst64.size(), 1, dst64);
 
+    // a transposed V in host memory moves along its rows in place (native/cpu/compact-v.cpp); elsewhere, or with
+    // LLAMA_KV_EVICT_COMPACT=graph, the graph below transposes each head's slab there and back
+    const bool v_fused = st.kv->get_v_trans() && !graph_forced("LLAMA_KV_EVICT_COMPACT") &&
+                         std::all_of(layer_ids.begin(), layer_ids.end(), [&](int32_t il) {
+                             return compact_v_trans_cpu_supports(st.kv->get_v_storage(il)); });
+    std::vector<compact_v_args> v_args(v_fused ? layer_ids.size() : 0);
+    if (st.kv->get_v_trans()) {
+        st.compact_kernel = v_fused ? KERNEL_FUSED_CPU : KERNEL_GGML_GRAPH;
+    }
+
     for (size_t l = 0; l < layer_ids.size(); ++l) {
         const int32_t il = layer_ids[l];
         ggml_tensor * k = st.kv->get_k_storage(il);
         ggml_tensor * v = st.kv->get_v_storage(il);
+        if (v_fused) {
+            v_args[l] = {stream, n_kv, hparams.n_embd_head_v(il), &dst64, &src[l * n_kv]};
+            ggml_build_forward_expand(g.gf, compact_v_trans_cpu_op(ctx, v, &v_args[l]));
+        }
         for (int64_t h = 0; h < n_kv; ++h) {
             const std::vector<int32_t> s(src[l * n_kv + h].begin(), src[l * n_kv + h].end());
             const int64_t n = s.size();
@@ -90,7 +105,7 @@ int32_t compact_heads(llama_kv_evict_state & st, uint32_t stream, const std::vec
             if (!st.kv->get_v_trans()) {
                 ggml_tensor * vh = head_words(ctx, v, stream, hd_v, h);
                 ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, vh, ggml_get_rows(ctx, vh, src_idx), dst_idx));
-            } else {
+            } else if (!v_fused) {
                 // transposed V (f32/f16/bf16 only: llama.cpp quantizes V with flash attention only, which stores it
                 // per cell): the head's dims are hd_v rows of kv_size cells; permute its columns through a copy, exact
                 // through f32 for these types

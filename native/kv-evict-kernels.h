@@ -5,11 +5,12 @@
 #include "ggml-backend.h"
 
 #include <string>
+#include <vector>
 
 namespace kv_evict {
 
-// Which kernel computed the projected-value norms and the window attention (llama_kv_evict_stats.value_norm_kernel,
-// .window_attn_kernel)
+// Which kernel computed the projected-value norms and the window attention, or moved a transposed V cache's rows
+// (llama_kv_evict_stats.value_norm_kernel, .window_attn_kernel, .compact_kernel)
 enum scoring_kernel : int32_t {
     KERNEL_NONE       = 0, // not computed yet
     KERNEL_GGML_GRAPH = 1, // plain ggml ops on any backend
@@ -41,6 +42,23 @@ struct window_attn_args {
 // pool_kernel cells and rescaled to the row's prefix mass (0 past the prefix)
 ggml_tensor * window_attn_cpu_op(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q, ggml_tensor * cell_idx,
         ggml_tensor * kq_mask, ggml_tensor * weight, ggml_tensor * head_mask, int64_t n_head, window_attn_args * args);
+
+// CPU: whether V, stored transposed (a row of kv_size cells per dimension), lies in host memory in a type that
+// compaction moves as whole elements
+bool compact_v_trans_cpu_supports(const ggml_tensor * v);
+
+// What the transposed-V compaction reads beside its tensor; must live until the graph ran
+struct compact_v_args {
+    uint32_t stream    = 0;
+    int64_t  n_head_kv = 0;
+    int64_t  head_dim  = 0;
+    const std::vector<int64_t>  * dst = nullptr; // the cells a head's kept rows fill, in order
+    const std::vector<uint32_t> * src = nullptr; // [n_head_kv]: per KV head of the layer, the cells of its kept rows
+};
+
+// CPU: moves, in the transposed V cache v of one layer ([n_embd_v, kv_size, n_stream] as stored), each head's cells
+// src[h][j] to dst[j] along every one of its dimension rows, in place. Returns a 1-element tensor to expand the graph with
+ggml_tensor * compact_v_trans_cpu_op(ggml_context * ctx, ggml_tensor * v, compact_v_args * args);
 
 // CUDA (built with GGML_CUDA): whether tensors a and b (W_O and the V cache, the K cache and the query ring) lie in one
 // CUDA device's memory (not split across devices)

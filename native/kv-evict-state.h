@@ -140,6 +140,7 @@ struct llama_kv_evict_state {
 
     int32_t value_norm_kernel  = 0; // kv_evict::scoring_kernel that computed the last norms
     int32_t window_attn_kernel = 0; // kv_evict::scoring_kernel that computed the last window attention
+    int32_t compact_kernel     = 0; // kv_evict::scoring_kernel that moved a transposed V cache's rows last
     size_t  scoring_bytes      = 0; // largest compute buffers of the hook's graphs so far
 };
 

@@ -393,6 +393,7 @@ int32_t llama_kv_evict_get_stats(llama_context * ctx, llama_seq_id seq_id, llama
         stats->t_evict_us  = st->seqs[seq_id].t_evict_us;
         stats->value_norm_kernel  = st->value_norm_kernel;
         stats->window_attn_kernel = st->window_attn_kernel;
+        stats->compact_kernel     = st->compact_kernel;
         stats->scoring_bytes      = st->scoring_bytes;
     }
     return 0;

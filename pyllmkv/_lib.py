@@ -96,6 +96,7 @@ class EvictStats(ctypes.Structure):
         ("value_norm_kernel", ctypes.c_int32),
         ("window_attn_kernel", ctypes.c_int32),
         ("scoring_bytes", ctypes.c_size_t),
+        ("compact_kernel", ctypes.c_int32),
     ]
 
 
@@ -363,11 +364,11 @@ SCORING_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda"}
 
 
 def stats(ctx, seq_id: int = 0) -> dict:
-    """Counters from llama.cpp and the hook; value_norm_kernel and window_attn_kernel name what computed the
-    projected-value norms and the window attention last."""
+    """Counters from llama.cpp and the hook; value_norm_kernel, window_attn_kernel and compact_kernel name what
+    computed the projected-value norms and the window attention last, and moved a transposed V cache's rows."""
     s = EvictStats()
     _check(_get_stats(_ctx(ctx), seq_id, ctypes.byref(s)))
     out = {name: getattr(s, name) for name, _ in EvictStats._fields_}
-    for key in ("value_norm_kernel", "window_attn_kernel"):
+    for key in ("value_norm_kernel", "window_attn_kernel", "compact_kernel"):
         out[key] = SCORING_KERNELS.get(out[key], str(out[key]))
     return out

@@ -1,5 +1,5 @@
-"""The fused CPU kernels (native/cpu/: projected-value norms, window attention) against the plain ggml graphs and the
-numpy reference, over weight types, cache types, head dims, GQA groups, policies and odd cell counts; and the
+"""The fused CPU kernels (native/cpu/: projected-value norms, window attention, transposed-V compaction) against the
+plain ggml graphs and the numpy reference, over weight types, cache types, head dims, GQA groups, policies and odd cell counts; and the
 dispatch as kv_stats reports it."""
 
 from __future__ import annotations
@@ -200,3 +200,34 @@ def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path, monk
     _, _, graph, st, _ = _scores(llama_cpp, path, "f32", 101)
     assert st["value_norm_kernel"] == "ggml-graph"
     np.testing.assert_allclose(graph, norms, rtol=5e-3)  # the graph rounds V to q8_0 for its Q4_0 matmul
+
+
+def _compacted_rows(llama_cpp, path, cache, policy, graph: bool):
+    """Every layer's K and V rows of the sequence's cells after head-wise evictions with a transposed V cache (flash
+    attention off), compacted by the fused kernel or (graph) the ggml graph; and the kernel kv_stats names."""
+    if graph:
+        os.environ["LLAMA_KV_EVICT_COMPACT"] = "graph"
+    try:
+        config = EvictConfig.for_cells(96, window=8, policy=policy, prompt_tail=False)
+        llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=64, n_ubatch=64, verbose=False, n_threads=2,
+                              flash_attn=False, type_k=TYPES[cache], type_v=TYPES[cache])
+        sess = Session(llm, config)
+        sess.decode(random_tokens(400, seed=7))
+        n_layer = int(llama_cpp.llama_model_n_layer(llm._model.model))
+        st = _lib.stats(llm)
+        rows = [debug.read_rows(llm, il, is_v, st["n_seq_cells"]) for il in range(n_layer) for is_v in (False, True)]
+        return rows, st
+    finally:
+        os.environ.pop("LLAMA_KV_EVICT_COMPACT", None)
+
+
+@pytest.mark.parametrize("cache", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("policy", ["snapkv", "criticalkv-ada"])
+def test_fused_compaction_equals_graph(llama_cpp, tiny64_path, cache, policy):
+    """The kept rows a transposed V cache holds after head-wise evictions are the same bytes whether the fused kernel
+    or the graph moved them (the -ada policy: heads of unequal shares)."""
+    fused, st = _compacted_rows(llama_cpp, tiny64_path, cache, policy, graph=False)
+    graph, st_graph = _compacted_rows(llama_cpp, tiny64_path, cache, policy, graph=True)
+    assert st["n_evictions"] >= 3 and (st["compact_kernel"], st_graph["compact_kernel"]) == ("fused-cpu", "ggml-graph")
+    for a, b in zip(fused, graph):
+        np.testing.assert_array_equal(a, b)
