@@ -104,8 +104,9 @@ def main() -> None:
     command = "python scripts/eviction_profile.py " + " ".join(sys.argv[1:])
     (out / "results.json").write_text(json.dumps(dict(command=command, model=Path(model).name, runs=[
         dict(context=c, policy=p, runs=rs) for (c, p), rs in runs.items()], rows=rows), indent=1) + "\n")
+    runs_said = f"medians of {args.repeat} runs" if args.repeat > 1 else "one run each"
     lines = [f"# Where an eviction's time goes ({Path(model).name}, budget {args.kv_budget}, -b {args.n_batch}, "
-             f"-t {args.threads}, medians of {args.repeat})", "", f"`{command}`", "",
+             f"-t {args.threads}, {runs_said})", "", f"`{command}`", "",
              "| context | policy | prefill tok/s | evicting | prompt tail | evictions | ms per eviction | "
              + " | ".join(f"{p} ms" for p in PHASES) + " |", "|---" * (7 + len(PHASES)) + "|"]
     for r in rows:
