@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,29 +30,35 @@ def _say(msg: str) -> None:
 
 def binary(say: Callable[[str], None] = _say) -> Path:
     """llama-server beside the patched library, built there on first use (a few minutes on 2 cores)."""
-    lib = _lib.lib_dir()
-    spec_path = lib / "server-build.json"
+    spec_path = _lib.lib_dir() / "server-build.json"
     if not spec_path.exists():
         raise FileNotFoundError(f"{spec_path} is missing, so llama-server cannot be built as the library was: "
                                 "reinstall pyllmkv from its source (pip install .)")
-    spec = json.loads(spec_path.read_text())
-    built = Path(spec["build_dir"]) / "bin" / BINARY
-    build_dir = Path(spec["build_dir"])
-    if not (build_dir / "CMakeCache.txt").exists():
+    build_dir = Path(json.loads(spec_path.read_text())["build_dir"])
+    built = build_dir / "bin" / BINARY
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
         raise FileNotFoundError(f"the build tree that built pyllmkv's library ({build_dir}) is gone, and llama-server is "
                                 "built there: reinstall pyllmkv from its source checkout (pip install .), which keeps it")
-    cmake = spec["cmake"] if Path(spec["cmake"]).exists() else shutil.which("cmake")
-    if not cmake:
-        raise FileNotFoundError("building llama-server needs CMake: pip install cmake")
-    # cheap when up to date; after a patch or native/server change it rebuilds only what changed
     t0 = time.time()
     if not built.exists():
         say(f"pyllmkv: building llama.cpp's llama-server (patched) once, in {build_dir}; several minutes on 2 cores")
     log = build_dir / "llama-server-build.log"
     with open(log, "w") as out:
-        cmd = [cmake, "--build", str(build_dir), "--target", BINARY, "-j", str(os.cpu_count() or 1)]
-        if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-            raise RuntimeError(f"building llama-server failed: see {log}")
+        def run(cmd: List[str]) -> None:
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                raise RuntimeError(f"building llama-server failed: see {log}")
+
+        cmake = re.search(r"^CMAKE_COMMAND:INTERNAL=(.*)$", cache.read_text(), re.M).group(1)
+        if not Path(cmake).exists():
+            # pip built the library with the CMake of its isolated environment, gone since: the build rules call it,
+            # so this one writes them again
+            cmake = shutil.which("cmake")
+            if not cmake:
+                raise FileNotFoundError("building llama-server needs CMake: pip install cmake")
+            run([cmake, str(build_dir)])
+        # cheap when up to date; after a patch or native/server change it rebuilds only what changed
+        run([cmake, "--build", str(build_dir), "--target", BINARY, "-j", str(os.cpu_count() or 1)])
     if time.time() - t0 > 10:
         say(f"pyllmkv: llama-server built in {time.time() - t0:.0f} s ({built})")
     return built
