@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # t
 import pyllmkv  # noqa: E402  (binds llama_cpp to the patched libllama before anything imports llama_cpp)
 from pyllmkv import models  # noqa: E402
 from tinymodel import write_tiny_llama  # noqa: E402
+from llama_server import free_port  # noqa: E402,F401  (the tests' free ports, one helper with the scripts')
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +63,6 @@ def keep_from_held(held: np.ndarray, n_prefix: int) -> np.ndarray:
         for g in range(held.shape[1]):
             keep[il, g, held[il, g][held[il, g] >= 0]] = True
     return keep
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_tokens(n: int, seed: int = 1, n_vocab: int = 256, low: int = 0) -> list[int]:
