@@ -60,6 +60,17 @@ def test_needles_and_chains_are_where_they_belong():
     assert min(counts[w] for w in s.expected) > max(c for w, c in counts.items() if w not in s.expected) == 3
 
 
+def test_qa_asks_for_the_words_after_a_passage_quoted_once():
+    for s in ruler.samples(TEXT, count, ["qa"], 1500, 3):
+        quote = s.question.split('come right after "')[1].split('"?')[0]
+        assert len(quote.split()) == ruler.QA_QUOTE_WORDS and len(s.expected[0].split()) == ruler.QA_ANSWER_WORDS
+        assert s.context.count(quote) == 1
+        assert f"{quote} {s.expected[0]}" in s.context
+        assert s.question.endswith(f'"{quote}" is followed by "')
+    with pytest.raises(ValueError, match="no passage of plain words"):
+        ruler.Generator("1. 2. 3. " * 400, count, 0).qa(300)
+
+
 def test_samples_are_deterministic():
     a = ruler.samples(TEXT, count, ruler.TASKS, 1000, 2)
     b = ruler.samples(TEXT, count, ruler.TASKS, 1000, 2)

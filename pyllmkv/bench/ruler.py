@@ -19,12 +19,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa"]
 SETTINGS = ["agnostic", "aware"]
 FULL = "full cache"
 # tokens an answer may take: the multi-value tasks list several items
 N_ANSWER = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 80,
-            "fwe": 30}
+            "fwe": 30, "qa": 16}
+
+# qa: a quoted passage of the context and the words that follow it
+QA_QUOTE_WORDS, QA_ANSWER_WORDS = 8, 4
 
 NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
               "I will quiz you about the numbers afterwards.\n")
@@ -168,6 +171,30 @@ class Generator:
         return Sample("fwe", intro + " ".join(drawn), "\nQuestion: Do not provide any explanation. Please ignore the "
                       "dots '....'. What are the three most frequently appeared words in the above coded text? "
                       "Answer: According to the coded text above, the three most frequently appeared words are:", top)
+
+    def qa(self, n: int) -> Sample:
+        """Questions over the real text itself (no QA dataset ships with Debian or the package index): which words
+        follow a quoted passage of the context. The passage occurs once in the context and its answer is the next
+        QA_ANSWER_WORDS words of the same sentence, so only the context's own cells answer it."""
+        intro = "Read the following text carefully. I will ask you about its exact wording afterwards.\n\n"
+        hay = self.haystack(n - self.count(intro))
+        context = intro + " ".join(hay)
+        runs = []  # (sentence, first word) of every quote + answer of plain words, where the quote occurs once
+        n_words = QA_QUOTE_WORDS + QA_ANSWER_WORDS
+        for si, sentence in enumerate(hay):
+            words = sentence.split(" ")
+            for k in range(len(words) - n_words + 1):
+                run = words[k : k + n_words]
+                if all(re.fullmatch(r"[A-Za-z]+", w) for w in run) and context.count(" ".join(run[:QA_QUOTE_WORDS])) == 1:
+                    runs.append((si, k))
+        if not runs:
+            raise ValueError("the text has no passage of plain words to quote: pass a longer English text (--text)")
+        si, k = self.rng.choice(runs)
+        words = hay[si].split(" ")
+        quote = " ".join(words[k : k + QA_QUOTE_WORDS])
+        answer = " ".join(words[k + QA_QUOTE_WORDS : k + n_words])
+        return Sample("qa", context, f'\nQuestion: In the text above, which words come right after "{quote}"? Answer: '
+                      f'In the text above, "{quote}" is followed by "', [answer])
 
     def sample(self, task: str, context_tokens: int) -> Sample:
         return getattr(self, task)(context_tokens)
