@@ -11,7 +11,7 @@ import pytest
 from pyllmkv import EvictConfig, _lib, bench
 from pyllmkv.bench import haystack, ruler
 from pyllmkv.bench.report import bootstrap_ci, ruler_summary
-from pyllmkv.session import Session
+from pyllmkv.session import Session, truncate
 from test_bench import _no_progress
 
 TEXT = haystack.text()[0]
@@ -92,28 +92,41 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     prompt itself, with the hook enabled with that policy, and evicted once at the same point."""
     rng = np.random.default_rng(1)
     context, question = [int(t) for t in rng.integers(3, 250, 200)], [int(t) for t in rng.integers(3, 250, 12)]
+    probe = [int(t) for t in rng.integers(3, 250, 5)] + context  # a prompt, then the context again
     window, kernel, budget = 8, 5, 48
-    n_ctx = len(context) + len(question) + 4 + 32
+    n_ctx = len(context) + len(probe) + len(question) + 4 + 32
 
     def llm():
         return llama_cpp.Llama(model_path=tiny_path, n_ctx=n_ctx, n_batch=32, n_ubatch=32, verbose=False)
 
     branched = {}
-    branches = [("agnostic", policy, budget), ("aware", policy, budget), ("agnostic", ruler.FULL, 0)]
-    answers = ruler.branch_answers(llm(), context, question, 4, branches, window, kernel,
+    branches = [("agnostic", policy, budget), ("aware", policy, budget), ("repeat", policy, budget),
+                ("repeat", policy, budget + 16), ("agnostic", ruler.FULL, 0)]
+    answers = ruler.branch_answers(llm(), context, question, 4, branches, window, kernel, probe,
                                    on_first_logits=lambda b, logits: branched.__setitem__(b, logits.copy()))
-    assert len(answers) == 3 and all(1 <= len(a) <= 4 for a in answers)
+    assert len(answers) == len(branches) and all(1 <= len(a) <= 4 for a in answers)
 
     for (setting, pol, b), answer in zip(branches, answers):
         fresh = llm()
         ctx = fresh._ctx.ctx
         cells = EvictConfig.for_cells(b, policy=pol, window=window).cells if pol != ruler.FULL else n_ctx
-        if pol != ruler.FULL:
-            _lib.enable(ctx, EvictConfig.for_cells(b, policy=pol, window=window, pool_kernel=kernel, prompt_tail=False))
+        config = EvictConfig.for_cells(b, policy=pol, window=window, pool_kernel=kernel, prompt_tail=False) \
+            if pol != ruler.FULL else None
+        if config and setting != "repeat":
+            _lib.enable(ctx, config)
         s = Session(fresh, None)
         s.decode(context)
-        if pol != ruler.FULL and setting == "agnostic":
+        if setting == "repeat":
+            # the probe's queries alone score the context; its cells and the context's last window are kept, the
+            # per-head budget is the agnostic one's, then the probe leaves
+            _lib.enable(ctx, dataclasses.replace(config, budget=config.budget + len(probe), window=window + len(probe)))
+            s.decode(probe)
             _lib.evict(ctx)
+            truncate(ctx, len(context))
+            s.n_tokens = len(context)
+            assert _lib.positions(ctx).max() == len(context) - 1
+        if pol != ruler.FULL and setting in ("agnostic", "repeat"):
+            _lib.evict(ctx) if setting == "agnostic" else None
             assert _lib.stats(ctx)["n_seq_cells"] <= cells
         logits = s.decode(question)
         np.testing.assert_allclose(branched[(setting, pol, b)], logits, rtol=1e-4, atol=1e-4)
@@ -124,8 +137,10 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
         while len(out) < len(answer):
             out.append(int(np.argmax(s.decode([out[-1]]))))
         assert out == answer, (setting, pol)
-    # the eviction mattered: the question-agnostic branch's logits differ from the full cache's
+    # the eviction mattered: the question-agnostic branch's logits differ from the full cache's, and the probe's
+    # queries chose other cells than the context's own window did
     assert not np.allclose(branched[("agnostic", policy, budget)], branched[("agnostic", ruler.FULL, 0)], atol=1e-3)
+    assert not np.allclose(branched[("agnostic", policy, budget)], branched[("repeat", policy, budget)], atol=1e-3)
 
 
 def test_suite_in_the_tiny_grid(tiny_path, tmp_path):

@@ -293,9 +293,11 @@ class Bench:
                                                              for p in policies for b in g.ruler_budgets]
                 labels = {needle_budget(b, context): budget_label(b) for b in g.ruler_budgets}
                 for i, sample in enumerate(samples):
+                    probe = ruler.repeat_probe(lambda t: self.tokenize(t, False), sample.context) \
+                        if "repeat" in g.ruler_settings else []
                     r = self.runner.job("ruler", "pyllmkv", bos + self.tokenize(sample.context, False),
                                         question=self.tokenize(sample.question, False), n_answer=sample.n_answer,
-                                        branches=branches)
+                                        branches=branches, probe=probe)
                     for (setting, policy, budget), tokens in zip(branches, r["answers"]):
                         answer = self.vocab.detokenize(tokens).decode("utf-8", "replace")
                         row = dict(context=context, task=sample.task, sample=i, policy=policy, budget=budget,

@@ -123,7 +123,9 @@ def ruler_summary(rows: list[dict]) -> list[dict]:
 
 
 RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its own last window queries, then the question",
-                 "aware": "question-aware: context and question prefilled, evicted once with the question in the window"}
+                 "aware": "question-aware: context and question prefilled, evicted once with the question in the window",
+                 "repeat": "question-agnostic, scored by a request to repeat the context (KVzip's probe), then the question"}
+RULER_SETTING_TITLE = {"agnostic": "question-agnostic", "aware": "question-aware", "repeat": "repeat probe (agnostic)"}
 
 
 def ruler_line(ax, rows: list[dict], context: int, **style) -> None:
@@ -280,7 +282,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                     ax.axhline(100 * r["mean"], color="k", linestyle="--", label=RULER_FULL)
             for policy in dict.fromkeys(r["policy"] for r in rs if r["policy"] != RULER_FULL):
                 ruler_line(ax, [r for r in rs if r["policy"] == policy], context, label=policy)
-            ax.set_title(f"{context} tokens, question-{setting}", fontsize=10)
+            ax.set_title(f"{context} tokens, {RULER_SETTING_TITLE[setting]}", fontsize=10)
             ax.set_xlabel("budget / context")
             ax.set_ylabel("score (%)")
             ax.set_ylim(-2, 102)

@@ -7,6 +7,10 @@ Two settings, per sample:
   the budget with its own last `window` queries; then the question is decoded at the next positions and answered.
 - question-aware (the CriticalKV paper's and kvpress's): context and question are prefilled, evicted once with the
   question in the window, then answered.
+- repeat (question-agnostic, scored as KVzip does: Kim et al. 2025, arXiv 2505.23416): a request to repeat the context
+  and the context itself are decoded after it; their queries score the context's cells, the eviction keeps the
+  context's last `window` cells and the policy's choice among the rest, then the probe's cells are removed and the
+  question is answered as in the agnostic setting, with the same cells. It costs a second prefill of the context.
 The context is prefilled once with the whole cache and saved; each (setting, policy, budget) loads it, evicts once and
 answers, so a policy costs an eviction and a short decode, not a prefill.
 """
@@ -17,10 +21,12 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa"]
-SETTINGS = ["agnostic", "aware"]
+SETTINGS = ["agnostic", "aware", "repeat"]
+# the repeat setting's probe: this request, then the context again (KVzip's wording)
+REPEAT_PROMPT = "\n\nRepeat the previous context:\n"
 FULL = "full cache"
 # tokens an answer may take: the multi-value tasks list several items
 N_ANSWER = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 80,
@@ -215,17 +221,21 @@ def samples(text: str, count: Callable[[str], int], tasks: Sequence[str], contex
 
 
 def branch_answers(llm, context: list[int], question: list[int], n_answer: int, branches: list[tuple[str, str, int]],
-                   window: int, pool_kernel: int, on_first_logits: Callable | None = None) -> list[list[int]]:
+                   window: int, pool_kernel: int, probe: Sequence[int] = (),
+                   on_first_logits: Callable | None = None) -> list[list[int]]:
     """Greedy answers of `question` after `context` for each (setting, policy, budget) in `branches` (policy FULL:
-    no eviction). `llm` is a llama_cpp.Llama on the patched library whose context holds context + question +
+    no eviction). `llm` is a llama_cpp.Llama on the patched library whose context holds context + probe + question +
     n_answer + n_batch cells. The context is prefilled once (the hook enabled, so its last `window` queries are
-    captured), saved, and loaded again for each branch. `on_first_logits(branch, logits)` sees the logits the
+    captured), saved, and loaded again for each branch; the repeat setting's `probe` (repeat_probe) is decoded after
+    it once, saved too, and serves every repeat branch. `on_first_logits(branch, logits)` sees the logits the
     answer's first token is drawn from (tests)."""
+    import dataclasses
+
     import numpy as np
 
     from .. import _lib
     from .._lib import EvictConfig
-    from ..session import Session
+    from ..session import Session, truncate
 
     ctx = llm._ctx.ctx
     eog = llm._model.token_eos()
@@ -233,21 +243,44 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     def config(policy: str, budget: int) -> EvictConfig:
         return EvictConfig.for_cells(budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=False)
 
+    def session_after(state, kv: Optional[bytes], n_tokens: int) -> Session:
+        llm.load_state(state)
+        if kv is not None:  # the hook's side data, with a window of the same size as the one it was saved with
+            _lib.set_seq_data(ctx, kv)
+        plain = Session(llm, None)  # decodes without evicting to fit: the one eviction is the branch's
+        plain.n_tokens = n_tokens  # the next position follows: nothing was renumbered
+        return plain
+
     prefill = Session(llm, config("snapkv", llm.n_ctx() - llm.n_batch))  # a budget the prompt never reaches
     prefill.decode(context)
     kv = _lib.seq_data(ctx)
     state = llm.save_state()
+    # the repeat setting's window: the context's last `window` cells, kept as in the agnostic setting, and the probe
+    repeat_window = window + len(probe)
+    repeated = None  # (state, seq data) after the probe
     answers = []
     for setting, policy, budget in branches:
         evicting = policy != FULL
-        if evicting:
-            _lib.enable(ctx, config(policy, budget))
-        llm.load_state(state)
-        _lib.set_seq_data(ctx, kv)
-        plain = Session(llm, None)  # decodes without evicting to fit: the one eviction is below
-        plain.n_tokens = len(context)  # the next position follows: nothing was renumbered
-        if evicting and setting == "agnostic":
+        if setting == "repeat" and evicting:
+            if repeated is None:
+                # captures the probe's queries; nothing is evicted with this budget
+                _lib.enable(ctx, EvictConfig(budget=2 * repeat_window, policy="snapkv", window=repeat_window, prompt_tail=False))
+                session_after(state, None, len(context)).decode(probe)
+                repeated = (llm.save_state(), _lib.seq_data(ctx))
+            # the same per-head budget as the agnostic branch's once the probe's cells are gone
+            c = config(policy, budget)
+            _lib.enable(ctx, dataclasses.replace(c, budget=c.budget + len(probe), window=repeat_window))
+            session_after(*repeated, len(context) + len(probe))
             _lib.evict(ctx)
+            truncate(ctx, len(context))
+            plain = Session(llm, None)
+            plain.n_tokens = len(context)
+        else:
+            if evicting:
+                _lib.enable(ctx, config(policy, budget))
+            plain = session_after(state, kv, len(context))
+            if evicting and setting == "agnostic":
+                _lib.evict(ctx)
         logits = plain.decode(question)
         if evicting and setting == "aware":
             _lib.evict(ctx)
@@ -258,3 +291,8 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
             out.append(int(np.argmax(plain.decode([out[-1]]))))
         answers.append(out)
     return answers
+
+
+def repeat_probe(tokenize: Callable[[str], list[int]], context: str) -> list[int]:
+    """The repeat setting's probe: REPEAT_PROMPT, then the context's tokens (`tokenize` adds no BOS)."""
+    return tokenize(REPEAT_PROMPT) + tokenize(context)

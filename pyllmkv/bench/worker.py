@@ -227,11 +227,11 @@ def run_ruler(job: dict) -> dict:
     from pyllmkv.bench.ruler import branch_answers
 
     add_rpc_servers(job)
-    n_ctx = len(job["tokens"]) + len(job["question"]) + job["n_answer"] + job["n_batch"]
+    n_ctx = len(job["tokens"]) + len(job["probe"]) + len(job["question"]) + job["n_answer"] + job["n_batch"]
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **llama_args(job))
     t0 = time.perf_counter()
     answers = branch_answers(llm, job["tokens"], job["question"], job["n_answer"], [tuple(b) for b in job["branches"]],
-                             job["window"], job["pool_kernel"])
+                             job["window"], job["pool_kernel"], job["probe"])
     return {"answers": answers, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
