@@ -17,6 +17,14 @@ namespace kv_evict {
 
 namespace {
 
+// Cells a ubatch writes hold new tokens in every head: noted by whichever of the hook's graph inputs is set first
+void note_written(llama_kv_evict_state * st, const llama_ubatch * ubatch) {
+    for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
+        kv_evict_seq & seq = st->seqs[ubatch->seq_id[t][0]];
+        seq.min_written = std::min(seq.min_written, ubatch->pos[t]);
+    }
+}
+
 // Writes at every decode the ring row each captured query goes to: its sequence's slot for the tokens among the last
 // `window` of their sequence in the batch, the discard row for the others. One per layer: each is a few integers.
 class graph_input_capture : public llm_graph_input_i {
@@ -25,10 +33,9 @@ public:
         : st(st), n_tokens(n_tokens), n_capture(n_capture) {}
 
     void set_input(const llama_ubatch * ubatch) override {
+        note_written(st, ubatch);
         std::vector<llama_pos> pos_max(st->seqs.size(), -1);
         for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
-            kv_evict_seq & seq = st->seqs[ubatch->seq_id[t][0]];
-            seq.min_written = std::min(seq.min_written, ubatch->pos[t]);
             pos_max[ubatch->seq_id[t][0]] = std::max(pos_max[ubatch->seq_id[t][0]], ubatch->pos[t]);
         }
         std::vector<int64_t> idx(n_capture, st->discard_row());
@@ -64,11 +71,7 @@ public:
     graph_input_head_mask(llama_kv_evict_state * st, int64_t l, int64_t n_tokens) : st(st), l(l), n_tokens(n_tokens) {}
 
     void set_input(const llama_ubatch * ubatch) override {
-        // cells this ubatch writes hold new tokens in every head, whichever input is set first
-        for (uint32_t t = 0; t < ubatch->n_tokens; ++t) {
-            kv_evict_seq & seq = st->seqs[ubatch->seq_id[t][0]];
-            seq.min_written = std::min(seq.min_written, ubatch->pos[t]);
-        }
+        note_written(st, ubatch);
         // one mask per stream of the ubatch, as llama.cpp's: stream s holds the s-th run of n_tokens / n_stream tokens
         const int64_t n_cells  = mask->ne[0];
         const int64_t n_head   = mask->ne[2];
