@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The ruler suite's table from the jobs a run finished (its job-N.json and job-N.json.out), for a run stopped before
-its end: the same samples, answers and scoring as Bench.ruler, for the samples whose jobs completed (question-agnostic
-setting). Writes partial-rows.json beside the jobs.
+its end: the same samples, answers and scoring as Bench.ruler, for the samples whose jobs completed (every setting
+the run had). Writes partial-rows.json beside the jobs.
 
     python scripts/ruler_partial.py MODEL JOB_DIR --context 2048 --samples 3 --budgets 0.1,0.2 [--tasks ...]
 """
@@ -38,11 +38,14 @@ def main() -> None:
         job = json.loads(Path(str(out)[:-4]).read_text())
         sample = samples[i]
         assert job["question"] == tok(sample.question, False), f"job {out.name} is not sample {i}"
+        settings = list(dict.fromkeys(b[0] for b in job["branches"] if b[1] != ruler.FULL))
         for (setting, policy, budget), tokens in zip(job["branches"], json.loads(out.read_text())["answers"]):
             answer = vocab.detokenize(tokens).decode("utf-8", "replace")
-            rows.append(dict(context=args.context, task=sample.task, sample=i % args.samples, policy=policy,
-                             budget=budget, budget_label=labels.get(budget, ""), answer=answer, expected=sample.expected,
-                             score=ruler.string_match_all(answer, sample.expected), setting=setting))
+            row = dict(context=args.context, task=sample.task, sample=i % args.samples, policy=policy,
+                       budget=budget, budget_label=labels.get(budget, ""), answer=answer, expected=sample.expected,
+                       score=ruler.string_match_all(answer, sample.expected))
+            # the full cache's one branch serves every setting, as in Bench.ruler
+            rows += [dict(row, setting=s) for s in (settings if policy == ruler.FULL else [setting])]
     print(f"{len(jobs)} jobs of {len(samples)}")
     print("\n".join(report.ruler_tables(rows)))
     (args.jobs / "partial-rows.json").write_text(json.dumps(rows))
