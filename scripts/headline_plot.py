@@ -65,21 +65,24 @@ def main() -> None:
     axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes[0].legend(fontsize=8)
 
-    summary = [r for r in ruler_summary(ruler["ruler"]) if r["setting"] == "agnostic"]
+    summary = [r for r in ruler_summary(ruler["ruler"]) if r["setting"] in ("agnostic", "repeat")]
     context = max(r["context"] for r in summary)
     summary = [r for r in summary if r["context"] == context]
     ax = axes[2]
     for r in summary:
-        if r["policy"] == FULL:
+        if r["policy"] == FULL and r["setting"] == "agnostic":
             ax.axhline(100 * r["mean"], color="k", linestyle="--", label="full cache")
-    # streaming keeps the cells stock context shift keeps (4 sinks + the most recent)
-    for policy in ["streaming", *policies]:
-        rs = [r for r in summary if r["policy"] == policy]
-        if not rs:
-            continue
-        label = "stock shift's cells (streaming)" if policy == "streaming" else f"pyllmkv {policy}"
-        color = STOCK["stock shift"][0] if policy == "streaming" else None
-        ruler_line(ax, rs, context, color=color, label=label)
+    # streaming keeps the cells stock context shift keeps (4 sinks + the most recent); a run with the repeat setting
+    # draws each policy scored by KVzip's probe too, in the same color
+    for i, policy in enumerate(["streaming", *policies]):
+        for setting, style in (("agnostic", "-"), ("repeat", ":")):
+            rs = [r for r in summary if r["policy"] == policy and r["setting"] == setting]
+            if not rs or (policy == "streaming" and setting == "repeat"):
+                continue
+            label = "stock shift's cells (streaming)" if policy == "streaming" else f"pyllmkv {policy}"
+            label += ", scored by a repeat of the document" if setting == "repeat" else ""
+            color = STOCK["stock shift"][0] if policy == "streaming" else f"C{i}"
+            ruler_line(ax, rs, context, color=color, linestyle=style, label=label)
     n = max(r["n"] for r in summary)
     ax.set_title(f"facts kept when the question comes after the eviction\n(RULER-style, {model_name(ruler)}, "
                  f"{context} tokens, {n} samples)", fontsize=9)
