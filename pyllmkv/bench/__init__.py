@@ -293,9 +293,10 @@ class Bench:
                                                              for p in policies for b in g.ruler_budgets]
                 labels = {needle_budget(b, context): budget_label(b) for b in g.ruler_budgets}
                 for i, sample in enumerate(samples):
-                    probe = ruler.repeat_probe(lambda t: self.tokenize(t, False), sample.context) \
+                    tokens = self.tokenize(sample.context, False)
+                    probe = ruler.repeat_probe(lambda t: self.tokenize(t, False), tokens) \
                         if "repeat" in g.ruler_settings else []
-                    r = self.runner.job("ruler", "pyllmkv", bos + self.tokenize(sample.context, False),
+                    r = self.runner.job("ruler", "pyllmkv", bos + tokens,
                                         question=self.tokenize(sample.question, False), n_answer=sample.n_answer,
                                         branches=branches, probe=probe)
                     for (setting, policy, budget), tokens in zip(branches, r["answers"]):

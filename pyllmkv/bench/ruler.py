@@ -270,11 +270,9 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
             # the same per-head budget as the agnostic branch's once the probe's cells are gone
             c = config(policy, budget)
             _lib.enable(ctx, dataclasses.replace(c, budget=c.budget + len(probe), window=repeat_window))
-            session_after(*repeated, len(context) + len(probe))
+            plain = session_after(*repeated, len(context))  # decodes after the probe has left
             _lib.evict(ctx)
             truncate(ctx, len(context))
-            plain = Session(llm, None)
-            plain.n_tokens = len(context)
         else:
             if evicting:
                 _lib.enable(ctx, config(policy, budget))
@@ -293,6 +291,6 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     return answers
 
 
-def repeat_probe(tokenize: Callable[[str], list[int]], context: str) -> list[int]:
-    """The repeat setting's probe: REPEAT_PROMPT, then the context's tokens (`tokenize` adds no BOS)."""
-    return tokenize(REPEAT_PROMPT) + tokenize(context)
+def repeat_probe(tokenize: Callable[[str], list[int]], context: Sequence[int]) -> list[int]:
+    """The repeat setting's probe: REPEAT_PROMPT (`tokenize` adds no BOS), then the context's tokens without BOS."""
+    return tokenize(REPEAT_PROMPT) + list(context)
