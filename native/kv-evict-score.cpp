@@ -65,7 +65,27 @@ int32_t ensure_sched(llama_kv_evict_state & st, int32_t graph_size) {
     return st.sched ? 0 : set_error(ERR_COMPUTE, "cannot create the scoring scheduler");
 }
 
-int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out) {
+// The policy's rescale of out.score by the value norms, then the cells the scorer protects at their layer's maximum
+// (protect: per layer, indices into its [n_kv][n_prefix] scores; may be empty)
+static void rescale_scores(const policy & pol, int64_t n_layer_kv, int64_t n_kv, const std::vector<std::vector<int64_t>> & protect,
+        seq_scores & out) {
+    const int64_t n_prefix = out.n_prefix();
+    for (int64_t l = 0; l < n_layer_kv; ++l) {
+        float * score = out.score.data() + l * n_kv * n_prefix;
+        if (pol.weigh == rescale::norm_share) {
+            norm_share(score, out.value_norm.data() + l * n_kv * n_prefix, n_kv, n_prefix);
+        }
+        if (l < (int64_t) protect.size() && !protect[l].empty()) {
+            const float top = *std::max_element(score, score + n_kv * n_prefix);
+            for (int64_t k : protect[l]) {
+                score[k] = top;
+            }
+        }
+    }
+}
+
+int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
+        llama_pos probe_end) {
     const llama_model   & model   = st.lctx->get_model();
     const llama_hparams & hparams = model.hparams;
     const auto & p = st.params;
@@ -86,7 +106,9 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         return 0;
     }
     const llama_pos pos_max = out.pos.back();
-    for (int64_t i = n - 1; i >= 0 && out.pos[i] > pos_max - p.window; --i) {
+    // a probe's cells stand as the window: they neither get scores nor weigh in a head's mean, which floors the rest
+    const llama_pos scored_below = probe_end >= 0 ? probe_end : pos_max - p.window + 1;
+    for (int64_t i = n - 1; i >= 0 && out.pos[i] >= scored_below; --i) {
         out.n_window++;
     }
     const int64_t n_prefix = out.n_prefix();
@@ -101,6 +123,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             seq.norm_valid[c] = 0;
             for (int64_t l = 0; l < n_layer_kv; ++l) {
                 std::fill_n(seq.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
+                std::fill_n(seq.probe_max.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
                 std::fill_n(seq.head_pos.begin() + (l * kv_size + c) * n_kv, n_kv, out.pos[i]);
                 std::fill_n(seq.head_absent.begin() + (l * kv_size + c) * n_kv, n_kv, 0);
             }
@@ -158,6 +181,19 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     }
 
     const policy & pol = st.policy();
+    if (seq.probed && probe_end < 0) {
+        // ranked by what the repeat probes' queries gave each row, not by the window's
+        out.score.resize(n_layer_kv * n_kv * n_prefix);
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t g = 0; g < n_kv; ++g) {
+                for (int64_t i = 0; i < n_prefix; ++i) {
+                    out.score[(l * n_kv + g) * n_prefix + i] = seq.probe_max[seq.side(l, out.cells[i], g)];
+                }
+            }
+        }
+        rescale_scores(pol, n_layer_kv, n_kv, {}, out);
+        return 0;
+    }
     if (pol.score == scorer::recency) {
         return 0;
     }
@@ -321,19 +357,19 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         seq.h2o_last = q_pos.back();
     }
 
-    // the rescale, then the cells the scorer protects at the layer's maximum
-    for (int64_t l = 0; l < n_layer_kv; ++l) {
-        float * score = out.score.data() + l * n_kv * n_prefix;
-        if (pol.weigh == rescale::norm_share) {
-            norm_share(score, out.value_norm.data() + l * n_kv * n_prefix, n_kv, n_prefix);
-        }
-        if (!protect[l].empty()) {
-            const float top = *std::max_element(score, score + n_kv * n_prefix);
-            for (int64_t k : protect[l]) {
-                score[k] = top;
+    if (probe_end >= 0) {
+        for (int64_t l = 0; l < n_layer_kv; ++l) {
+            for (int64_t g = 0; g < n_kv; ++g) {
+                for (int64_t i = 0; i < n_prefix; ++i) {
+                    float & best = seq.probe_max[seq.side(l, out.cells[i], g)];
+                    best = std::max(best, out.score[(l * n_kv + g) * n_prefix + i]);
+                }
             }
         }
+        seq.probed = true;
+        return 0;
     }
+    rescale_scores(pol, n_layer_kv, n_kv, protect, out);
     return 0;
 }
 

@@ -12,7 +12,8 @@
 using namespace kv_evict;
 
 // llama_kv_evict_seq_get_data's layout: this header; the cells' positions [n_cells]; the position RoPE gave each head's
-// row [n_layer_kv][n_cells][n_head_kv] (llama_pos) and its H2O sum (f32, same shape); the window's captured positions
+// row [n_layer_kv][n_cells][n_head_kv] (llama_pos), its H2O sum and its repeat probes' maximum (f32, same shape each);
+// the window's captured positions
 // [n_query]; then per layer of the cache their queries [n_query][n_embd_q] (f32)
 struct seq_data_header {
     uint32_t  magic;
@@ -24,7 +25,7 @@ struct seq_data_header {
     llama_pos h2o_last;
 };
 static constexpr uint32_t SEQ_DATA_MAGIC   = 0x4845564b; // "KVEH"
-static constexpr uint32_t SEQ_DATA_VERSION = 1;
+static constexpr uint32_t SEQ_DATA_VERSION = 2;
 
 // bytes of one query across the layers of the evicted cache, as the window's queries are read and written
 static size_t query_bytes(const llama_kv_evict_state & st) {
@@ -63,7 +64,7 @@ static void set_queries(const llama_kv_evict_state & st, kv_evict_seq & seq, con
 
 static size_t seq_data_size(const llama_kv_evict_state & st, const seq_data_header & h) {
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
-    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * side + h.n_query * query_bytes(st);
+    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * 2 * side + h.n_query * query_bytes(st);
 }
 
 int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, void * out, size_t size) {
@@ -103,11 +104,13 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
             }
         }
     }
-    for (int64_t l = 0; l < h.n_layer_kv; ++l) {
-        for (const auto & [pos, cell] : pcs) {
-            for (int64_t g = 0; g < h.n_head_kv; ++g) {
-                const float acc = seq.holds_new_token(cell, pos) ? 0.0f : seq.h2o_acc[seq.side(l, cell, g)];
-                put(&acc, sizeof(acc));
+    for (const std::vector<float> * kept : {&seq.h2o_acc, &seq.probe_max}) {
+        for (int64_t l = 0; l < h.n_layer_kv; ++l) {
+            for (const auto & [pos, cell] : pcs) {
+                for (int64_t g = 0; g < h.n_head_kv; ++g) {
+                    const float v = seq.holds_new_token(cell, pos) ? 0.0f : (*kept)[seq.side(l, cell, g)];
+                    put(&v, sizeof(v));
+                }
             }
         }
     }
@@ -136,7 +139,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     const uint8_t * r = static_cast<const uint8_t *>(data) + sizeof(h);
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
     std::vector<llama_pos> pos(h.n_cells), head_pos(side), q_pos(h.n_query);
-    std::vector<float>     h2o_acc(side);
+    std::vector<float>     h2o_acc(side), probe_max(side);
     auto read_into = [&r](void * dst, size_t n) {
         if (n > 0) {
             std::memcpy(dst, r, n);
@@ -146,6 +149,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     read_into(pos.data(), pos.size() * sizeof(llama_pos));
     read_into(head_pos.data(), side * sizeof(llama_pos));
     read_into(h2o_acc.data(), side * sizeof(float));
+    read_into(probe_max.data(), side * sizeof(float));
     read_into(q_pos.data(), q_pos.size() * sizeof(llama_pos));
 
     ctx->synchronize();
@@ -174,6 +178,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
                 const size_t at = seq.side(l, cell, g), from = (l * h.n_cells + i) * h.n_head_kv + g;
                 seq.head_pos[at]    = head_pos[from];
                 seq.h2o_acc[at]     = h2o_acc[from];
+                seq.probe_max[at]   = probe_max[from];
                 seq.head_absent[at] = head_pos[from] == -1;
                 seq.any_absent     |= head_pos[from] == -1;
             }

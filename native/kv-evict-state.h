@@ -58,6 +58,9 @@ struct kv_evict_seq {
     // per-cell side data, [n_layer_kv][kv_size][n_head_kv]; valid while side_pos[cell] is the cell's position
     std::vector<float>     value_norm;
     std::vector<float>     h2o_acc;
+    // the largest score a repeat probe's queries gave the row (llama_kv_evict_probe): kept across evictions, since a
+    // probe repeats only the text read since the last one
+    std::vector<float>     probe_max;
     std::vector<llama_pos> head_pos;    // position RoPE gave each head's row: its token's, or renumbering's (moves with compaction)
     std::vector<llama_pos> side_pos;
     std::vector<uint8_t>   norm_valid;  // [kv_size]
@@ -68,6 +71,7 @@ struct kv_evict_seq {
     // llama_kv_evict_seq_get_data wrote the mask as it is: a llama.cpp state written now is saved beside it
     bool mask_saved = false;
     llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
+    bool probed = false;                // a probe scored the cells since the last eviction, which ranks them by probe_max
 
     int32_t n_evictions = 0;
     int64_t n_evicted   = 0;
@@ -77,6 +81,7 @@ struct kv_evict_seq {
     kv_evict_seq(int32_t window, int32_t ring_row0, uint32_t kv_size, int64_t n_head_kv, int64_t n_layer_kv)
         : window(window), ring_row0(ring_row0), kv_size(kv_size), n_head_kv(n_head_kv), slot_pos(window, -1),
           value_norm(n_layer_kv * kv_size * n_head_kv, 0.0f), h2o_acc(value_norm.size(), 0.0f),
+          probe_max(value_norm.size(), 0.0f),
           head_pos(value_norm.size(), -1), side_pos(kv_size, -1), norm_valid(kv_size, 0), head_absent(value_norm.size(), 0) {}
 
     // the cells hold other tokens now (a state was read): the bookkeeping starts afresh
@@ -86,6 +91,7 @@ struct kv_evict_seq {
         std::fill(slot_pos.begin(), slot_pos.end(), -1);
         any_absent = false;
         h2o_last   = -1;
+        probed     = false;
     }
 
     // whether the cell at pos holds K/V decoded since its side data was last set (reused cell, or a new write)
@@ -162,8 +168,11 @@ struct seq_scores {
 
 // Collects the sequence's cells and scores them with ggml graphs on the cache's backends.
 // commit: fold this call's queries into the H2O accumulators (llama_kv_evict), not for a preview (llama_kv_evict_scores)
+// probe_end >= 0: fold the scores of the cells below it into probe_max instead (llama_kv_evict_probe); < 0 after a
+// probe: the cells are ranked by probe_max, not by the window's queries
 // Returns 0 or a negative error code with the message set.
-int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out);
+int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
+        llama_pos probe_end = -1);
 
 int32_t set_error(int32_t code, const std::string & msg);
 

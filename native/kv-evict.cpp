@@ -294,10 +294,11 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     settle(ctx);
     const int64_t t_settled = ggml_time_us();
 
+    kv_evict_seq & seq = st->seqs[seq_id];
     if (held_cells(*st, seq_id) <= st->params.budget) {
+        seq.probed = false; // a probe scores the cells of one eviction
         return 0;
     }
-    kv_evict_seq & seq = st->seqs[seq_id];
     seq.t_phase_us[EVICT_PHASE_SETTLE] += t_settled - t_start;
 
     const auto & hp = ctx->get_model().hparams;
@@ -315,6 +316,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
                            st->policy().score != scorer::recency; // recency keeps the same cells in every head
     const int32_t n_removed = head_wise ? evict_heads(*st, seq_id, sc, n_layer_kv, n_kv)
                                         : evict_tokens(*st, seq_id, sc, n_layer_kv, n_kv);
+    seq.probed = false;
     if (n_removed < 0) {
         return n_removed;
     }
@@ -322,6 +324,26 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     seq.n_evicted   += n_removed;
     seq.t_evict_us  += ggml_time_us() - t_start;
     return n_removed;
+}
+
+int32_t llama_kv_evict_probe(llama_context * ctx, llama_seq_id seq_id, llama_pos p_end) {
+    llama_kv_evict_state * st = enabled_state(ctx);
+    if (int32_t err = check_seq(st, seq_id)) {
+        return err;
+    }
+    const scorer s = st->policy().score;
+    if (s == scorer::recency || s == scorer::key_norm || s == scorer::accumulated) {
+        return set_error(ERR_UNSUPPORTED, std::string("policy ") + st->policy().name + " does not rank cells by a window's "
+                         "attention (scorer " + name(s) + "): a probe scores with snapkv, criticalkv, tova, defensivekv and their variants");
+    }
+    settle(ctx);
+    const llama_pos pos_max = st->kv->seq_pos_max(seq_id);
+    if (p_end < 0 || p_end > pos_max) {
+        return set_error(ERR_INVALID, "p_end (" + std::to_string(p_end) + ") must lie in the sequence's positions, where "
+                         "the probe starts: decode the probe after the cells it scores (positions up to " + std::to_string(pos_max) + ")");
+    }
+    seq_scores sc;
+    return score_sequence(*st, seq_id, /*need_norms=*/false, /*commit=*/true, sc, p_end);
 }
 
 int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t il, llama_pos * pos, float * score,

@@ -116,6 +116,7 @@ _default_params = _bind("llama_kv_evict_default_params", [], EvictParams)
 _enable = _bind("llama_kv_evict_enable", [_ctx_p, ctypes.POINTER(EvictParams)], ctypes.c_int32)
 _disable = _bind("llama_kv_evict_disable", [_ctx_p], None)
 _evict = _bind("llama_kv_evict", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
+_probe = _bind("llama_kv_evict_probe", [_ctx_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32)
 _scores = _bind("llama_kv_evict_scores", [_ctx_p, ctypes.c_int32, ctypes.c_int32, _i32_p, _f_p, _f_p, ctypes.c_int32], ctypes.c_int32)
 _compact_positions = _bind("llama_kv_evict_compact_positions", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 _seq_get_data = _bind("llama_kv_evict_seq_get_data", [_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
@@ -229,6 +230,9 @@ class EvictConfig:
     ada_alpha: float = _DEFAULTS["ada_alpha"]
     # a prompt decoded in several batches is evicted with the queries of its last `window` tokens (session.PromptTail)
     prompt_tail: bool = True
+    # each eviction is scored by a request to repeat the text read since the last one (session.RepeatProbe), not by
+    # the window's queries; the prompt tail then goes unused
+    repeat_probe: bool = False
 
     @property
     def cells(self) -> int:
@@ -296,6 +300,12 @@ def disable(ctx) -> None:
 def evict(ctx, seq_id: int = 0) -> int:
     """Evicts seq_id down to the budget if it holds more; returns the number of cells removed."""
     return _check(_evict(_ctx(ctx), seq_id))
+
+
+def probe(ctx, p_end: int, seq_id: int = 0) -> None:
+    """Folds the window's queries, those of a probe decoded from position p_end on, into the scores the cells below
+    p_end keep (their maximum over probes); the next evict ranks the cells by them. Remove the probe's cells first."""
+    _check(_probe(_ctx(ctx), seq_id, p_end))
 
 
 def compact_positions(ctx, seq_id: int = 0) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _lib, rpc
 from ._lib import EvictConfig, llama_cpp
-from .session import Positions, PromptTail, context_size, decode_in_batches, sliding_window
+from .session import Positions, PromptTail, RepeatProbe, context_size, decode_in_batches, sliding_window
 
 
 class Llama(llama_cpp.Llama):
@@ -41,6 +41,7 @@ class Llama(llama_cpp.Llama):
         window: int = EvictConfig.window,
         pool_kernel: int = EvictConfig.pool_kernel,
         prompt_tail: bool = True,
+        repeat_probe: bool = False,
         n_ctx: int = 0,
         n_batch: int = 512,
         rpc_servers: Optional[str] = None,
@@ -50,7 +51,9 @@ class Llama(llama_cpp.Llama):
         memory bound); `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or
         "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the window's scores
         are averaged over (odd; 1: none); `prompt_tail`: a prompt longer than the cache is evicted with the queries of
-        its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `n_ctx`: logical
+        its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each
+        eviction is scored by a request to repeat the text read since the last one (pyllmkv.session.RepeatProbe; an
+        experiment, docs/results.md), at the cost of decoding the text twice; `n_ctx`: logical
         context (0: the model's training context; may exceed it); `rpc_servers`: "HOST:PORT,..." of ggml-rpc-servers
         that the n_gpu_layers layers are split across (pyllmkv.rpc; llama-cpp-python 0.3.36 takes the argument and
         ignores it). Other arguments go to `llama_cpp.Llama`.
@@ -60,12 +63,13 @@ class Llama(llama_cpp.Llama):
         model the hook cannot evict, naming its architecture."""
         # unknown policy or granularity, too small a budget: fail before loading the model
         self.evict_config = EvictConfig.for_cells(kv_budget, policy=policy, granularity=granularity, window=window,
-                                                  pool_kernel=pool_kernel, prompt_tail=prompt_tail)
+                                                  pool_kernel=pool_kernel, prompt_tail=prompt_tail,
+                                                  repeat_probe=repeat_probe)
         self.kv_budget = kv_budget
         if rpc_servers:
             rpc.add_servers(rpc_servers)
         kwargs.setdefault("n_ubatch", n_batch)
-        cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch)
+        cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch, repeat_probe)
         super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
         self._eviction_off_reason = self._why_no_eviction()
         if self._eviction_off_reason:
@@ -82,6 +86,7 @@ class Llama(llama_cpp.Llama):
                 "recurrent state, which the hook cannot evict; use llama_cpp.Llama (pyllmkv.llama_cpp.Llama), which "
                 "has no kv_budget")) from e
         self._tail = PromptTail(self)
+        self._probe = RepeatProbe(self, window) if repeat_probe else None
         self._positions = positions = Positions(self._ctx.ctx, self._model.n_ctx_train())
         place = self._batch.set_batch
         # llama-cpp-python's eval places a batch at n_tokens; once the kept cells were renumbered, positions lag it
@@ -167,4 +172,4 @@ class Llama(llama_cpp.Llama):
             self.n_tokens = resume
         eval_batch = super().eval
         decode_in_batches(self._ctx.ctx, self.evict_config, self._positions, self._tail, tokens, self.n_tokens, self.n_batch,
-                          lambda start, batch: eval_batch(batch))
+                          lambda start, batch: eval_batch(batch), self._probe)

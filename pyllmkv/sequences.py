@@ -27,6 +27,9 @@ class Sequences:
 
         if n_seq < 1:
             raise ValueError(f"n_seq must be at least 1 (got {n_seq})")
+        if config is not None and config.repeat_probe:
+            raise ValueError("repeat_probe decodes its probe after one sequence (Session, pyllmkv.Llama): Sequences "
+                             "evicts several with their windows' queries; pass a config without it")
         self.config, self.n_seq = config, n_seq
         self.n_batch = n_batch or llm.n_batch
         self.n_vocab = llm.n_vocab()

@@ -16,12 +16,12 @@ from . import _lib
 from ._lib import EvictConfig, llama_cpp
 
 
-def context_size(n_swa: int, cells: int, n_batch: int) -> int:
+def context_size(n_swa: int, cells: int, n_batch: int, repeat_probe: bool = False) -> int:
     """Cells a context needs: the cells a sequence keeps after an eviction (EvictConfig.cells) + n_batch, and for a
     sliding-window model (Gemma 3, window n_swa) at least n_swa + n_batch, since its sliding-window cache keeps the
     whole window as llama.cpp manages it (eviction acts on the full-attention cache only) and llama.cpp sizes both
-    caches from n_ctx."""
-    return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0)
+    caches from n_ctx; with `repeat_probe`, room for a probe beside them (RepeatProbe.ROOM)."""
+    return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0) + (RepeatProbe.ROOM if repeat_probe else 0)
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -174,25 +174,34 @@ def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[by
 
 
 def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, tail: "PromptTail", tokens: Sequence[int],
-                      n_tokens: int, n_batch: int, decode: Callable[[int, Sequence[int]], None]) -> None:
+                      n_tokens: int, n_batch: int, decode: Callable[[int, Sequence[int]], None],
+                      probe: Optional["RepeatProbe"] = None) -> None:
     """The one decode loop of a sequence that evicts (Session for chat and the bench, pyllmkv.Llama for the API and the
     server): `tokens` follow the n_tokens seen, in batches of n_batch; before each, the sequence is evicted to fit
-    (scored by the prompt tail's queries when it has them) and renumbered if it would pass the positions' maximum;
-    `decode(start, batch)` then decodes tokens[start:start + len(batch)] at positions.of(n_tokens + start)."""
+    (scored by the repeat probe, or the prompt tail's queries when it has them) and renumbered if it would pass the
+    positions' maximum; `decode(start, batch)` then decodes tokens[start:start + len(batch)] at
+    positions.of(n_tokens + start)."""
     queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch, positions.seq_id)
+    if probe is not None:
+        probe.follow(n_tokens)
     for start in range(0, len(tokens), n_batch):
         batch = tokens[start : start + n_batch]
         if config is not None:
-            queries = make_room(ctx, config, positions, tail, tokens[start:], len(batch), n_tokens + start, n_batch, queries)
+            queries = make_room(ctx, config, positions, tail, tokens[start:], len(batch), n_tokens + start, n_batch, queries,
+                                probe)
         decode(start, batch)
+        if probe is not None:
+            probe.pending.extend(batch)
 
 
 def make_room(ctx, config: EvictConfig, positions: Positions, tail: "PromptTail", rest: Sequence[int], n_new: int,
-              n_tokens: int, n_batch: int, queries: Optional[bytes]) -> Optional[bytes]:
+              n_tokens: int, n_batch: int, queries: Optional[bytes], probe: Optional["RepeatProbe"] = None) -> Optional[bytes]:
     """Before decoding the first n_new of `rest` (the tokens that follow the n_tokens seen) into positions.seq_id:
-    evicts the sequence to fit, scored by `queries` (the prompt tail's) when given, and renumbers it if they would
-    pass the positions' maximum. Returns the queries for the rest's later batches: after a renumbering, the rest's
-    tail again, at the positions it will have."""
+    evicts the sequence to fit, scored by the repeat `probe` when given, else by `queries` (the prompt tail's) when
+    given, and renumbers it if they would pass the positions' maximum. Returns the queries for the rest's later
+    batches: after a renumbering, the rest's tail again, at the positions it will have."""
+    if probe is not None and will_evict(ctx, config.cells, n_batch, n_new, positions.seq_id):
+        probe.score(ctx, config.window, positions, n_tokens)
     evict_to_fit(ctx, config.cells, n_batch, n_new, queries, positions.seq_id)
     if positions.renumber_before(n_tokens, n_new, queries):
         return tail.queries(ctx, config, rest, positions.of(n_tokens), n_batch, positions.seq_id)
@@ -253,7 +262,7 @@ class PromptTail:
         """For decoding `tokens` from position n_past into sequence seq_id of `ctx` evicted by `config`: the queries of
         their last window tokens, or None when there is no config, no prompt tail, or the tokens fit in the cache
         without an eviction or are fewer than the window."""
-        if config is None or not config.prompt_tail or len(tokens) < config.window or \
+        if config is None or not config.prompt_tail or config.repeat_probe or len(tokens) < config.window or \
                 not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
             return None
         w = config.window
@@ -264,6 +273,56 @@ class PromptTail:
         if llama_cpp.llama_decode(self._ctx.ctx, self._batch) != 0:
             raise RuntimeError("llama_decode failed on the prompt's tail")
         return _lib.window_queries(self._ctx.ctx)
+
+
+class RepeatProbe:
+    """Scores each eviction by a request to repeat the text read since the last one (KVzip's probe, Kim et al. 2025,
+    arXiv 2505.23416), not by the window's queries: those keep what the end of a document looks at, these what
+    reproducing it needs. An experiment, off by default: read in the chat's batches it kept fewer of a document's facts
+    than the window did, where one eviction of the whole document scored this way keeps most (docs/results.md).
+
+    Before an eviction, PROMPT and the pending text (the tokens decoded since the last probe) are decoded after the
+    sequence, PIECE tokens of text at a time; every `window` tokens their queries are folded into each cell's score
+    (the maximum any probe gave it, kept across evictions: _lib.probe), and the probe's cells are removed. The price:
+    the text is decoded twice, and the cache holds ROOM more cells (EvictConfig.repeat_probe, context_size)."""
+
+    PROMPT = "\n\nRepeat the previous context:\n"
+    PIECE = 256  # text tokens repeated at once: fewer cost the prompt's tokens more often, more cost cells
+    ROOM = PIECE + 32  # the probe's cells: a piece and the prompt (at most 32 tokens)
+
+    def __init__(self, llm: "llama_cpp.Llama", window: int):
+        self.prompt = llm.tokenize(self.PROMPT.encode(), add_bos=False, special=False)
+        assert len(self.prompt) <= self.ROOM - self.PIECE, "the probe's prompt outgrows its room"
+        self.pending: list[int] = []  # tokens decoded since the last probe, the last ones the sequence holds
+        self._start = 0  # tokens seen before pending[0]
+        self._batch = llama_cpp.llama_batch_init(window, 0, 1)
+        llm._stack.callback(self.close)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    def follow(self, n_tokens: int) -> None:
+        """The sequence holds n_tokens tokens seen: forgets pending ones it was truncated before."""
+        keep = n_tokens - self._start
+        if not 0 <= keep <= len(self.pending):
+            self._start, self.pending = n_tokens, []
+        else:
+            del self.pending[keep:]
+
+    def score(self, ctx, window: int, positions: Positions, n_tokens: int) -> None:
+        """Scores the cells of positions.seq_id, which holds n_tokens tokens seen, for its next eviction."""
+        p_end, seq_id = positions.of(n_tokens), positions.seq_id
+        for i in range(0, len(self.pending), self.PIECE):
+            probe = self.prompt + self.pending[i : i + self.PIECE]
+            for j in range(0, len(probe), window):
+                fill_batch(self._batch, probe[j : j + window], p_end + j, lambda k: False, seq_id)
+                if llama_cpp.llama_decode(ctx, self._batch) != 0:
+                    raise RuntimeError("llama_decode failed on the repeat probe")
+                _lib.probe(ctx, p_end, seq_id)
+            truncate(ctx, p_end, seq_id)
+        self._start, self.pending = n_tokens, []
 
 
 class Session:
@@ -281,14 +340,16 @@ class Session:
         self.n_tokens = 0  # tokens decoded into the sequence
         self.positions = Positions(self.ctx, max_position or llm._model.n_ctx_train())
         if config is not None:
-            need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch)
+            need = context_size(int(llama_cpp.llama_model_n_swa(llm._model.model)), config.cells, self.n_batch,
+                                config.repeat_probe)
             if llm.n_ctx() < need:
                 raise ValueError(
                     f"n_ctx ({llm.n_ctx()}) must be at least {need}: the cells kept (budget) + n_batch, and for a sliding-window "
-                    "model its window + n_batch (see pyllmkv.session.context_size)"
+                    "model its window + n_batch, + the repeat probe's room if it is on (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
         self._tail = PromptTail(llm)
+        self._probe = RepeatProbe(llm, config.window) if config is not None and config.repeat_probe else None
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def __del__(self):
@@ -353,5 +414,6 @@ class Session:
             if on_batch:
                 on_batch(start + len(chunk), len(tokens))
 
-        decode_in_batches(self.ctx, self.config, self.positions, self._tail, tokens, self.n_tokens, self.n_batch, decode)
+        decode_in_batches(self.ctx, self.config, self.positions, self._tail, tokens, self.n_tokens, self.n_batch, decode,
+                          self._probe)
         return out if all_logits else out[0]

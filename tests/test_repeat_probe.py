@@ -1,0 +1,149 @@
+"""The repeat probe (EvictConfig.repeat_probe, session.RepeatProbe): each eviction is scored by the queries of a
+request to repeat the text read since the last one, decoded after it and removed. Oracles: the tiny model's numpy
+forward pass (the probe's queries and the scores they give the cells), the same sequence without the probe (what it
+leaves behind), and on SmolLM2 the same document scored by the window (other rows kept, the same bounds)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import pyllmkv
+from conftest import random_tokens
+from pyllmkv import _lib, debug
+from pyllmkv._lib import EvictConfig, KVEvictError
+from pyllmkv.bench import haystack
+from pyllmkv.reference import head_scores, window_attention
+from pyllmkv.session import RepeatProbe, Session, context_size
+from test_hook import SCORE_TOL, _llama
+from tinymodel import TinyRef
+
+WINDOW = 8
+
+
+def _probed_session(llama_cpp, path, policy="snapkv", n_batch=32):
+    config = EvictConfig.for_cells(40, window=WINDOW, policy=policy, repeat_probe=True)
+    llm = _llama(llama_cpp, path, n_ctx=context_size(0, config.cells, n_batch, True), n_batch=n_batch)
+    return Session(llm, config)
+
+
+def test_probe_scores_are_the_maximum_over_its_windows_as_numpy_gives_them(llama_cpp, tiny_path):
+    # 60 tokens, then the probe (prompt + those 60) decoded WINDOW at a time: each decode's queries score the 60 cells
+    # (the probe's own stand as the window, pooled over by none), and a cell keeps the largest score any gave it
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    sess = _probed_session(llama_cpp, tiny_path)
+    context = random_tokens(60, seed=50)
+    sess.decode(context)
+    probe = sess._probe
+    assert probe.pending == context
+    probe.score(sess.ctx, WINDOW, sess.positions, sess.n_tokens)
+    assert probe.pending == [] and list(_lib.positions(sess.ctx)) == list(range(60))
+
+    seq = context + probe.prompt + context
+    trace = ref.trace(seq)
+    scale = 1.0 / math.sqrt(ref.head_dim)
+    n_prefix = 60 - WINDOW  # after the probe, the eviction keeps the context's last WINDOW cells and ranks the rest
+    for il in range(ref.n_layer):
+        best = np.zeros((ref.n_head_kv, 60), dtype=np.float32)
+        for end in range(60 + WINDOW, len(seq) + WINDOW, WINDOW):
+            end = min(end, len(seq))
+            q_pos = np.arange(end - WINDOW, end)
+            q = trace.layers[il].q[q_pos]
+            a = window_attention(q, q_pos, trace.layers[il].k[:end], np.arange(end), scale)
+            best = np.maximum(best, head_scores(a, end - 60, ref.n_head_kv, "snapkv"))
+        pos, score, _ = _lib.scores(sess.ctx, il, ref.n_head_kv)
+        np.testing.assert_array_equal(pos, np.arange(n_prefix))
+        np.testing.assert_allclose(score, best[:, :n_prefix], **SCORE_TOL["f32"])
+
+
+def test_the_probe_leaves_the_sequence_as_it_was(llama_cpp, tiny_path):
+    # without an eviction in between, the next token's logits are those of the same sequence never probed
+    context, more = random_tokens(60, seed=51), random_tokens(3, seed=52)
+    logits = []
+    for probed in (False, True):
+        sess = _probed_session(llama_cpp, tiny_path)
+        sess.decode(context)
+        if probed:
+            sess._probe.score(sess.ctx, WINDOW, sess.positions, sess.n_tokens)
+        logits.append(sess.decode(more))
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_every_eviction_of_a_probed_session_is_scored_by_its_probe(llama_cpp, tiny_path, monkeypatch):
+    sess = _probed_session(llama_cpp, tiny_path)
+    probed_at = []
+    score = RepeatProbe.score
+
+    def recording(self, ctx, window, positions, n_tokens):
+        probed_at.append((n_tokens, len(self.pending)))
+        return score(self, ctx, window, positions, n_tokens)
+
+    monkeypatch.setattr(RepeatProbe, "score", recording)
+    tokens = random_tokens(150, seed=53)
+    sess.decode(tokens)
+    # before the batches at 64, 96 and 128 (past budget + n_batch = 72): the text read since the probe before
+    assert probed_at == [(64, 64), (96, 32), (128, 32)]
+    assert _lib.stats(sess.ctx)["n_evictions"] == 3
+    pos = _lib.positions(sess.ctx)
+    assert pos.max() == 149 and len(pos) <= sess.config.cells + sess.n_batch
+    # a truncated turn is not probed again: what the sequence no longer holds leaves the pending text
+    assert sess.truncate(140) == 140
+    sess.decode(random_tokens(40, seed=54))
+    # 12 of the 22 tokens read since the probe at 128 remain; then the batch at 172 after the one at 140
+    assert probed_at[3:] == [(140, 12), (172, 32)]
+
+
+def test_a_probed_eviction_differs_from_the_windows(llama_cpp, tiny_path):
+    held = []
+    for repeat_probe in (False, True):
+        config = EvictConfig.for_cells(40, window=WINDOW, policy="criticalkv", repeat_probe=repeat_probe)
+        llm = _llama(llama_cpp, tiny_path, n_ctx=context_size(0, config.cells, 32, True), n_batch=32)
+        sess = Session(llm, config)
+        sess.decode(random_tokens(150, seed=55))
+        held.append(debug.head_positions(sess.ctx, 0, TinyRef(tiny_path).n_head_kv))
+    assert held[0].shape == held[1].shape and not np.array_equal(held[0], held[1])
+
+
+def test_the_probe_is_refused_clearly(llama_cpp, tiny_path):
+    sess = _probed_session(llama_cpp, tiny_path)
+    sess.decode(random_tokens(20, seed=56))
+    with pytest.raises(KVEvictError, match="must lie in the sequence's positions"):
+        _lib.probe(sess.ctx, 20)
+    for policy in ("streaming", "knorm", "h2o"):
+        _lib.enable(sess.ctx, EvictConfig(budget=40, window=WINDOW, policy=policy))
+        with pytest.raises(KVEvictError, match=f"policy {policy} does not rank cells by a window's attention"):
+            _lib.probe(sess.ctx, 10)
+    # too small a context for the probe's room, and several sequences
+    config = EvictConfig.for_cells(40, window=WINDOW, repeat_probe=True)
+    with pytest.raises(ValueError, match="repeat probe's room"):
+        Session(_llama(llama_cpp, tiny_path, n_ctx=context_size(0, config.cells, 32), n_batch=32), config)
+    from pyllmkv.sequences import Sequences
+
+    with pytest.raises(ValueError, match="repeat_probe decodes its probe after one sequence"):
+        Sequences(_llama(llama_cpp, tiny_path, n_batch=32), config, n_seq=2)
+
+
+def test_a_probed_document_on_a_real_model_stays_in_budget_and_leaves_no_probe(smollm2_path):
+    # ~1,000 tokens of text through pyllmkv.Llama at 128 cells, then a completion: every eviction was probed, the
+    # cache stays within its cells + n_batch, no probe position is left, and the kept rows are others than the
+    # window's (its own last queries)
+    vocab = pyllmkv.llama_cpp.Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
+    text, _ = haystack.text()
+    document = vocab.tokenize(text[:6000].encode(), add_bos=True, special=False)[:1000]
+    held = {}
+    for repeat_probe in (False, True):
+        llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=128, repeat_probe=repeat_probe, n_threads=2, verbose=False)
+        assert llm.kv_stats()["kv_size"] >= context_size(0, llm.evict_config.cells, 128, repeat_probe)
+        llm.eval(document)
+        stats = llm.kv_stats()
+        assert stats["n_evictions"] == 6 and stats["n_seq_cells"] <= llm.evict_config.cells + 128
+        n_layer = pyllmkv.llama_cpp.llama_model_n_layer(llm._model.model)
+        n_head_kv = pyllmkv.llama_cpp.llama_model_n_head_kv(llm._model.model)
+        rows = np.stack([debug.head_positions(llm, il, n_head_kv) for il in range(n_layer)])
+        assert rows.max() == len(document) - 1 and _lib.positions(llm._ctx.ctx).max() == len(document) - 1
+        held[repeat_probe] = rows
+        out = llm.create_completion(vocab.detokenize(document).decode("utf-8", "replace") + " In short,", max_tokens=8)
+        assert out["choices"][0]["text"]
+    assert held[False].shape == held[True].shape and (held[False] != held[True]).mean() > 0.2
