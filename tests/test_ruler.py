@@ -101,7 +101,8 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
 
     branched = {}
     branches = [("agnostic", policy, budget), ("aware", policy, budget), ("repeat", policy, budget),
-                ("repeat", policy, budget + 16), ("agnostic", ruler.FULL, 0)]
+                ("repeat", policy, budget + 16), ("chat", policy, budget), ("chat-repeat", policy, budget),
+                ("agnostic", ruler.FULL, 0)]
     answers = ruler.branch_answers(llm(), context, question, 4, branches, window, kernel, probe,
                                    on_first_logits=lambda b, logits: branched.__setitem__(b, logits.copy()))
     assert len(answers) == len(branches) and all(1 <= len(a) <= 4 for a in answers)
@@ -112,9 +113,13 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
         cells = EvictConfig.for_cells(b, policy=pol, window=window).cells if pol != ruler.FULL else n_ctx
         config = EvictConfig.for_cells(b, policy=pol, window=window, pool_kernel=kernel, prompt_tail=False) \
             if pol != ruler.FULL else None
-        if config and setting != "repeat":
-            _lib.enable(ctx, config)
-        s = Session(fresh, None)
+        if setting.startswith("chat"):
+            # read in batches inside the budget, as the chat reads a document
+            s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting == "chat-repeat"))
+        else:
+            if config and setting != "repeat":
+                _lib.enable(ctx, config)
+            s = Session(fresh, None)
         s.decode(context)
         if setting == "repeat":
             # the probe's queries alone score the context; its cells and the context's last window are kept, the
@@ -129,6 +134,8 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
             _lib.evict(ctx)
         if pol != ruler.FULL and setting in ("agnostic", "repeat"):
             assert _lib.stats(ctx)["n_seq_cells"] <= cells
+        if setting.startswith("chat"):
+            assert _lib.stats(ctx)["n_evictions"] >= 4 and _lib.positions(ctx).max() == len(context) - 1
         logits = s.decode(question)
         np.testing.assert_allclose(branched[(setting, pol, b)], logits, rtol=1e-4, atol=1e-4)
         if pol != ruler.FULL and setting == "aware":
@@ -142,10 +149,11 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     # queries chose other cells than the context's own window did
     assert not np.allclose(branched[("agnostic", policy, budget)], branched[("agnostic", ruler.FULL, 0)], atol=1e-3)
     assert not np.allclose(branched[("agnostic", policy, budget)], branched[("repeat", policy, budget)], atol=1e-3)
+    assert not np.allclose(branched[("chat", policy, budget)], branched[("chat-repeat", policy, budget)], atol=1e-3)
 
 
 def test_suite_in_the_tiny_grid(tiny_path, tmp_path):
-    grid = dataclasses.replace(bench.TINY, ruler_policies=["snapkv", "criticalkv-ada"])
+    grid = dataclasses.replace(bench.TINY, ruler_policies=["snapkv", "criticalkv-ada"], ruler_settings=ruler.SETTINGS)
     opts = bench.Options(model=tiny_path, out=tmp_path, grid=grid, suites=["ruler"], threads=2, command="test")
     rows = bench.run(opts, _no_progress)["ruler"]
     budget = int(grid.ruler_budgets[0] * grid.ruler_contexts[0])

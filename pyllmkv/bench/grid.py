@@ -43,7 +43,7 @@ class Grid:
     ruler_samples: int = 10   # per task and context
     ruler_tasks: Optional[list] = None     # None: ruler.TASKS
     ruler_policies: Optional[list] = None  # None: RULER_POLICIES (the full cache always runs)
-    ruler_settings: list = field(default_factory=lambda: list(ruler.SETTINGS))
+    ruler_settings: list = field(default_factory=lambda: list(ruler.DEFAULT_SETTINGS))
 
 
 FULL = Grid(contexts=[1024, 4096, 16384, 32768], speed_budgets=[256, 512, 1024], speed_policies=["criticalkv-ada", "snapkv"],

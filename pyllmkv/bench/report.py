@@ -124,8 +124,13 @@ def ruler_summary(rows: list[dict]) -> list[dict]:
 
 RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its own last window queries, then the question",
                  "aware": "question-aware: context and question prefilled, evicted once with the question in the window",
-                 "repeat": "question-agnostic, scored by a request to repeat the context (KVzip's probe), then the question"}
-RULER_SETTING_TITLE = {"agnostic": "question-agnostic", "aware": "question-aware", "repeat": "repeat probe (agnostic)"}
+                 "repeat": "question-agnostic, scored by a request to repeat the context (KVzip's probe), then the question",
+                 "chat": "question-agnostic, the context read in batches inside the budget as chat reads it, each eviction "
+                         "scored by the context's tail, then the question",
+                 "chat-repeat": "question-agnostic, the context read in batches inside the budget, each eviction scored "
+                                "by a request to repeat the text read since the last (repeat_probe), then the question"}
+RULER_SETTING_TITLE = {"agnostic": "question-agnostic", "aware": "question-aware", "repeat": "repeat probe (agnostic)",
+                       "chat": "read as chat reads it", "chat-repeat": "read as chat reads it, repeat probe"}
 
 
 def ruler_line(ax, rows: list[dict], context: int, **style) -> None:

@@ -11,8 +11,12 @@ Two settings, per sample:
   and the context itself are decoded after it; their queries score the context's cells, the eviction keeps the
   context's last `window` cells and the policy's choice among the rest, then the probe's cells are removed and the
   question is answered as in the agnostic setting, with the same cells. It costs a second prefill of the context.
-The context is prefilled once with the whole cache and saved; each (setting, policy, budget) loads it, evicts once and
-answers, so a policy costs an eviction and a short decode, not a prefill.
+- chat and chat-repeat (question-agnostic, as `pyllmkv chat` reads a document): the context is decoded through a
+  Session in n_batch batches inside the budget, evicted before each batch that would not fit, scored by the prompt's
+  tail (chat) or by the repeat probe (chat-repeat, session.RepeatProbe); then the question is answered. They cost a
+  prefill per branch (chat-repeat two) and are not in the default settings.
+The context is prefilled once with the whole cache and saved; each (setting, policy, budget) of the first three loads
+it, evicts once and answers, so a policy costs an eviction and a short decode, not a prefill.
 """
 
 from __future__ import annotations
@@ -24,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa"]
-SETTINGS = ["agnostic", "aware", "repeat"]
-# the repeat setting's probe: this request, then the context again (KVzip's wording)
-REPEAT_PROMPT = "\n\nRepeat the previous context:\n"
+SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat"]
+DEFAULT_SETTINGS = SETTINGS[:3]  # the chat settings prefill each branch
 FULL = "full cache"
 # tokens an answer may take: the multi-value tasks list several items
 N_ANSWER = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 80,
@@ -234,7 +237,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     import numpy as np
 
     from .. import _lib
-    from .._lib import EvictConfig
+    from .._lib import EvictConfig, llama_cpp
     from ..session import Session, truncate
 
     ctx = llm._ctx.ctx
@@ -261,7 +264,13 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     answers = []
     for setting, policy, budget in branches:
         evicting = policy != FULL
-        if setting == "repeat" and evicting:
+        if setting.startswith("chat"):
+            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or the probe
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
+                                                     repeat_probe=setting == "chat-repeat"))
+            plain.decode(context)
+        elif setting == "repeat" and evicting:
             if repeated is None:
                 # captures the probe's queries; nothing is evicted with this budget
                 _lib.enable(ctx, EvictConfig(budget=2 * repeat_window, policy="snapkv", window=repeat_window, prompt_tail=False))
@@ -292,5 +301,8 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
 
 
 def repeat_probe(tokenize: Callable[[str], list[int]], context: Sequence[int]) -> list[int]:
-    """The repeat setting's probe: REPEAT_PROMPT (`tokenize` adds no BOS), then the context's tokens without BOS."""
-    return tokenize(REPEAT_PROMPT) + list(context)
+    """The repeat setting's probe: the chat's (RepeatProbe.PROMPT, KVzip's wording; `tokenize` adds no BOS), then the
+    context's tokens without BOS."""
+    from ..session import RepeatProbe
+
+    return tokenize(RepeatProbe.PROMPT) + list(context)

@@ -56,7 +56,9 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
               help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]")
 @click.option("--ruler-settings", callback=o.choice_list(RULER_SETTINGS, "settings"),
               help="ruler: agnostic (the question after the eviction), aware (the question in the window), repeat "
-                   "(agnostic, scored by a request to repeat the context, KVzip's) [default: all three]")
+                   "(agnostic, scored by a request to repeat the context, KVzip's), chat and chat-repeat (agnostic, "
+                   "the context read in batches inside the budget as chat reads it, scored by its tail or by "
+                   "a repeat of each batch's text, repeat_probe; a prefill per branch) [default: the first three]")
 @click.option("--pool-kernel", type=int, callback=o.odd, default=None,
               help=f"pooling kernel of the window scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
