@@ -176,14 +176,14 @@ int32_t evict_heads(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_sc
         const int64_t k = src[hh].size();
         for (int64_t j = 0; j < k; ++j) {
             norm[j] = seq.value_norm[seq.side(l, src[hh][j], g)];
-            acc[j]  = seq.h2o_acc[seq.side(l, src[hh][j], g)];
+            acc[j]  = seq.attn_sum[seq.side(l, src[hh][j], g)];
             probed[j] = seq.probe_max[seq.side(l, src[hh][j], g)];
             hpos[j] = seq.head_pos[seq.side(l, src[hh][j], g)];
         }
         for (int64_t j = 0; j < n_keep; ++j) {
             const size_t at = seq.side(l, dst[j], g);
             seq.value_norm[at]  = j < k ? norm[j] : 0.0f;
-            seq.h2o_acc[at]     = j < k ? acc[j] : 0.0f;
+            seq.attn_sum[at]    = j < k ? acc[j] : 0.0f;
             seq.probe_max[at]   = j < k ? probed[j] : 0.0f;
             seq.head_pos[at]    = j < k ? hpos[j] : -1;
             seq.head_absent[at] = j >= k;

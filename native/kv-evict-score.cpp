@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 namespace kv_evict {
 
@@ -122,7 +123,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             seq.side_pos[c]   = out.pos[i];
             seq.norm_valid[c] = 0;
             for (int64_t l = 0; l < n_layer_kv; ++l) {
-                std::fill_n(seq.h2o_acc.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
+                std::fill_n(seq.attn_sum.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
                 std::fill_n(seq.probe_max.begin() + (l * kv_size + c) * n_kv, n_kv, 0.0f);
                 std::fill_n(seq.head_pos.begin() + (l * kv_size + c) * n_kv, n_kv, out.pos[i]);
                 std::fill_n(seq.head_absent.begin() + (l * kv_size + c) * n_kv, n_kv, 0);
@@ -148,6 +149,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
             }
         }
     }
+    const llama_pos written_from = seq.min_written;
     if (commit || need_norms) {
         seq.min_written = pos_max + 1;
     }
@@ -184,14 +186,32 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     if (seq.probed && probe_end < 0) {
         // ranked by what the repeat probes' queries gave each row, not by the window's
         out.score.resize(n_layer_kv * n_kv * n_prefix);
+        std::vector<std::vector<int64_t>> protect(n_layer_kv);
         for (int64_t l = 0; l < n_layer_kv; ++l) {
+            float * score = out.score.data() + l * n_kv * n_prefix;
+            if (pol.score != scorer::window_max) {
+                for (int64_t g = 0; g < n_kv; ++g) {
+                    for (int64_t i = 0; i < n_prefix; ++i) {
+                        score[g * n_prefix + i] = seq.probe_max[seq.side(l, out.cells[i], g)];
+                    }
+                }
+                continue;
+            }
+            // DefensiveKV over every probe query at once: their maxima and attention sums stand as one window's
+            // reductions, a KV head per head, the probes' own cells as one more cell holding their mean mass
+            const int64_t n_cols = n_prefix + 1;
+            std::vector<float> sums(n_kv * n_cols), maxima(n_kv * n_cols, 0.0f);
             for (int64_t g = 0; g < n_kv; ++g) {
                 for (int64_t i = 0; i < n_prefix; ++i) {
-                    out.score[(l * n_kv + g) * n_prefix + i] = seq.probe_max[seq.side(l, out.cells[i], g)];
+                    sums[g * n_cols + i]   = seq.attn_sum[seq.side(l, out.cells[i], g)];
+                    maxima[g * n_cols + i] = seq.probe_max[seq.side(l, out.cells[i], g)];
                 }
+                sums[g * n_cols + n_prefix] = seq.probe_n_q > 0 ? (float) (seq.probe_self_mass[l] / seq.probe_n_q) : 0.0f;
             }
+            window_max_scores(sums.data(), maxima.data(), n_cols, n_prefix, n_kv, n_kv, p.budget - out.n_window, score,
+                              protect[l]);
         }
-        rescale_scores(pol, n_layer_kv, n_kv, {}, out);
+        rescale_scores(pol, n_layer_kv, n_kv, protect, out);
         return 0;
     }
     if (pol.score == scorer::recency) {
@@ -219,6 +239,11 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     } else if (pol.score == scorer::accumulated) {
         for (int64_t j = 0; j < n_q; ++j) {
             q_weight[j] = q_pos[j] > seq.h2o_last ? 1.0f : 0.0f;
+        }
+    } else if (probe_end >= 0 && pol.score == scorer::window_max) {
+        // DefensiveKV sums a probe's attention: each query once, though a probe's last batch may be shorter than the window
+        for (int64_t j = 0; j < n_q; ++j) {
+            q_weight[j] = q_pos[j] >= written_from ? 1.0f : 0.0f;
         }
     }
 
@@ -316,6 +341,26 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
         const std::vector<float> & s = attn[l];
         float * score = out.score.data() + l * n_kv * n_prefix;
 
+        if (defensive && probe_end >= 0) {
+            // the probe's pooled maxima and attention sums, over the group's heads; floor and stage 1 come at the
+            // eviction, over every probe's queries
+            double self_mass = 0.0;
+            for (int64_t h = 0; h < n_head; ++h) {
+                const int64_t g = h / group;
+                for (int64_t i = 0; i < n; ++i) {
+                    const float sum = s[h * n + i];
+                    if (i >= n_prefix) {
+                        self_mass += sum / n_head;
+                        continue;
+                    }
+                    const size_t at = seq.side(l, out.cells[i], g);
+                    seq.probe_max[at] = std::max(seq.probe_max[at], s[(n_head + h) * n + i]);
+                    seq.attn_sum[at] += sum / group;
+                }
+            }
+            seq.probe_self_mass[l] += self_mass;
+            continue;
+        }
         if (defensive) {
             window_max_scores(s.data(), s.data() + n_head * n, n, n_prefix, n_head, n_kv, p.budget - out.n_window, score,
                               protect[l]);
@@ -342,7 +387,7 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
                     for (int64_t j = 0; j < group; ++j) {
                         new_attn += s[(gk * group + j) * n + i] / group;
                     }
-                    float & acc = seq.h2o_acc[(l * kv_size + out.cells[i]) * n_kv + gk];
+                    float & acc = seq.attn_sum[(l * kv_size + out.cells[i]) * n_kv + gk];
                     if (i < n_prefix) {
                         score[gk * n_prefix + i] = acc + new_attn;
                     }
@@ -358,7 +403,8 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     }
 
     if (probe_end >= 0) {
-        for (int64_t l = 0; l < n_layer_kv; ++l) {
+        seq.probe_n_q += defensive ? (int64_t) std::accumulate(q_weight.begin(), q_weight.end(), 0.0f) : n_q;
+        for (int64_t l = 0; l < n_layer_kv && !defensive; ++l) {
             for (int64_t g = 0; g < n_kv; ++g) {
                 for (int64_t i = 0; i < n_prefix; ++i) {
                     float & best = seq.probe_max[seq.side(l, out.cells[i], g)];

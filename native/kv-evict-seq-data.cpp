@@ -12,9 +12,9 @@
 using namespace kv_evict;
 
 // llama_kv_evict_seq_get_data's layout: this header; the cells' positions [n_cells]; the position RoPE gave each head's
-// row [n_layer_kv][n_cells][n_head_kv] (llama_pos), its H2O sum and its repeat probes' maximum (f32, same shape each);
-// the window's captured positions
-// [n_query]; then per layer of the cache their queries [n_query][n_embd_q] (f32)
+// row [n_layer_kv][n_cells][n_head_kv] (llama_pos), its attention sum (H2O's or the repeat probes') and the probes'
+// maximum (f32, same shape each); the window's captured positions [n_query]; then per layer of the cache their
+// queries [n_query][n_embd_q] (f32)
 struct seq_data_header {
     uint32_t  magic;
     uint32_t  version;
@@ -104,7 +104,7 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
             }
         }
     }
-    for (const std::vector<float> * kept : {&seq.h2o_acc, &seq.probe_max}) {
+    for (const std::vector<float> * kept : {&seq.attn_sum, &seq.probe_max}) {
         for (int64_t l = 0; l < h.n_layer_kv; ++l) {
             for (const auto & [pos, cell] : pcs) {
                 for (int64_t g = 0; g < h.n_head_kv; ++g) {
@@ -139,7 +139,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     const uint8_t * r = static_cast<const uint8_t *>(data) + sizeof(h);
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
     std::vector<llama_pos> pos(h.n_cells), head_pos(side), q_pos(h.n_query);
-    std::vector<float>     h2o_acc(side), probe_max(side);
+    std::vector<float>     attn_sum(side), probe_max(side);
     auto read_into = [&r](void * dst, size_t n) {
         if (n > 0) {
             std::memcpy(dst, r, n);
@@ -148,7 +148,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     };
     read_into(pos.data(), pos.size() * sizeof(llama_pos));
     read_into(head_pos.data(), side * sizeof(llama_pos));
-    read_into(h2o_acc.data(), side * sizeof(float));
+    read_into(attn_sum.data(), side * sizeof(float));
     read_into(probe_max.data(), side * sizeof(float));
     read_into(q_pos.data(), q_pos.size() * sizeof(llama_pos));
 
@@ -177,7 +177,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
             for (int64_t g = 0; g < h.n_head_kv; ++g) {
                 const size_t at = seq.side(l, cell, g), from = (l * h.n_cells + i) * h.n_head_kv + g;
                 seq.head_pos[at]    = head_pos[from];
-                seq.h2o_acc[at]     = h2o_acc[from];
+                seq.attn_sum[at]    = attn_sum[from];
                 seq.probe_max[at]   = probe_max[from];
                 seq.head_absent[at] = head_pos[from] == -1;
                 seq.any_absent     |= head_pos[from] == -1;

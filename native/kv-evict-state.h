@@ -57,9 +57,10 @@ struct kv_evict_seq {
 
     // per-cell side data, [n_layer_kv][kv_size][n_head_kv]; valid while side_pos[cell] is the cell's position
     std::vector<float>     value_norm;
-    std::vector<float>     h2o_acc;
-    // the largest score a repeat probe's queries gave the row (llama_kv_evict_probe): kept across evictions, since a
-    // probe repeats only the text read since the last one
+    // attention the row got, summed over the queries that scored it: H2O's window queries, or the repeat probes'
+    std::vector<float>     attn_sum;
+    // the largest score a repeat probe's queries gave the row (llama_kv_evict_probe; DefensiveKV's pooled maximum,
+    // before its floor): kept across evictions with attn_sum, since a probe repeats only the text read since the last one
     std::vector<float>     probe_max;
     std::vector<llama_pos> head_pos;    // position RoPE gave each head's row: its token's, or renumbering's (moves with compaction)
     std::vector<llama_pos> side_pos;
@@ -70,8 +71,12 @@ struct kv_evict_seq {
     bool any_absent = false;
     // llama_kv_evict_seq_get_data wrote the mask as it is: a llama.cpp state written now is saved beside it
     bool mask_saved = false;
-    llama_pos h2o_last = -1;            // last query position accumulated into h2o_acc
+    llama_pos h2o_last = -1;            // last query position accumulated into attn_sum
     bool probed = false;                // a probe scored the cells since the last eviction, which ranks them by probe_max
+    // per layer, the attention the probes' queries since the last eviction put on the probes' own cells, and how many
+    // queries: DefensiveKV's stage 1 protects up to 0.9 less their mean
+    std::vector<double> probe_self_mass;
+    int64_t probe_n_q = 0;
 
     int32_t n_evictions = 0;
     int64_t n_evicted   = 0;
@@ -80,9 +85,10 @@ struct kv_evict_seq {
 
     kv_evict_seq(int32_t window, int32_t ring_row0, uint32_t kv_size, int64_t n_head_kv, int64_t n_layer_kv)
         : window(window), ring_row0(ring_row0), kv_size(kv_size), n_head_kv(n_head_kv), slot_pos(window, -1),
-          value_norm(n_layer_kv * kv_size * n_head_kv, 0.0f), h2o_acc(value_norm.size(), 0.0f),
+          value_norm(n_layer_kv * kv_size * n_head_kv, 0.0f), attn_sum(value_norm.size(), 0.0f),
           probe_max(value_norm.size(), 0.0f),
-          head_pos(value_norm.size(), -1), side_pos(kv_size, -1), norm_valid(kv_size, 0), head_absent(value_norm.size(), 0) {}
+          head_pos(value_norm.size(), -1), side_pos(kv_size, -1), norm_valid(kv_size, 0), head_absent(value_norm.size(), 0),
+          probe_self_mass(n_layer_kv, 0.0) {}
 
     // the cells hold other tokens now (a state was read): the bookkeeping starts afresh
     void forget() {
@@ -91,7 +97,14 @@ struct kv_evict_seq {
         std::fill(slot_pos.begin(), slot_pos.end(), -1);
         any_absent = false;
         h2o_last   = -1;
-        probed     = false;
+        end_probes();
+    }
+
+    // the next eviction ranks by the window's queries again
+    void end_probes() {
+        probed    = false;
+        probe_n_q = 0;
+        std::fill(probe_self_mass.begin(), probe_self_mass.end(), 0.0);
     }
 
     // whether the cell at pos holds K/V decoded since its side data was last set (reused cell, or a new write)

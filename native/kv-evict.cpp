@@ -296,7 +296,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
 
     kv_evict_seq & seq = st->seqs[seq_id];
     if (held_cells(*st, seq_id) <= st->params.budget) {
-        seq.probed = false; // a probe scores the cells of one eviction
+        seq.end_probes(); // a probe scores the cells of one eviction
         return 0;
     }
     seq.t_phase_us[EVICT_PHASE_SETTLE] += t_settled - t_start;
@@ -316,7 +316,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
                            st->policy().score != scorer::recency; // recency keeps the same cells in every head
     const int32_t n_removed = head_wise ? evict_heads(*st, seq_id, sc, n_layer_kv, n_kv)
                                         : evict_tokens(*st, seq_id, sc, n_layer_kv, n_kv);
-    seq.probed = false;
+    seq.end_probes();
     if (n_removed < 0) {
         return n_removed;
     }

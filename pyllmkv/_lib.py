@@ -303,8 +303,9 @@ def evict(ctx, seq_id: int = 0) -> int:
 
 
 def probe(ctx, p_end: int, seq_id: int = 0) -> None:
-    """Folds the window's queries, those of a probe decoded from position p_end on, into the scores the cells below
-    p_end keep (their maximum over probes); the next evict ranks the cells by them. Remove the probe's cells first."""
+    """Folds the window's queries, those of a probe decoded from position p_end on, into what the cells below p_end
+    keep (their maximum score over probes; for DefensiveKV what its scorer needs, to rank as one window of every probe
+    query since the last eviction); the next evict ranks the cells by them. Remove the probe's cells first."""
     _check(_probe(_ctx(ctx), seq_id, p_end))
 
 

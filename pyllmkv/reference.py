@@ -124,25 +124,35 @@ def defensive_scores(a, n_window, n_kv, norms, budget, kernel=13):
     window's attention over all N cells (the last n_window are the window's own); norms [n_kv, n_prefix]: the group
     mean of |V_i W_O^h|_1; budget: the per-head budget outside the window.
 
-    Per query and head the pooled prefix row is rescaled to the unpooled row's prefix sum; the maximum over the
-    group's heads and the queries is floored at its mean over cells and weighted by the norm normalised across the KV
-    heads. Stage 1: per KV head, the cells before the cumulative share of the mean unpooled attention reaches
-    0.9 - (mass the window puts on its own cells, mean over heads and queries), at most `budget`, score the layer's
-    maximum."""
-    n_head, _, n = a.shape
-    n_prefix = n - n_window
+    The maximum over the group's heads and the queries of pooled_maxima, and the group's mean attention, through
+    defensive_select."""
+    n_prefix = a.shape[2] - n_window
     prefix = a[:, :, :n_prefix].astype(np.float64)
+    m = pooled_maxima(prefix, kernel)
+    m = m.reshape(n_kv, -1, n_prefix).max(axis=1)
+    window_mass = a[:, :, n_prefix:].sum(-1).mean()
+    return defensive_select(m, group_mean(prefix.mean(axis=1), n_kv), window_mass, norms, budget)
+
+
+def pooled_maxima(prefix, kernel):
+    """Per head, the maximum over the queries of each query's prefix row [n_head, W, n_prefix] pooled over `kernel`
+    cells and rescaled to the unpooled row's sum: [n_head, n_prefix]."""
     pooled = avg_pool(prefix, kernel)
-    pooled = pooled * (prefix.sum(-1, keepdims=True) / pooled.sum(-1, keepdims=True))
-    m = pooled.max(axis=1).reshape(n_kv, n_head // n_kv, n_prefix).max(axis=1)
+    return (pooled * (prefix.sum(-1, keepdims=True) / pooled.sum(-1, keepdims=True))).max(axis=1)
+
+
+def defensive_select(m, attention, window_mass, norms, budget):
+    """DefensiveKV's scores from m [n_kv, n_prefix], the pooled maxima, and attention [n_kv, n_prefix], the cells'
+    attention over the queries (any scale): m floored at its mean over cells, weighted by the norm normalised across
+    the KV heads. Stage 1: per KV head, the cells before the cumulative share of `attention` reaches 0.9 -
+    window_mass (mass the window puts on its own cells, mean over heads and queries), at most `budget`, score the
+    layer's maximum."""
     d = np.maximum(m, m.mean(axis=-1, keepdims=True))
     s = d * norms / norms.sum(axis=0, keepdims=True)
     top = s.max()
-    window_mass = a[:, :, n_prefix:].sum(-1).mean()
-    mean = group_mean(prefix.mean(axis=1), n_kv)
-    for g in range(n_kv):
-        share = mean[g] / mean[g].sum()
-        order = top_k(share, n_prefix)
+    for g in range(len(m)):
+        share = attention[g] / attention[g].sum()
+        order = top_k(share, len(share))
         reached = np.cumsum(share[order]) >= 0.9 - window_mass
         count = int(np.argmax(reached)) if reached.any() else 0
         s[g, order[: min(count, budget)]] = top

@@ -15,7 +15,7 @@ from conftest import random_tokens
 from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.bench import haystack
-from pyllmkv.reference import head_scores, window_attention
+from pyllmkv.reference import defensive_select, group_mean, head_scores, pooled_maxima, value_norms, window_attention
 from pyllmkv.session import RepeatProbe, Session, context_size
 from test_hook import SCORE_TOL, _llama
 from tinymodel import TinyRef
@@ -56,6 +56,38 @@ def test_probe_scores_are_the_maximum_over_its_windows_as_numpy_gives_them(llama
         pos, score, _ = _lib.scores(sess.ctx, il, ref.n_head_kv)
         np.testing.assert_array_equal(pos, np.arange(n_prefix))
         np.testing.assert_allclose(score, best[:, :n_prefix], **SCORE_TOL["f32"])
+
+
+def test_a_defensive_probe_ranks_as_one_window_of_all_its_queries(llama_cpp, tiny_path):
+    # defensivekv: the eviction after a probe ranks the cells as DefensiveKV would with every probe query in one
+    # window (maximum, floor, stage 1 over all of them), though they were decoded and folded WINDOW at a time (numpy)
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    sess = _probed_session(llama_cpp, tiny_path, policy="defensivekv")
+    config = sess.config
+    context = random_tokens(60, seed=57)
+    sess.decode(context)
+    sess._probe.score(sess.ctx, WINDOW, sess.positions, sess.n_tokens)
+
+    seq = context + sess._probe.prompt + context
+    trace = ref.trace(seq)
+    scale = 1.0 / math.sqrt(ref.head_dim)
+    n_prefix = 60 - WINDOW
+    n_protected = 0
+    for il in range(ref.n_layer):
+        q_pos = np.arange(60, len(seq))  # every probe query, as one window: its rows do not depend on the batches
+        a = window_attention(trace.layers[il].q[q_pos], q_pos, trace.layers[il].k, np.arange(len(seq)), scale)
+        prefix = a[:, :, :60].astype(np.float64)
+        maxima = pooled_maxima(prefix, config.pool_kernel).reshape(ref.n_head_kv, -1, 60).max(axis=1)
+        sums = group_mean(prefix.sum(axis=1), ref.n_head_kv)
+        norms = value_norms(trace.layers[il].v, ref.w_o(il), ref.n_head)[:, :n_prefix]
+        expected = defensive_select(maxima[:, :n_prefix], sums[:, :n_prefix], a[:, :, 60:].sum(-1).mean(), norms,
+                                    config.budget - WINDOW)
+        n_protected += (expected == expected.max()).sum()
+        pos, score, _ = _lib.scores(sess.ctx, il, ref.n_head_kv)
+        np.testing.assert_array_equal(pos, np.arange(n_prefix))
+        np.testing.assert_allclose(score, expected, rtol=1e-4, atol=1e-7)
+    # stage 1 protected some rows, not all
+    assert ref.n_layer < n_protected < ref.n_layer * ref.n_head_kv * n_prefix
 
 
 def test_the_probe_leaves_the_sequence_as_it_was(llama_cpp, tiny_path):
