@@ -8,7 +8,7 @@ model's trained context by renumbering the kept cells when they would pass it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -312,11 +312,15 @@ class RepeatProbe:
         else:
             del self.pending[keep:]
 
+    def pieces(self) -> Iterator[list[int]]:
+        """What is decoded after the sequence to score it, a piece at a time: PROMPT and PIECE tokens of pending text."""
+        for i in range(0, len(self.pending), self.PIECE):
+            yield self.prompt + self.pending[i : i + self.PIECE]
+
     def score(self, ctx, window: int, positions: Positions, n_tokens: int) -> None:
         """Scores the cells of positions.seq_id, which holds n_tokens tokens seen, for its next eviction."""
         p_end, seq_id = positions.of(n_tokens), positions.seq_id
-        for i in range(0, len(self.pending), self.PIECE):
-            probe = self.prompt + self.pending[i : i + self.PIECE]
+        for probe in self.pieces():
             for j in range(0, len(probe), window):
                 fill_batch(self._batch, probe[j : j + window], p_end + j, lambda k: False, seq_id)
                 if llama_cpp.llama_decode(ctx, self._batch) != 0:
@@ -326,13 +330,30 @@ class RepeatProbe:
         self._start, self.pending = n_tokens, []
 
 
+class QuestionProbe(RepeatProbe):
+    """Scores each eviction by a question known before the text is read, decoded after the sequence as the repeat
+    probe is: the bench's chat-question setting, an oracle no chat has, bounds what evictions scored by attention can
+    keep of a text read in batches."""
+
+    def __init__(self, llm: "llama_cpp.Llama", window: int, question: Sequence[int]):
+        super().__init__(llm, window)
+        if not 0 < len(question) <= self.ROOM:
+            raise ValueError(f"the question must take 1 to {self.ROOM} tokens (the probe's room), not {len(question)}")
+        self.question = list(question)
+
+    def pieces(self) -> Iterator[list[int]]:
+        yield self.question
+
+
 class Session:
     """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.cells` cells."""
 
-    def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None, max_position: int = 0):
+    def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None, max_position: int = 0,
+                 probe: Optional[RepeatProbe] = None):
         """`max_position`: positions stay below it (default: the model's training context); when a batch would
         pass it, the kept cells are renumbered from 0 (StreamingLLM keeps positions within its cache the same way),
-        so a conversation can go on past the context the model was trained for."""
+        so a conversation can go on past the context the model was trained for. `probe`: what scores each eviction
+        when config.repeat_probe is on (default: a RepeatProbe)."""
         self.llm = llm
         self.ctx = llm._ctx.ctx
         self.config = config
@@ -350,7 +371,11 @@ class Session:
                 )
             _lib.enable(self.ctx, config)
         self._tail = PromptTail(llm)
-        self._probe = RepeatProbe(llm, config.window) if config is not None and config.repeat_probe else None
+        if probe is not None and (config is None or not config.repeat_probe):
+            raise ValueError("a probe scores evictions only with repeat_probe on: pass EvictConfig(repeat_probe=True)")
+        self._probe = None
+        if config is not None and config.repeat_probe:
+            self._probe = probe or RepeatProbe(llm, config.window)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def __del__(self):

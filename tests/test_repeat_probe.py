@@ -16,7 +16,7 @@ from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.bench import haystack
 from pyllmkv.reference import defensive_select, group_mean, head_scores, pooled_maxima, value_norms, window_attention
-from pyllmkv.session import RepeatProbe, Session, context_size
+from pyllmkv.session import QuestionProbe, RepeatProbe, Session, context_size
 from test_hook import SCORE_TOL, _llama
 from tinymodel import TinyRef
 
@@ -125,6 +125,44 @@ def test_every_eviction_of_a_probed_session_is_scored_by_its_probe(llama_cpp, ti
     sess.decode(random_tokens(40, seed=54))
     # 12 of the 22 tokens read since the probe at 128 remain; then the batch at 172 after the one at 140
     assert probed_at[3:] == [(140, 12), (172, 32)]
+
+
+def test_a_question_probe_scores_every_eviction_by_its_question(llama_cpp, tiny_path, monkeypatch):
+    """The bench's chat-question oracle: before each eviction the question alone is decoded after the sequence, and
+    its queries give the cells numpy's scores, whatever text was read."""
+    ref = TinyRef(tiny_path, kv_cache_dtype="f32")
+    config = EvictConfig.for_cells(40, window=WINDOW, policy="snapkv", repeat_probe=True)
+    question = random_tokens(WINDOW, seed=57)
+
+    def session():
+        llm = _llama(llama_cpp, tiny_path, n_ctx=context_size(0, config.cells, 32, True), n_batch=32)
+        return Session(llm, config, probe=QuestionProbe(llm, WINDOW, question))
+
+    sess = session()
+    context = random_tokens(60, seed=58)
+    sess.decode(context)
+    sess._probe.score(sess.ctx, WINDOW, sess.positions, sess.n_tokens)
+    trace = ref.trace(context + question)
+    q_pos = np.arange(60, 60 + WINDOW)
+    for il in range(ref.n_layer):
+        a = window_attention(trace.layers[il].q[q_pos], q_pos, trace.layers[il].k, np.arange(60 + WINDOW),
+                             1.0 / math.sqrt(ref.head_dim))
+        pos, score, _ = _lib.scores(sess.ctx, il, ref.n_head_kv)
+        np.testing.assert_array_equal(pos, np.arange(60 - WINDOW))
+        np.testing.assert_allclose(score, head_scores(a, WINDOW, ref.n_head_kv, "snapkv")[:, : 60 - WINDOW],
+                                   **SCORE_TOL["f32"])
+
+    sess, decoded = session(), []
+    fill = pyllmkv.session.fill_batch
+    monkeypatch.setattr(pyllmkv.session, "fill_batch",
+                        lambda b, tokens, *a, **k: (decoded.append(list(tokens)), fill(b, tokens, *a, **k)))
+    sess.decode(random_tokens(150, seed=59))
+    assert _lib.stats(sess.ctx)["n_evictions"] == 3
+    assert [t for t in decoded if len(t) == WINDOW] == [question] * 3  # the document's batches take 32 tokens
+    with pytest.raises(ValueError, match="must take 1 to"):
+        QuestionProbe(sess.llm, WINDOW, [])
+    with pytest.raises(ValueError, match="only with repeat_probe on"):
+        Session(sess.llm, EvictConfig.for_cells(40, window=WINDOW), probe=QuestionProbe(sess.llm, WINDOW, question))
 
 
 def test_a_probed_eviction_differs_from_the_windows(llama_cpp, tiny_path):

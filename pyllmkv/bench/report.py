@@ -128,9 +128,12 @@ RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its ow
                  "chat": "question-agnostic, the context read in batches inside the budget as chat reads it, each eviction "
                          "scored by the context's tail, then the question",
                  "chat-repeat": "question-agnostic, the context read in batches inside the budget, each eviction scored "
-                                "by a request to repeat the text read since the last (repeat_probe), then the question"}
+                                "by a request to repeat the text read since the last (repeat_probe), then the question",
+                 "chat-question": "an oracle: the context read in batches inside the budget, each eviction scored by "
+                                  "the question still to come (no chat knows it), then the question"}
 RULER_SETTING_TITLE = {"agnostic": "question-agnostic", "aware": "question-aware", "repeat": "repeat probe (agnostic)",
-                       "chat": "read as chat reads it", "chat-repeat": "read as chat reads it, repeat probe"}
+                       "chat": "read as chat reads it", "chat-repeat": "read as chat reads it, repeat probe",
+                       "chat-question": "read as chat reads it, question oracle"}
 
 
 def ruler_line(ax, rows: list[dict], context: int, **style) -> None:

@@ -15,6 +15,9 @@ Two settings, per sample:
   Session in n_batch batches inside the budget, evicted before each batch that would not fit, scored by the prompt's
   tail (chat) or by the repeat probe (chat-repeat, session.RepeatProbe); then the question is answered. They cost a
   prefill per branch (chat-repeat two) and are not in the default settings.
+- chat-question (an oracle no chat has, the bound of what a chat's evictions scored by attention can keep): read as
+  in chat, each eviction scored by the question still to come, decoded after the sequence as the repeat probe is
+  (session.QuestionProbe); not in the default settings either.
 The context is prefilled once with the whole cache and saved; each (setting, policy, budget) of the first three loads
 it, evicts once and answers, so a policy costs an eviction and a short decode, not a prefill.
 """
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa"]
-SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat"]
+SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat", "chat-question"]
 DEFAULT_SETTINGS = SETTINGS[:3]  # the chat settings prefill each branch
 FULL = "full cache"
 # tokens an answer may take: the multi-value tasks list several items
@@ -238,7 +241,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
 
     from .. import _lib
     from .._lib import EvictConfig, llama_cpp
-    from ..session import Session, truncate
+    from ..session import QuestionProbe, Session, truncate
 
     ctx = llm._ctx.ctx
     eog = llm._model.token_eos()
@@ -267,8 +270,9 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
         if setting.startswith("chat"):
             # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or the probe
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
-                                                     repeat_probe=setting == "chat-repeat"))
+            probed = setting != "chat"
+            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True, repeat_probe=probed),
+                            probe=QuestionProbe(llm, window, question) if setting == "chat-question" else None)
             plain.decode(context)
         elif setting == "repeat" and evicting:
             if repeated is None:
