@@ -404,11 +404,13 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
 
     if (probe_end >= 0) {
         seq.probe_n_q += defensive ? (int64_t) std::accumulate(q_weight.begin(), q_weight.end(), 0.0f) : n_q;
-        for (int64_t l = 0; l < n_layer_kv && !defensive; ++l) {
-            for (int64_t g = 0; g < n_kv; ++g) {
-                for (int64_t i = 0; i < n_prefix; ++i) {
-                    float & best = seq.probe_max[seq.side(l, out.cells[i], g)];
-                    best = std::max(best, out.score[(l * n_kv + g) * n_prefix + i]);
+        if (!defensive) { // DefensiveKV's reductions were folded above; the rest keep each row's best score
+            for (int64_t l = 0; l < n_layer_kv; ++l) {
+                for (int64_t g = 0; g < n_kv; ++g) {
+                    for (int64_t i = 0; i < n_prefix; ++i) {
+                        float & best = seq.probe_max[seq.side(l, out.cells[i], g)];
+                        best = std::max(best, out.score[(l * n_kv + g) * n_prefix + i]);
+                    }
                 }
             }
         }

@@ -284,8 +284,8 @@ class RepeatProbe:
     Before an eviction, PROMPT and the pending text (the tokens decoded since the last probe) are decoded after the
     sequence, PIECE tokens of text at a time; every `window` tokens their queries are folded into each cell's score
     (the maximum any probe gave it, kept across evictions; for DefensiveKV what ranks as one window of all the probes'
-    queries: _lib.probe), and the probe's cells are removed. The price:
-    the text is decoded twice, and the cache holds ROOM more cells (EvictConfig.repeat_probe, context_size)."""
+    queries: _lib.probe), and the probe's cells are removed. The price: the text is decoded twice, and the cache holds
+    ROOM more cells (EvictConfig.repeat_probe, context_size)."""
 
     PROMPT = "\n\nRepeat the previous context:\n"
     PIECE = 256  # text tokens repeated at once: fewer cost the prompt's tokens more often, more cost cells

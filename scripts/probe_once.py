@@ -52,9 +52,7 @@ def main() -> None:
         probe.pending = context[1:]
         probe.score(sess.ctx, config.window, sess.positions, sess.n_tokens)
         _lib.evict(sess.ctx)
-        answer = [int(np.argmax(sess.decode(question)))]
-        while len(answer) < s.n_answer and answer[-1] != llm.token_eos():
-            answer.append(int(np.argmax(sess.decode(answer[-1:]))))
+        answer = ruler.greedy_answer(sess, sess.decode(question), s.n_answer, llm.token_eos())
         scores.append(ruler.string_match_all(vocab.detokenize(answer).decode("utf-8", "replace"), s.expected))
         print(f"{s.task}: {100 * scores[-1]:.0f} %", flush=True)
         llm.close()

@@ -237,8 +237,6 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     answer's first token is drawn from (tests)."""
     import dataclasses
 
-    import numpy as np
-
     from .. import _lib
     from .._lib import EvictConfig, llama_cpp
     from ..session import QuestionProbe, Session, truncate
@@ -297,11 +295,19 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
             _lib.evict(ctx)
         if on_first_logits:
             on_first_logits((setting, policy, budget), logits)
-        out = [int(np.argmax(logits))]
-        while len(out) < n_answer and out[-1] != eog:
-            out.append(int(np.argmax(plain.decode([out[-1]]))))
-        answers.append(out)
+        answers.append(greedy_answer(plain, logits, n_answer, eog))
     return answers
+
+
+def greedy_answer(session, logits, n_answer: int, eog: int) -> list[int]:
+    """The greedy answer after `logits` (those of the question's last token), decoded by `session` (a
+    pyllmkv.session.Session): at most n_answer tokens, ending at the end of generation `eog`."""
+    import numpy as np
+
+    out = [int(np.argmax(logits))]
+    while len(out) < n_answer and out[-1] != eog:
+        out.append(int(np.argmax(session.decode(out[-1:]))))
+    return out
 
 
 def repeat_probe(tokenize: Callable[[str], list[int]], context: Sequence[int]) -> list[int]:
