@@ -332,8 +332,8 @@ class RepeatProbe:
 
 class QuestionProbe(RepeatProbe):
     """Scores each eviction by a question known before the text is read, decoded after the sequence as the repeat
-    probe is: the bench's chat-question setting, an oracle no chat has, bounds what evictions scored by attention can
-    keep of a text read in batches."""
+    probe is. The bench's chat-question setting: an oracle no chat has, it bounds what evictions scored by attention
+    can keep of a text read in batches."""
 
     def __init__(self, llm: "llama_cpp.Llama", window: int, question: Sequence[int]):
         super().__init__(llm, window)
