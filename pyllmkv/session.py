@@ -345,6 +345,17 @@ class QuestionProbe(RepeatProbe):
         yield self.question
 
 
+class FactsProbe(QuestionProbe):
+    """Scores each eviction by one fixed question that asks for the text's facts, decoded after the sequence as the
+    repeat probe is: question-agnostic, it stands in for whatever will be asked about a document (the bench's chat-facts
+    setting). It costs a decode of QUESTION's few tokens per eviction, not the text's."""
+
+    QUESTION = "\n\nQuestion: What are the key facts of the text above (its names, numbers and values)? Answer:"
+
+    def __init__(self, llm: "llama_cpp.Llama", window: int):
+        super().__init__(llm, window, llm.tokenize(self.QUESTION.encode(), add_bos=False, special=False))
+
+
 class Session:
     """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.cells` cells."""
 

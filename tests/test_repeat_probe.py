@@ -16,7 +16,7 @@ from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.bench import haystack
 from pyllmkv.reference import defensive_select, group_mean, head_scores, pooled_maxima, value_norms, window_attention
-from pyllmkv.session import QuestionProbe, RepeatProbe, Session, context_size
+from pyllmkv.session import FactsProbe, QuestionProbe, RepeatProbe, Session, context_size
 from test_hook import SCORE_TOL, _llama
 from tinymodel import TinyRef
 
@@ -163,6 +163,26 @@ def test_a_question_probe_scores_every_eviction_by_its_question(llama_cpp, tiny_
         QuestionProbe(sess.llm, WINDOW, [])
     with pytest.raises(ValueError, match="only with repeat_probe on"):
         Session(sess.llm, EvictConfig.for_cells(40, window=WINDOW), probe=QuestionProbe(sess.llm, WINDOW, question))
+
+
+def test_a_facts_probe_scores_every_eviction_by_its_fixed_question(llama_cpp, tiny_path, monkeypatch):
+    """The bench's chat-facts setting: before each eviction the one fixed question, tokenized without BOS, is decoded
+    after the sequence, whatever text was read."""
+    config = EvictConfig.for_cells(40, window=WINDOW, policy="defensivekv-layer", repeat_probe=True)
+    llm = _llama(llama_cpp, tiny_path, n_ctx=context_size(0, config.cells, 32, True), n_batch=32)
+    question = llm.tokenize(FactsProbe.QUESTION.encode(), add_bos=False, special=False)
+    assert 0 < len(question) <= RepeatProbe.ROOM
+    sess, decoded = Session(llm, config, probe=FactsProbe(llm, WINDOW)), []
+    fill = pyllmkv.session.fill_batch
+    monkeypatch.setattr(pyllmkv.session, "fill_batch",
+                        lambda b, tokens, *a, **k: (decoded.append(list(tokens)), fill(b, tokens, *a, **k)))
+    sess.decode(random_tokens(150, seed=60))
+    assert _lib.stats(sess.ctx)["n_evictions"] == 3
+    # the document's batches take 32 tokens (the last 22); the question, WINDOW at a time
+    probes = [t for t in decoded if len(t) <= WINDOW]
+    assert probes == [question[j : j + WINDOW] for j in range(0, len(question), WINDOW)] * 3
+    pos = _lib.positions(sess.ctx)
+    assert pos.max() == 149 and len(pos) <= config.cells + sess.n_batch
 
 
 def test_a_probed_eviction_differs_from_the_windows(llama_cpp, tiny_path):

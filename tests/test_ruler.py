@@ -11,7 +11,7 @@ import pytest
 from pyllmkv import EvictConfig, _lib, bench
 from pyllmkv.bench import haystack, ruler
 from pyllmkv.bench.report import bootstrap_ci, ruler_summary
-from pyllmkv.session import QuestionProbe, Session, truncate
+from pyllmkv.session import FactsProbe, QuestionProbe, Session, truncate
 from test_bench import _no_progress
 
 TEXT = haystack.text()[0]
@@ -102,7 +102,7 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     branched = {}
     branches = [("agnostic", policy, budget), ("aware", policy, budget), ("repeat", policy, budget),
                 ("repeat", policy, budget + 16), ("chat", policy, budget), ("chat-repeat", policy, budget),
-                ("chat-question", policy, budget), ("agnostic", ruler.FULL, 0)]
+                ("chat-question", policy, budget), ("chat-facts", policy, budget), ("agnostic", ruler.FULL, 0)]
     answers = ruler.branch_answers(llm(), context, question, 4, branches, window, kernel, probe,
                                    on_first_logits=lambda b, logits: branched.__setitem__(b, logits.copy()))
     assert len(answers) == len(branches) and all(1 <= len(a) <= 4 for a in answers)
@@ -115,8 +115,9 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
             if pol != ruler.FULL else None
         if setting.startswith("chat"):
             # read in batches inside the budget, as the chat reads a document
-            s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting != "chat"),
-                        probe=QuestionProbe(fresh, window, question) if setting == "chat-question" else None)
+            probe = {"chat-question": QuestionProbe(fresh, window, question),
+                     "chat-facts": FactsProbe(fresh, window)}.get(setting)
+            s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting != "chat"), probe=probe)
         else:
             if config and setting != "repeat":
                 _lib.enable(ctx, config)
@@ -152,6 +153,8 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     assert not np.allclose(branched[("agnostic", policy, budget)], branched[("repeat", policy, budget)], atol=1e-3)
     assert not np.allclose(branched[("chat", policy, budget)], branched[("chat-repeat", policy, budget)], atol=1e-3)
     assert not np.allclose(branched[("chat-repeat", policy, budget)], branched[("chat-question", policy, budget)],
+                           atol=1e-3)
+    assert not np.allclose(branched[("chat-question", policy, budget)], branched[("chat-facts", policy, budget)],
                            atol=1e-3)
 
 

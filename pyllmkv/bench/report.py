@@ -130,10 +130,13 @@ RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its ow
                  "chat-repeat": "question-agnostic, the context read in batches inside the budget, each eviction scored "
                                 "by a request to repeat the text read since the last (repeat_probe), then the question",
                  "chat-question": "an oracle: the context read in batches inside the budget, each eviction scored by "
-                                  "the question still to come (no chat knows it), then the question"}
+                                  "the question still to come (no chat knows it), then the question",
+                 "chat-facts": "question-agnostic, the context read in batches inside the budget, each eviction scored "
+                               "by one fixed question asking for the text's facts (session.FactsProbe), then the question"}
 RULER_SETTING_TITLE = {"agnostic": "question-agnostic", "aware": "question-aware", "repeat": "repeat probe (agnostic)",
                        "chat": "read as chat reads it", "chat-repeat": "read as chat reads it, repeat probe",
-                       "chat-question": "read as chat reads it, question oracle"}
+                       "chat-question": "read as chat reads it, question oracle",
+                       "chat-facts": "read as chat reads it, facts probe"}
 
 
 def ruler_line(ax, rows: list[dict], context: int, **style) -> None:

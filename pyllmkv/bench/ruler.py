@@ -18,6 +18,8 @@ Two settings, per sample:
 - chat-question (an oracle no chat has, the bound of what a chat's evictions scored by attention can keep): read as
   in chat, each eviction scored by the question still to come, decoded after the sequence as the repeat probe is
   (session.QuestionProbe); not in the default settings either.
+- chat-facts (question-agnostic): read as in chat, each eviction scored by one fixed question asking for the text's
+  facts, decoded after the sequence as the oracle's question is (session.FactsProbe); not in the default settings.
 The context is prefilled once with the whole cache and saved; each (setting, policy, budget) of the first three loads
 it, evicts once and answers, so a policy costs an eviction and a short decode, not a prefill.
 """
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa"]
-SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat", "chat-question"]
+SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat", "chat-question", "chat-facts"]
 DEFAULT_SETTINGS = SETTINGS[:3]  # the chat settings prefill each branch
 FULL = "full cache"
 # tokens an answer may take: the multi-value tasks list several items
@@ -239,7 +241,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
 
     from .. import _lib
     from .._lib import EvictConfig, llama_cpp
-    from ..session import QuestionProbe, Session, truncate
+    from ..session import FactsProbe, QuestionProbe, Session, truncate
 
     ctx = llm._ctx.ctx
     eog = llm._model.token_eos()
@@ -266,11 +268,12 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     for setting, policy, budget in branches:
         evicting = policy != FULL
         if setting.startswith("chat"):
-            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or the probe
+            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or a probe
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            probed = setting != "chat"
-            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True, repeat_probe=probed),
-                            probe=QuestionProbe(llm, window, question) if setting == "chat-question" else None)
+            probe = {"chat-question": lambda: QuestionProbe(llm, window, question),
+                     "chat-facts": lambda: FactsProbe(llm, window)}.get(setting, lambda: None)()
+            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
+                                                     repeat_probe=setting != "chat"), probe=probe)
             plain.decode(context)
         elif setting == "repeat" and evicting:
             if repeated is None:
