@@ -183,7 +183,7 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
     positions.of(n_tokens + start)."""
     queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch, positions.seq_id)
     if probe is not None:
-        probe.follow(n_tokens, tokens)
+        probe.follow(n_tokens)
     for start in range(0, len(tokens), n_batch):
         batch = tokens[start : start + n_batch]
         if config is not None:
@@ -304,9 +304,8 @@ class RepeatProbe:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
 
-    def follow(self, n_tokens: int, prompt: Sequence[int] = ()) -> None:
-        """The sequence holds n_tokens tokens seen and `prompt` is about to follow them: forgets pending tokens the
-        sequence was truncated before."""
+    def follow(self, n_tokens: int) -> None:
+        """The sequence holds n_tokens tokens seen: forgets pending ones it was truncated before."""
         keep = n_tokens - self._start
         if not 0 <= keep <= len(self.pending):
             self._start, self.pending = n_tokens, []
@@ -347,24 +346,14 @@ class QuestionProbe(RepeatProbe):
 
 
 class FactsProbe(QuestionProbe):
-    """Scores each eviction by the prompt's last `window` tokens (what the prompt tail scores by without a probe) and
-    then one fixed question that asks for the text's facts, decoded after the sequence as the repeat probe is:
-    question-agnostic, the question stands in for whatever will be asked about a document later (the bench's
-    chat-facts setting). It costs a decode of about 60 tokens per eviction, not the text's."""
+    """Scores each eviction by one fixed question that asks for the text's facts, decoded after the sequence as the
+    repeat probe is: question-agnostic, it stands in for whatever will be asked about a document (the bench's chat-facts
+    setting). It costs a decode of QUESTION's few tokens per eviction, not the text's."""
 
     QUESTION = "\n\nQuestion: What are the key facts of the text above (its names, numbers and values)? Answer:"
 
     def __init__(self, llm: "llama_cpp.Llama", window: int):
         super().__init__(llm, window, llm.tokenize(self.QUESTION.encode(), add_bos=False, special=False))
-        self.window = window
-        self.prompt_end: list[int] = []
-
-    def follow(self, n_tokens: int, prompt: Sequence[int] = ()) -> None:
-        super().follow(n_tokens, prompt)
-        self.prompt_end = list(prompt[-min(self.window, self.ROOM - len(self.question)):])
-
-    def pieces(self) -> Iterator[list[int]]:
-        yield self.prompt_end + self.question
 
 
 class Session:

@@ -166,8 +166,8 @@ def test_a_question_probe_scores_every_eviction_by_its_question(llama_cpp, tiny_
 
 
 def test_a_facts_probe_scores_every_eviction_by_its_fixed_question(llama_cpp, tiny_path, monkeypatch):
-    """The bench's chat-facts setting: before each eviction the prompt's last WINDOW tokens and the one fixed question,
-    tokenized without BOS, are decoded after the sequence, whatever text was read since the last."""
+    """The bench's chat-facts setting: before each eviction the one fixed question, tokenized without BOS, is decoded
+    after the sequence, whatever text was read."""
     config = EvictConfig.for_cells(40, window=WINDOW, policy="defensivekv-layer", repeat_probe=True)
     llm = _llama(llama_cpp, tiny_path, n_ctx=context_size(0, config.cells, 32, True), n_batch=32)
     question = llm.tokenize(FactsProbe.QUESTION.encode(), add_bos=False, special=False)
@@ -176,13 +176,11 @@ def test_a_facts_probe_scores_every_eviction_by_its_fixed_question(llama_cpp, ti
     fill = pyllmkv.session.fill_batch
     monkeypatch.setattr(pyllmkv.session, "fill_batch",
                         lambda b, tokens, *a, **k: (decoded.append(list(tokens)), fill(b, tokens, *a, **k)))
-    prompt = random_tokens(150, seed=60)
-    sess.decode(prompt)
+    sess.decode(random_tokens(150, seed=60))
     assert _lib.stats(sess.ctx)["n_evictions"] == 3
-    # the document's batches take 32 tokens (the last 22); the probe, WINDOW at a time
-    probe = prompt[-WINDOW:] + question
+    # the document's batches take 32 tokens (the last 22); the question, WINDOW at a time
     probes = [t for t in decoded if len(t) <= WINDOW]
-    assert probes == [probe[j : j + WINDOW] for j in range(0, len(probe), WINDOW)] * 3
+    assert probes == [question[j : j + WINDOW] for j in range(0, len(question), WINDOW)] * 3
     pos = _lib.positions(sess.ctx)
     assert pos.max() == 149 and len(pos) <= config.cells + sess.n_batch
 
