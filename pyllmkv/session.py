@@ -20,8 +20,8 @@ def context_size(n_swa: int, cells: int, n_batch: int, repeat_probe: bool = Fals
     """Cells a context needs: the cells a sequence keeps after an eviction (EvictConfig.cells) + n_batch, and for a
     sliding-window model (Gemma 3, window n_swa) at least n_swa + n_batch, since its sliding-window cache keeps the
     whole window as llama.cpp manages it (eviction acts on the full-attention cache only) and llama.cpp sizes both
-    caches from n_ctx; with `repeat_probe`, room for a probe beside them (RepeatProbe.ROOM)."""
-    return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0) + (RepeatProbe.ROOM if repeat_probe else 0)
+    caches from n_ctx; with `repeat_probe`, room for a probe beside them (Probe.ROOM)."""
+    return max(cells + n_batch, n_swa + n_batch if n_swa > 0 else 0) + (Probe.ROOM if repeat_probe else 0)
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -175,7 +175,7 @@ def evict_to_fit(ctx, cells: int, n_batch: int, n_new: int, queries: Optional[by
 
 def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, tail: "PromptTail", tokens: Sequence[int],
                       n_tokens: int, n_batch: int, decode: Callable[[int, Sequence[int]], None],
-                      probe: Optional["RepeatProbe"] = None) -> None:
+                      probe: Optional["Probe"] = None) -> None:
     """The one decode loop of a sequence that evicts (Session for chat and the bench, pyllmkv.Llama for the API and the
     server): `tokens` follow the n_tokens seen, in batches of n_batch; before each, the sequence is evicted to fit
     (scored by the repeat probe, or the prompt tail's queries when it has them) and renumbered if it would pass the
@@ -195,7 +195,7 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
 
 
 def make_room(ctx, config: EvictConfig, positions: Positions, tail: "PromptTail", rest: Sequence[int], n_new: int,
-              n_tokens: int, n_batch: int, queries: Optional[bytes], probe: Optional["RepeatProbe"] = None) -> Optional[bytes]:
+              n_tokens: int, n_batch: int, queries: Optional[bytes], probe: Optional["Probe"] = None) -> Optional[bytes]:
     """Before decoding the first n_new of `rest` (the tokens that follow the n_tokens seen) into positions.seq_id:
     evicts the sequence to fit, scored by the repeat `probe` when given, else by `queries` (the prompt tail's) when
     given, and renumbers it if they would pass the positions' maximum. Returns the queries for the rest's later
@@ -275,25 +275,16 @@ class PromptTail:
         return _lib.window_queries(self._ctx.ctx)
 
 
-class RepeatProbe:
-    """Scores each eviction by a request to repeat the text read since the last one (KVzip's probe, Kim et al. 2025,
-    arXiv 2505.23416), not by the window's queries: those keep what the end of a document looks at, these what
-    reproducing it needs. An experiment, off by default: read in the chat's batches it kept fewer of a document's facts
-    than the window did, where one eviction of the whole document scored this way keeps most (docs/results.md).
-
-    Before an eviction, PROMPT and the pending text (the tokens decoded since the last probe) are decoded after the
-    sequence, PIECE tokens of text at a time; every `window` tokens their queries are folded into each cell's score
+class Probe:
+    """What scores each eviction instead of the window's queries (EvictConfig.repeat_probe): before an eviction its
+    pieces() are decoded after the sequence; every `window` tokens their queries are folded into each cell's score
     (the maximum any probe gave it, kept across evictions; for DefensiveKV what ranks as one window of all the probes'
-    queries: _lib.probe), and the probe's cells are removed. The price: the text is decoded twice, and the cache holds
-    ROOM more cells (EvictConfig.repeat_probe, context_size)."""
+    queries: _lib.probe), and the probe's cells are removed. A piece takes at most ROOM cells beside the budget
+    (context_size). A subclass says what it decodes: pieces()."""
 
-    PROMPT = "\n\nRepeat the previous context:\n"
-    PIECE = 256  # text tokens repeated at once: fewer cost the prompt's tokens more often, more cost cells
-    ROOM = PIECE + 32  # the probe's cells: a piece and the prompt (at most 32 tokens)
+    ROOM = 288  # cells a piece may take beside the budget: a repeat probe's piece of text and its prompt
 
     def __init__(self, llm: "llama_cpp.Llama", window: int):
-        self.prompt = llm.tokenize(self.PROMPT.encode(), add_bos=False, special=False)
-        assert len(self.prompt) <= self.ROOM - self.PIECE, "the probe's prompt outgrows its room"
         self.pending: list[int] = []  # tokens decoded since the last probe, the last ones the sequence holds
         self._start = 0  # tokens seen before pending[0]
         self._batch = llama_cpp.llama_batch_init(window, 0, 1)
@@ -313,9 +304,8 @@ class RepeatProbe:
             del self.pending[keep:]
 
     def pieces(self) -> Iterator[list[int]]:
-        """What is decoded after the sequence to score it, a piece at a time: PROMPT and PIECE tokens of pending text."""
-        for i in range(0, len(self.pending), self.PIECE):
-            yield self.prompt + self.pending[i : i + self.PIECE]
+        """What is decoded after the sequence to score it, a piece (at most ROOM tokens) at a time."""
+        raise NotImplementedError
 
     def score(self, ctx, window: int, positions: Positions, n_tokens: int) -> None:
         """Scores the cells of positions.seq_id, which holds n_tokens tokens seen, for its next eviction."""
@@ -324,21 +314,42 @@ class RepeatProbe:
             for j in range(0, len(probe), window):
                 fill_batch(self._batch, probe[j : j + window], p_end + j, lambda k: False, seq_id)
                 if llama_cpp.llama_decode(ctx, self._batch) != 0:
-                    raise RuntimeError("llama_decode failed on the repeat probe")
+                    raise RuntimeError("llama_decode failed on the probe")
                 _lib.probe(ctx, p_end, seq_id)
             truncate(ctx, p_end, seq_id)
         self._start, self.pending = n_tokens, []
 
 
-class QuestionProbe(RepeatProbe):
+class RepeatProbe(Probe):
+    """Scores each eviction by a request to repeat the text read since the last one (KVzip's probe, Kim et al. 2025,
+    arXiv 2505.23416), not by the window's queries: those keep what the end of a document looks at, these what
+    reproducing it needs. An experiment, off by default: read in the chat's batches it kept fewer of a document's facts
+    than the window did, where one eviction of the whole document scored this way keeps most (docs/results.md).
+    Its pieces: PROMPT and PIECE tokens of the pending text (the tokens decoded since the last probe), so the text is
+    decoded twice."""
+
+    PROMPT = "\n\nRepeat the previous context:\n"
+    PIECE = Probe.ROOM - 32  # text tokens repeated at once, beside the prompt: fewer cost the prompt's tokens more often
+
+    def __init__(self, llm: "llama_cpp.Llama", window: int):
+        super().__init__(llm, window)
+        self.prompt = llm.tokenize(self.PROMPT.encode(), add_bos=False, special=False)
+        assert len(self.prompt) <= self.ROOM - self.PIECE, "the probe's prompt outgrows its room"
+
+    def pieces(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.pending), self.PIECE):
+            yield self.prompt + self.pending[i : i + self.PIECE]
+
+
+class QuestionProbe(Probe):
     """Scores each eviction by a question known before the text is read, decoded after the sequence as the repeat
     probe is. The bench's chat-question setting: an oracle no chat has, it bounds what evictions scored by attention
     can keep of a text read in batches."""
 
     def __init__(self, llm: "llama_cpp.Llama", window: int, question: Sequence[int]):
-        super().__init__(llm, window)
         if not 0 < len(question) <= self.ROOM:
             raise ValueError(f"the question must take 1 to {self.ROOM} tokens (the probe's room), not {len(question)}")
+        super().__init__(llm, window)
         self.question = list(question)
 
     def pieces(self) -> Iterator[list[int]]:
@@ -360,7 +371,7 @@ class Session:
     """Decodes tokens of sequence 0 of `llm`'s context; with `config`, evicts down to `config.cells` cells."""
 
     def __init__(self, llm: "llama_cpp.Llama", config: Optional[EvictConfig] = None, max_position: int = 0,
-                 probe: Optional[RepeatProbe] = None):
+                 probe: Optional[Probe] = None):
         """`max_position`: positions stay below it (default: the model's training context); when a batch would
         pass it, the kept cells are renumbered from 0 (StreamingLLM keeps positions within its cache the same way),
         so a conversation can go on past the context the model was trained for. `probe`: what scores each eviction

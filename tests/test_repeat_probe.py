@@ -16,7 +16,7 @@ from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig, KVEvictError
 from pyllmkv.bench import haystack
 from pyllmkv.reference import defensive_select, group_mean, head_scores, pooled_maxima, value_norms, window_attention
-from pyllmkv.session import FactsProbe, QuestionProbe, RepeatProbe, Session, context_size
+from pyllmkv.session import FactsProbe, Probe, QuestionProbe, RepeatProbe, Session, context_size
 from test_hook import SCORE_TOL, _llama
 from tinymodel import TinyRef
 
@@ -171,7 +171,7 @@ def test_a_facts_probe_scores_every_eviction_by_its_fixed_question(llama_cpp, ti
     config = EvictConfig.for_cells(40, window=WINDOW, policy="defensivekv-layer", repeat_probe=True)
     llm = _llama(llama_cpp, tiny_path, n_ctx=context_size(0, config.cells, 32, True), n_batch=32)
     question = llm.tokenize(FactsProbe.QUESTION.encode(), add_bos=False, special=False)
-    assert 0 < len(question) <= RepeatProbe.ROOM
+    assert 0 < len(question) <= Probe.ROOM
     sess, decoded = Session(llm, config, probe=FactsProbe(llm, WINDOW)), []
     fill = pyllmkv.session.fill_batch
     monkeypatch.setattr(pyllmkv.session, "fill_batch",

@@ -225,11 +225,11 @@ def run_ruler(job: dict) -> dict:
     """One RULER sample: the context prefilled once, then every (setting, policy, budget) branch's answer."""
     import pyllmkv
     from pyllmkv.bench.ruler import branch_answers
-    from pyllmkv.session import RepeatProbe
+    from pyllmkv.session import Probe
 
     add_rpc_servers(job)
     # the chat-repeat setting's probe needs its room beside the budget + n_batch, which the context exceeds
-    n_ctx = len(job["tokens"]) + len(job["probe"]) + len(job["question"]) + job["n_answer"] + job["n_batch"] + RepeatProbe.ROOM
+    n_ctx = len(job["tokens"]) + len(job["probe"]) + len(job["question"]) + job["n_answer"] + job["n_batch"] + Probe.ROOM
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **llama_args(job))
     t0 = time.perf_counter()
     answers = branch_answers(llm, job["tokens"], job["question"], job["n_answer"], [tuple(b) for b in job["branches"]],
