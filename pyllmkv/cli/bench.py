@@ -61,6 +61,8 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
                    "a repeat of each batch's text, repeat_probe; a prefill per branch), chat-question (read as "
                    "chat reads it, scored by the question to come: an oracle), chat-facts (read as chat reads it, scored by "
                    "a fixed question asking for the text's facts) [default: the first three]")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="observation window of every pyllmkv job: recent queries that score the cache [default: 32, 8 with --tiny]")
 @click.option("--pool-kernel", type=int, callback=o.odd, default=None,
               help=f"pooling kernel of the window scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
