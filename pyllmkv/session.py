@@ -178,7 +178,7 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
                       probe: Optional["Probe"] = None) -> None:
     """The one decode loop of a sequence that evicts (Session for chat and the bench, pyllmkv.Llama for the API and the
     server): `tokens` follow the n_tokens seen, in batches of n_batch; before each, the sequence is evicted to fit
-    (scored by the repeat probe, or the prompt tail's queries when it has them) and renumbered if it would pass the
+    (scored by the probe, or the prompt tail's queries when it has them) and renumbered if it would pass the
     positions' maximum; `decode(start, batch)` then decodes tokens[start:start + len(batch)] at
     positions.of(n_tokens + start)."""
     queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch, positions.seq_id)
@@ -197,7 +197,7 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
 def make_room(ctx, config: EvictConfig, positions: Positions, tail: "PromptTail", rest: Sequence[int], n_new: int,
               n_tokens: int, n_batch: int, queries: Optional[bytes], probe: Optional["Probe"] = None) -> Optional[bytes]:
     """Before decoding the first n_new of `rest` (the tokens that follow the n_tokens seen) into positions.seq_id:
-    evicts the sequence to fit, scored by the repeat `probe` when given, else by `queries` (the prompt tail's) when
+    evicts the sequence to fit, scored by the `probe` when given, else by `queries` (the prompt tail's) when
     given, and renumbers it if they would pass the positions' maximum. Returns the queries for the rest's later
     batches: after a renumbering, the rest's tail again, at the positions it will have."""
     if probe is not None and will_evict(ctx, config.cells, n_batch, n_new, positions.seq_id):
@@ -359,7 +359,8 @@ class QuestionProbe(Probe):
 class FactsProbe(QuestionProbe):
     """Scores each eviction by one fixed question that asks for the text's facts, decoded after the sequence as the
     repeat probe is: question-agnostic, it stands in for whatever will be asked about a document (the bench's chat-facts
-    setting). It costs a decode of QUESTION's few tokens per eviction, not the text's."""
+    setting). It costs a decode of QUESTION's few tokens per eviction, not the text's. An experiment: read in the chat's
+    batches it kept other facts than the prompt tail's scoring, not more (docs/results.md)."""
 
     QUESTION = "\n\nQuestion: What are the key facts of the text above (its names, numbers and values)? Answer:"
 

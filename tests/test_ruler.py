@@ -115,8 +115,8 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
             if pol != ruler.FULL else None
         if setting.startswith("chat"):
             # read in batches inside the budget, as the chat reads a document
-            probe = {"chat-question": QuestionProbe(fresh, window, question),
-                     "chat-facts": FactsProbe(fresh, window)}.get(setting)
+            probe = {"chat-question": lambda: QuestionProbe(fresh, window, question),
+                     "chat-facts": lambda: FactsProbe(fresh, window)}.get(setting, lambda: None)()
             s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting != "chat"), probe=probe)
         else:
             if config and setting != "repeat":
