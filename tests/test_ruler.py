@@ -11,7 +11,7 @@ import pytest
 from pyllmkv import EvictConfig, _lib, bench
 from pyllmkv.bench import haystack, ruler
 from pyllmkv.bench.report import bootstrap_ci, ruler_summary
-from pyllmkv.session import FactsProbe, QuestionProbe, Session, truncate
+from pyllmkv.session import Session, truncate
 from test_bench import _no_progress
 
 TEXT = haystack.text()[0]
@@ -115,9 +115,8 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
             if pol != ruler.FULL else None
         if setting.startswith("chat"):
             # read in batches inside the budget, as the chat reads a document
-            probe = {"chat-question": lambda: QuestionProbe(fresh, window, question),
-                     "chat-facts": lambda: FactsProbe(fresh, window)}.get(setting, lambda: None)()
-            s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting != "chat"), probe=probe)
+            s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting != "chat"),
+                        probe=ruler.chat_probe(setting, fresh, window, question))
         else:
             if config and setting != "repeat":
                 _lib.enable(ctx, config)

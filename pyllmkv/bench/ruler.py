@@ -241,7 +241,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
 
     from .. import _lib
     from .._lib import EvictConfig, llama_cpp
-    from ..session import FactsProbe, QuestionProbe, Session, truncate
+    from ..session import Session, truncate
 
     ctx = llm._ctx.ctx
     eog = llm._model.token_eos()
@@ -270,10 +270,9 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
         if setting.startswith("chat"):
             # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or a probe
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            probe = {"chat-question": lambda: QuestionProbe(llm, window, question),
-                     "chat-facts": lambda: FactsProbe(llm, window)}.get(setting, lambda: None)()
             plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
-                                                     repeat_probe=setting != "chat"), probe=probe)
+                                                     repeat_probe=setting != "chat"),
+                            probe=chat_probe(setting, llm, window, question))
             plain.decode(context)
         elif setting == "repeat" and evicting:
             if repeated is None:
@@ -300,6 +299,18 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
             on_first_logits((setting, policy, budget), logits)
         answers.append(greedy_answer(plain, logits, n_answer, eog))
     return answers
+
+
+def chat_probe(setting: str, llm, window: int, question: Sequence[int]):
+    """The probe that scores a chat setting's evictions (a pyllmkv.session.Probe), or None for the Session's own: the
+    repeat probe with repeat_probe on (chat-repeat), the prompt tail without it (chat)."""
+    from ..session import FactsProbe, QuestionProbe
+
+    if setting == "chat-question":
+        return QuestionProbe(llm, window, question)
+    if setting == "chat-facts":
+        return FactsProbe(llm, window)
+    return None
 
 
 def greedy_answer(session, logits, n_answer: int, eog: int) -> list[int]:
