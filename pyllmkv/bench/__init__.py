@@ -290,7 +290,8 @@ class Bench:
             for context, samples in per_context.items():
                 # the full cache evicts nothing: one branch serves both settings
                 branches = [("agnostic", ruler.FULL, 0)] + [(s, p, needle_budget(b, context)) for s in g.ruler_settings
-                                                             for p in policies for b in g.ruler_budgets]
+                                                             for p in policies for b in g.ruler_budgets
+                                                             if p != ruler.SURPRISAL or s == "chat"]
                 labels = {needle_budget(b, context): budget_label(b) for b in g.ruler_budgets}
                 for i, sample in enumerate(samples):
                     tokens = self.tokenize(sample.context, False)

@@ -20,6 +20,8 @@ Two settings, per sample:
   (session.QuestionProbe); not in the default settings either.
 - chat-facts (question-agnostic): read as in chat, each eviction scored by one fixed question asking for the text's
   facts, decoded after the sequence as the oracle's question is (session.FactsProbe); not in the default settings.
+The chat setting has one more policy beside the hook's, `surprisal` (bench/surprisal.py): each eviction keeps the
+tokens the model predicted worst, at token granularity, chosen without queries.
 The context is prefilled once with the whole cache and saved; each (setting, policy, budget) of the first three loads
 it, evicts once and answers, so a policy costs an eviction and a short decode, not a prefill.
 """
@@ -36,6 +38,7 @@ TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "
 SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat", "chat-question", "chat-facts"]
 DEFAULT_SETTINGS = SETTINGS[:3]  # the chat settings prefill each branch
 FULL = "full cache"
+SURPRISAL = "surprisal"  # the experiment of bench/surprisal.py, a policy of the chat setting only
 # tokens an answer may take: the multi-value tasks list several items
 N_ANSWER = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 80,
             "fwe": 30, "qa": 16}
@@ -242,6 +245,7 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     from .. import _lib
     from .._lib import EvictConfig, llama_cpp
     from ..session import Session, truncate
+    from .surprisal import SurprisalReader
 
     ctx = llm._ctx.ctx
     eog = llm._model.token_eos()
@@ -267,7 +271,15 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     answers = []
     for setting, policy, budget in branches:
         evicting = policy != FULL
-        if setting.startswith("chat"):
+        if policy == SURPRISAL:
+            # read as the chat reads it, each eviction chosen by surprisal at token granularity; the hook stays
+            # enabled for the branches after, but nothing asks it to evict
+            if setting != "chat":
+                raise ValueError(f"{SURPRISAL} reads the context as a chat does: only the chat setting has it")
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            plain = SurprisalReader(Session(llm, None), budget, window)
+            plain.decode(context)
+        elif setting.startswith("chat"):
             # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or a probe
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
             plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,

@@ -12,9 +12,9 @@ import click
 
 from . import options as o
 from .. import models
-from .._lib import EvictConfig
+from .._lib import POLICIES, EvictConfig
 from ..bench import RULER_POLICIES, SUITES
-from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
+from ..bench.ruler import SETTINGS as RULER_SETTINGS, SURPRISAL, TASKS as RULER_TASKS
 
 
 @click.command()
@@ -52,8 +52,9 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("--ruler-budgets", callback=o.float_list, help="ruler: budgets, in cells or below 1 a share of the context")
 @click.option("--ruler-samples", type=click.IntRange(min=1), default=None, help="ruler: samples per task and context")
 @click.option("--ruler-tasks", callback=o.choice_list(RULER_TASKS, "tasks"), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
-@click.option("--ruler-policies", callback=o.policy_list,
-              help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]")
+@click.option("--ruler-policies", callback=o.choice_list(list(POLICIES) + [SURPRISAL], "policies"),
+              help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]; "
+                   f"{SURPRISAL}: the chat setting's tokens of largest surprisal, without the hook (an experiment)")
 @click.option("--ruler-settings", callback=o.choice_list(RULER_SETTINGS, "settings"),
               help="ruler: agnostic (the question after the eviction), aware (the question in the window), repeat "
                    "(agnostic, scored by a request to repeat the context, KVzip's), chat and chat-repeat (agnostic, "
