@@ -16,6 +16,25 @@ def test_token_surprisal_is_minus_log_softmax():
     np.testing.assert_allclose(token_surprisal(logits, [1, 2]), [np.log(5 / 3), np.log(2)], rtol=1e-6)
 
 
+class _Vocab:
+    """The one thing the reader asks of the model to split words: a token's text."""
+
+    PIECES = {1: " The", 2: " magic", 3: " 9", 4: "2", 5: "6", 6: ".", 7: "\n", 8: "Next"}
+
+    def detokenize(self, tokens):
+        return "".join(self.PIECES[t] for t in tokens).encode()
+
+
+def test_a_words_tokens_share_its_summed_surprisal():
+    session = type("S", (), {"llm": _Vocab()})()
+    reader = SurprisalReader(session, 16, 4)
+    for batch in ([1, 2, 3, 4], [5, 6, 7, 8]):  # a word goes on across batches
+        reader.word = np.concatenate([reader.word, reader._words(batch)])
+    assert reader.word.tolist() == [0, 1, 2, 2, 2, 2, 3, 4]  # a number and its full stop are one word
+    reader.surprisal = np.array([np.nan, 1.0, 2.0, 2.5, 3.0, 0.5, 0.25, 4.0])
+    np.testing.assert_allclose(reader.word_surprisal(), [0.0, 1.0, 8.0, 8.0, 8.0, 8.0, 0.25, 4.0])
+
+
 def test_reader_keeps_the_sinks_the_window_and_the_most_surprising_tokens(llama_cpp, tiny_path):
     rng = np.random.default_rng(2)
     context = [int(t) for t in rng.integers(3, 250, 200)]
@@ -32,7 +51,7 @@ def test_reader_keeps_the_sinks_the_window_and_the_most_surprising_tokens(llama_
     choose = reader.choose
 
     def recording():
-        chosen.append((list(reader.kept), reader.surprisal.copy(), choose()))
+        chosen.append((list(reader.kept), reader.word_surprisal(), choose()))
         return chosen[-1][2]
 
     reader.choose = recording
@@ -48,11 +67,11 @@ def test_reader_keeps_the_sinks_the_window_and_the_most_surprising_tokens(llama_
     assert not np.allclose(reader.surprisal[-n_batch:], want[-n_batch:], atol=1e-3)
 
     assert len(chosen) >= 4
-    for kept, surprisal, keep in chosen:
+    for kept, word, keep in chosen:
         assert len(keep) == cells and keep[:4] == kept[:4] and keep[-window:] == kept[-window:]
         middle = set(kept[4:-window])
         kept_middle, gone = middle & set(keep), middle - set(keep)
-        assert min(surprisal[p] for p in kept_middle) >= max(surprisal[p] for p in gone)
+        assert min(word[p] for p in kept_middle) >= max(word[p] for p in gone)
     # llama.cpp's cache holds exactly the tokens the reader kept
     assert list(_lib.positions(ctx)) == reader.kept
     assert cells < len(reader.kept) <= cells + n_batch and reader.kept[-1] == len(context) - 1

@@ -1,8 +1,9 @@
 """Surprisal retention, an experiment beside the hook's policies (the ruler's `surprisal` in the chat setting): a text
 is read in n_batch batches within `cells` cells, at token granularity, keeping the first n_sink tokens, the last
-`window` and, among the rest, the tokens the model predicted worst: -log p(token | the cache it was read with), Selective
-Context's self-information (Li et al. 2023, arXiv 2310.06201). No query scores anything: it needs the logits of every
-token read, and removes tokens with llama.cpp's own llama_memory_seq_rm."""
+`window` and, among the rest, the words the model predicted worst: a word's tokens (up to the next that begins with a
+space) share its summed -log p(token | the cache it was read with), self-information over lexical units as Selective
+Context scores them (Li et al. 2023, arXiv 2310.06201), so a number's digits go together. No query scores anything: it
+needs the logits of every token read, and removes tokens with llama.cpp's own llama_memory_seq_rm."""
 
 from __future__ import annotations
 
@@ -28,16 +29,40 @@ class SurprisalReader:
         self.session = session
         self.cells, self.window, self.n_sink = cells, window, n_sink
         self.surprisal = np.empty(0)  # per position read; NaN where no logits predicted it (the first token, a sink)
+        self.word = np.empty(0, dtype=np.int64)  # per position read, the index of its word
+        self._pieces: dict[int, str] = {}  # token text, as the vocabulary gives it
+        self._prev_piece = " "  # the last token read's text: the first token begins a word
         self.kept: list[int] = []  # positions in the cache, ascending
         self._last = None  # logits of the last token read: they predict the next
 
     def choose(self) -> list[int]:
-        """The positions kept by an eviction now: the sinks, the window, the rest by surprisal (later first among
-        equals)."""
+        """The positions kept by an eviction now: the sinks, the window, the rest by their word's surprisal (later
+        first among equals, so a word's tokens stay together)."""
         sinks, middle, window = self.kept[: self.n_sink], self.kept[self.n_sink : -self.window], self.kept[-self.window :]
         room = self.cells - len(sinks) - len(window)
-        best = sorted(middle, key=lambda p: (-self.surprisal[p], -p))[:room]
+        word = self.word_surprisal()
+        best = sorted(middle, key=lambda p: (-word[p], -p))[:room]
         return sorted(sinks + best + window)
+
+    def word_surprisal(self) -> np.ndarray:
+        """Per position read, the summed surprisal of its word (the unknown, NaN, counts as 0)."""
+        return np.bincount(self.word, weights=np.nan_to_num(self.surprisal, nan=0.0))[self.word]
+
+    def _words(self, batch: Sequence[int]) -> np.ndarray:
+        """The word index of each of `batch`'s tokens, after those read: a token that begins with a space, or follows
+        one that ends with a space, begins a word."""
+        llm = self.session.llm
+        for t in set(batch) - self._pieces.keys():
+            self._pieces[t] = llm.detokenize([t]).decode("utf-8", "replace")
+        word = int(self.word[-1]) if len(self.word) else -1
+        prev, out = self._prev_piece, []
+        for t in batch:
+            piece = self._pieces[t]
+            word += piece[:1].isspace() or prev[-1:].isspace() or not prev
+            out.append(word)
+            prev = piece
+        self._prev_piece = prev
+        return np.array(out, dtype=np.int64)
 
     def evict(self) -> None:
         from .._lib import llama_cpp
@@ -61,6 +86,7 @@ class SurprisalReader:
             rows = logits[:-1] if self._last is None else np.concatenate([self._last[None], logits[:-1]])
             s = token_surprisal(rows, batch[1:] if self._last is None else batch)
             self.surprisal = np.concatenate([self.surprisal, [np.nan] * (self._last is None), s])
+            self.word = np.concatenate([self.word, self._words(batch)])
             self._last = logits[-1]
             self.kept += range(pos0, pos0 + len(batch))
         return self._last
