@@ -21,7 +21,7 @@ Two settings, per sample:
 - chat-facts (question-agnostic): read as in chat, each eviction scored by one fixed question asking for the text's
   facts, decoded after the sequence as the oracle's question is (session.FactsProbe); not in the default settings.
 The chat setting has one more policy beside the hook's, `surprisal` (bench/surprisal.py): each eviction keeps the
-tokens the model predicted worst, at token granularity, chosen without queries.
+words the model predicted worst, at token granularity, chosen without queries.
 The context is prefilled once with the whole cache and saved; each (setting, policy, budget) of the first three loads
 it, evicts once and answers, so a policy costs an eviction and a short decode, not a prefill.
 """

@@ -54,7 +54,7 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, SURPRISAL, TASKS as RULER_
 @click.option("--ruler-tasks", callback=o.choice_list(RULER_TASKS, "tasks"), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
 @click.option("--ruler-policies", callback=o.choice_list(list(POLICIES) + [SURPRISAL], "policies"),
               help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]; "
-                   f"{SURPRISAL}: the chat setting's tokens of largest surprisal, without the hook (an experiment)")
+                   f"{SURPRISAL}: the chat setting's words of largest surprisal, without the hook (an experiment)")
 @click.option("--ruler-settings", callback=o.choice_list(RULER_SETTINGS, "settings"),
               help="ruler: agnostic (the question after the eviction), aware (the question in the window), repeat "
                    "(agnostic, scored by a request to repeat the context, KVzip's), chat and chat-repeat (agnostic, "
