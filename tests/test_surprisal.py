@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from pyllmkv import _lib
-from pyllmkv.bench.surprisal import SurprisalReader, token_surprisal
+from pyllmkv.bench.surprisal import SurprisalReader
+from pyllmkv.bench.worker import token_nll
 from pyllmkv.session import Session
 
 
-def test_token_surprisal_is_minus_log_softmax():
+def test_token_nll_is_minus_log_softmax():
     logits = np.array([[0.0, np.log(3.0), 0.0], [5.0, 5.0, 5.0 + np.log(2.0)]], dtype=np.float32)
     # p = (1/5, 3/5, 1/5) and (1/4, 1/4, 1/2)
-    np.testing.assert_allclose(token_surprisal(logits, [1, 2]), [np.log(5 / 3), np.log(2)], rtol=1e-6)
+    np.testing.assert_allclose(token_nll(logits, np.array([1, 2])), [np.log(5 / 3), np.log(2)], rtol=1e-6)
 
 
 class _Vocab:

@@ -11,12 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def token_surprisal(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
-    """-log softmax(logits[i])[tokens[i]] per row: what the model paid for each token given the row before it."""
-    m = logits.max(axis=1)
-    lse = np.log(np.exp(logits - m[:, None]).sum(axis=1)) + m
-    return lse - logits[np.arange(len(tokens)), np.asarray(tokens)]
+from .worker import token_nll
 
 
 class SurprisalReader:
@@ -83,9 +78,10 @@ class SurprisalReader:
                 self.evict()
             pos0 = self.session.n_past
             logits = self.session.decode(batch, all_logits=True)
-            rows = logits[:-1] if self._last is None else np.concatenate([self._last[None], logits[:-1]])
-            s = token_surprisal(rows, batch[1:] if self._last is None else batch)
-            self.surprisal = np.concatenate([self.surprisal, [np.nan] * (self._last is None), s])
+            ids = np.asarray(batch, dtype=np.int64)
+            first = [np.nan] if self._last is None else token_nll(self._last[None], ids[:1])
+            rest = token_nll(logits[:-1], ids[1:])
+            self.surprisal = np.concatenate([self.surprisal, first, rest])
             self.word = np.concatenate([self.word, self._words(batch)])
             self._last = logits[-1]
             self.kept += range(pos0, pos0 + len(batch))
