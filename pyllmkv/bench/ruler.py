@@ -271,20 +271,18 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     answers = []
     for setting, policy, budget in branches:
         evicting = policy != FULL
-        if policy == SURPRISAL:
-            # read as the chat reads it, each eviction chosen by surprisal at token granularity; the hook stays
-            # enabled for the branches after, but nothing asks it to evict
-            if setting != "chat":
-                raise ValueError(f"{SURPRISAL} reads the context as a chat does: only the chat setting has it")
+        if policy == SURPRISAL and setting != "chat":
+            raise ValueError(f"{SURPRISAL} reads the context as a chat does: only the chat setting has it")
+        if setting.startswith("chat"):
+            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or a
+            # probe, or chosen by surprisal (the hook stays enabled for the branches after, but nothing asks it to evict)
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            plain = SurprisalReader(Session(llm, None), budget, window)
-            plain.decode(context)
-        elif setting.startswith("chat"):
-            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or a probe
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
-                                                     repeat_probe=setting != "chat"),
-                            probe=chat_probe(setting, llm, window, question))
+            if policy == SURPRISAL:
+                plain = SurprisalReader(Session(llm, None), budget, window)
+            else:
+                plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
+                                                         repeat_probe=setting != "chat"),
+                                probe=chat_probe(setting, llm, window, question))
             plain.decode(context)
         elif setting == "repeat" and evicting:
             if repeated is None:
