@@ -213,7 +213,11 @@ void llama_kv_evict_on_seq_rm(llama_kv_evict_state * st, int32_t seq_id, int32_t
     // removing cells can lower the last cell, hence the loop
     const int64_t n_layer_kv = st->kv->get_layer_ids().size();
     for (llama_seq_id s : seqs_of(st, seq_id)) {
-        const kv_evict_seq & seq = st->seqs[s];
+        kv_evict_seq & seq = st->seqs[s];
+        // a token decoded at a removed position later is another token: its score goes with the removal
+        for (auto it = seq.given.lower_bound(p0); it != seq.given.end() && it->first < p1;) {
+            it = seq.given.erase(it);
+        }
         for (bool again = true; again;) {
             const llama_pos last = st->kv->seq_pos_max(s);
             std::vector<llama_pos> drop;

@@ -16,6 +16,7 @@ const policy TABLE[] = {
     {LLAMA_KV_EVICT_POLICY_DEFENSIVEKV,       "defensivekv",       scorer::window_max,  rescale::norm_share, allocation::layer},
     {LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER, "defensivekv-layer", scorer::window_max,  rescale::norm_share, allocation::model},
     {LLAMA_KV_EVICT_POLICY_KNORM,             "knorm",             scorer::key_norm,    rescale::none,       allocation::uniform},
+    {LLAMA_KV_EVICT_POLICY_SURPRISAL,         "surprisal",         scorer::given,       rescale::none,       allocation::uniform},
 };
 constexpr int32_t N_POLICIES = sizeof(TABLE) / sizeof(TABLE[0]);
 
@@ -38,6 +39,7 @@ const char * name(scorer s) {
         case scorer::accumulated: return "accumulated";
         case scorer::window_max:  return "window-max";
         case scorer::key_norm:    return "key-norm";
+        case scorer::given:       return "given";
     }
     return "?";
 }

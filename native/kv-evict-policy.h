@@ -18,6 +18,8 @@ enum class scorer : int32_t {
     window_max,  // the maximum over the window's queries of their pooled rows, floored at the head's mean, and the
                  // cells holding 0.9 of the mean attention protected (DefensiveKV)
     key_norm,    // minus the key's L2 norm: keys of small norm draw attention, whatever the query (KNorm)
+    given,       // the caller's score of the cell's token (llama_kv_evict_set_token_scores), in every layer and head:
+                 // pyllmkv's surprisal, which needs the logits of every token read and so lives where they are
 };
 
 // What reweighs the attention score by the cell's projected value |V_i W_O^h|_1
@@ -46,6 +48,8 @@ struct policy {
     bool needs_value_norms() const { return weigh != rescale::none; }
     // unequal shares: granularity head only, a per-head mask, and up to 2 x budget - window cells
     bool shares_heads()      const { return share != allocation::uniform; }
+    // every head ranks the cells alike: head granularity would keep the same cells in each, so tokens go whole
+    bool same_in_every_head() const { return score == scorer::recency || score == scorer::given; }
 };
 
 // Most cells a head keeps outside the window when heads share a layer's cells: twice the per-head budget, since every

@@ -118,6 +118,13 @@ int32_t llama_kv_evict_compact_positions(llama_context * ctx, llama_seq_id seq_i
             p = moved(p);
         }
     }
+    std::map<llama_pos, float> given;
+    for (const auto & [p, score] : seq.given) {
+        if (const llama_pos q = moved(p); q >= 0) {
+            given[q] = score;
+        }
+    }
+    seq.given.swap(given);
     if (!new_pos.empty()) {
         for (llama_pos & p : seq.slot_pos) {
             const llama_pos q = p >= 0 ? moved(p) : -1;

@@ -220,6 +220,9 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     if (pol.score == scorer::key_norm) {
         return key_norm_scores(st, stream, out);
     }
+    if (pol.score == scorer::given) {
+        return given_scores(st, seq_id, out);
+    }
 
     // the window's queries: ring slots holding positions inside the window, in position order
     std::vector<int32_t>   q_slot;

@@ -7,14 +7,15 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 using namespace kv_evict;
 
 // llama_kv_evict_seq_get_data's layout: this header; the cells' positions [n_cells]; the position RoPE gave each head's
 // row [n_layer_kv][n_cells][n_head_kv] (llama_pos), its attention sum (H2O's or the repeat probes') and the probes'
-// maximum (f32, same shape each); the window's captured positions [n_query]; then per layer of the cache their
-// queries [n_query][n_embd_q] (f32)
+// maximum (f32, same shape each); the caller's score of each cell's token [n_cells] (f32, NaN where none); the window's
+// captured positions [n_query]; then per layer of the cache their queries [n_query][n_embd_q] (f32)
 struct seq_data_header {
     uint32_t  magic;
     uint32_t  version;
@@ -25,7 +26,7 @@ struct seq_data_header {
     llama_pos h2o_last;
 };
 static constexpr uint32_t SEQ_DATA_MAGIC   = 0x4845564b; // "KVEH"
-static constexpr uint32_t SEQ_DATA_VERSION = 2;
+static constexpr uint32_t SEQ_DATA_VERSION = 3;
 
 // bytes of one query across the layers of the evicted cache, as the window's queries are read and written
 static size_t query_bytes(const llama_kv_evict_state & st) {
@@ -64,7 +65,7 @@ static void set_queries(const llama_kv_evict_state & st, kv_evict_seq & seq, con
 
 static size_t seq_data_size(const llama_kv_evict_state & st, const seq_data_header & h) {
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
-    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * 2 * side + h.n_query * query_bytes(st);
+    return sizeof(h) + sizeof(llama_pos) * (h.n_cells + side + h.n_query) + sizeof(float) * (2 * side + h.n_cells) + h.n_query * query_bytes(st);
 }
 
 int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, void * out, size_t size) {
@@ -114,6 +115,11 @@ int64_t llama_kv_evict_seq_get_data(llama_context * ctx, llama_seq_id seq_id, vo
             }
         }
     }
+    for (const auto & pc : pcs) {
+        const auto it = seq.given.find(pc.first);
+        const float v = it == seq.given.end() ? NAN : it->second;
+        put(&v, sizeof(v));
+    }
     put(q_pos.data(), q_pos.size() * sizeof(llama_pos));
     get_queries(*st, slots, w);
     seq.mask_saved = true;
@@ -139,7 +145,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     const uint8_t * r = static_cast<const uint8_t *>(data) + sizeof(h);
     const size_t side = (size_t) h.n_layer_kv * h.n_cells * h.n_head_kv;
     std::vector<llama_pos> pos(h.n_cells), head_pos(side), q_pos(h.n_query);
-    std::vector<float>     attn_sum(side), probe_max(side);
+    std::vector<float>     attn_sum(side), probe_max(side), given(h.n_cells);
     auto read_into = [&r](void * dst, size_t n) {
         if (n > 0) {
             std::memcpy(dst, r, n);
@@ -150,6 +156,7 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     read_into(head_pos.data(), side * sizeof(llama_pos));
     read_into(attn_sum.data(), side * sizeof(float));
     read_into(probe_max.data(), side * sizeof(float));
+    read_into(given.data(), given.size() * sizeof(float));
     read_into(q_pos.data(), q_pos.size() * sizeof(llama_pos));
 
     ctx->synchronize();
@@ -170,7 +177,11 @@ int32_t llama_kv_evict_seq_set_data(llama_context * ctx, llama_seq_id seq_id, co
     // holds no token in the cell, which the mask hides from it
     int64_t i = 0;
     seq.any_absent = false;
+    seq.given.clear();
     for (const auto & [p, cell] : pcs) {
+        if (!std::isnan(given[i])) {
+            seq.given[p] = given[i];
+        }
         seq.side_pos[cell]   = p;
         seq.norm_valid[cell] = 0;
         for (int64_t l = 0; l < h.n_layer_kv; ++l) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,9 @@ struct kv_evict_seq {
     std::vector<double> probe_self_mass;
     int64_t probe_n_q = 0;
 
+    // the caller's score of the token at each position (scorer::given), until the position is removed or renumbered
+    std::map<llama_pos, float> given;
+
     int32_t n_evictions = 0;
     int64_t n_evicted   = 0;
     int64_t t_evict_us  = 0;
@@ -97,6 +101,7 @@ struct kv_evict_seq {
         std::fill(slot_pos.begin(), slot_pos.end(), -1);
         any_absent = false;
         h2o_last   = -1;
+        given.clear();
         end_probes();
     }
 
@@ -186,6 +191,10 @@ struct seq_scores {
 // Returns 0 or a negative error code with the message set.
 int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
         llama_pos probe_end = -1);
+
+// The caller's scores of the sequence's prefix cells (out.pos, out.cells, out.n_window set) in every layer and head, the
+// first n_sink kept as attention sinks; drops the scores of positions the sequence no longer holds
+int32_t given_scores(llama_kv_evict_state & st, llama_seq_id seq_id, seq_scores & out);
 
 int32_t set_error(int32_t code, const std::string & msg);
 

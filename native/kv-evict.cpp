@@ -312,8 +312,7 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
         return err;
     }
     seq.t_phase_us[EVICT_PHASE_SCORE] += ggml_time_us() - t_settled - (seq.t_phase_us[EVICT_PHASE_NORMS] - norms_before);
-    const bool head_wise = st->params.granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD &&
-                           st->policy().score != scorer::recency; // recency keeps the same cells in every head
+    const bool head_wise = st->params.granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD && !st->policy().same_in_every_head();
     const int32_t n_removed = head_wise ? evict_heads(*st, seq_id, sc, n_layer_kv, n_kv)
                                         : evict_tokens(*st, seq_id, sc, n_layer_kv, n_kv);
     seq.end_probes();
@@ -332,7 +331,7 @@ int32_t llama_kv_evict_probe(llama_context * ctx, llama_seq_id seq_id, llama_pos
         return err;
     }
     const scorer s = st->policy().score;
-    if (s == scorer::recency || s == scorer::key_norm || s == scorer::accumulated) {
+    if (s == scorer::recency || s == scorer::key_norm || s == scorer::accumulated || s == scorer::given) {
         return set_error(ERR_UNSUPPORTED, std::string("policy ") + st->policy().name + " does not rank cells by a window's "
                          "attention (scorer " + name(s) + "): a probe scores with snapkv, criticalkv, tova, defensivekv and their variants");
     }

@@ -123,6 +123,7 @@ _seq_get_data = _bind("llama_kv_evict_seq_get_data", [_ctx_p, ctypes.c_int32, ct
 _seq_set_data = _bind("llama_kv_evict_seq_set_data", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 _get_window_queries = _bind("llama_kv_evict_get_window_queries", [_ctx_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int64)
 _set_window_queries = _bind("llama_kv_evict_set_window_queries", [_ctx_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
+_set_token_scores = _bind("llama_kv_evict_set_token_scores", [_ctx_p, ctypes.c_int32, _i32_p, _f_p, ctypes.c_int32], ctypes.c_int32)
 _positions = _bind("llama_kv_evict_positions", [_ctx_p, ctypes.c_int32, _i32_p, ctypes.c_int32], ctypes.c_int32)
 _get_stats = _bind("llama_kv_evict_get_stats", [_ctx_p, ctypes.c_int32, ctypes.POINTER(EvictStats)], ctypes.c_int32)
 _last_error = _bind("llama_kv_evict_last_error", [], ctypes.c_char_p)
@@ -182,6 +183,11 @@ class Policy:
     allocation: str
     shares_heads: bool  # unequal head shares: granularity head only, up to 2 x budget - window cells
 
+    @property
+    def token_scores(self) -> bool:
+        """Ranks cells by the scores the caller gives their tokens (set_token_scores; surprisal), not by the cache."""
+        return self.scorer == "given"
+
 
 def _policies() -> dict:
     info = PolicyInfo()
@@ -233,6 +239,16 @@ class EvictConfig:
     # each eviction is scored by a request to repeat the text read since the last one (session.RepeatProbe), not by
     # the window's queries; the prompt tail then goes unused
     repeat_probe: bool = False
+
+    def __post_init__(self):
+        if self.repeat_probe and self.token_scores:
+            raise ValueError(f"policy {self.policy} ranks cells by their tokens' surprisal, not by a probe's queries: "
+                             "leave repeat_probe off")
+
+    @property
+    def token_scores(self) -> bool:
+        """The policy ranks cells by the scores the decoder gives their tokens (surprisal: pyllmkv.surprisal)."""
+        return POLICY_INFO[self.policy].token_scores if self.policy in POLICY_INFO else False
 
     @property
     def cells(self) -> int:
@@ -361,6 +377,16 @@ def window_queries(ctx, seq_id: int = 0) -> bytes:
 def set_window_queries(ctx, data: bytes, seq_id: int = 0) -> None:
     """Makes window_queries' bytes from a context of the same model and window the queries the next evict scores with."""
     _check(_set_window_queries(_ctx(ctx), seq_id, data, len(data)))
+
+
+def set_token_scores(ctx, pos: np.ndarray, score: np.ndarray, seq_id: int = 0) -> None:
+    """Gives the tokens at positions `pos` of the sequence the scores a policy of scorer "given" (surprisal) ranks
+    their cells by."""
+    pos = np.ascontiguousarray(pos, dtype=np.int32)
+    score = np.ascontiguousarray(score, dtype=np.float32)
+    if pos.shape != score.shape:
+        raise ValueError(f"pos and score differ in shape ({pos.shape} and {score.shape})")
+    _check(_set_token_scores(_ctx(ctx), seq_id, pos.ctypes.data_as(_i32_p), score.ctypes.data_as(_f_p), len(pos)))
 
 
 def set_seq_data(ctx, data: bytes, seq_id: int = 0) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from . import _lib, rpc
 from ._lib import EvictConfig, llama_cpp
 from .session import Positions, PromptTail, RepeatProbe, context_size, decode_in_batches, sliding_window
+from .surprisal import WordSurprisal
 
 
 class Llama(llama_cpp.Llama):
@@ -48,7 +49,8 @@ class Llama(llama_cpp.Llama):
         **kwargs,
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the
-        memory bound); `policy`: one of pyllmkv.POLICIES; `granularity`: "head" (each KV head keeps its own cells) or
+        memory bound); `policy`: one of pyllmkv.POLICIES (surprisal computes the logits of every token decoded, which
+        score them: pyllmkv.surprisal); `granularity`: "head" (each KV head keeps its own cells) or
         "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the window's scores
         are averaged over (odd; 1: none); `prompt_tail`: a prompt longer than the cache is evicted with the queries of
         its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each
@@ -88,9 +90,12 @@ class Llama(llama_cpp.Llama):
         self._tail = PromptTail(self)
         self._probe = RepeatProbe(self, window) if repeat_probe else None
         self._positions = positions = Positions(self._ctx.ctx, self._model.n_ctx_train())
+        # the surprisal policy scores each token read from the logits that predicted it: every token's are computed
+        self._surprisal = WordSurprisal(self, window) if self.evict_config.token_scores else None
+        every = self._surprisal is not None
         place = self._batch.set_batch
         # llama-cpp-python's eval places a batch at n_tokens; once the kept cells were renumbered, positions lag it
-        self._batch.set_batch = lambda batch, n_past, logits_all: place(batch, positions.of(n_past), logits_all)
+        self._batch.set_batch = lambda batch, n_past, logits_all: place(batch, positions.of(n_past), logits_all or every)
 
         self._n_ctx = n_ctx or self._model.n_ctx_train()
         self.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
@@ -171,5 +176,12 @@ class Llama(llama_cpp.Llama):
             tokens = [int(t) for t in self.input_ids[resume : self.n_tokens]] + list(tokens)
             self.n_tokens = resume
         eval_batch = super().eval
+
+        def decode(start: int, batch: Sequence[int]) -> None:
+            n_tokens, position = self.n_tokens, self._positions.of(self.n_tokens)
+            eval_batch(batch)
+            if self._surprisal is not None:
+                self._surprisal.read(self.ctx, n_tokens, position, batch)
+
         decode_in_batches(self._ctx.ctx, self.evict_config, self._positions, self._tail, tokens, self.n_tokens, self.n_batch,
-                          lambda start, batch: eval_batch(batch), self._probe)
+                          decode, self._probe)

@@ -27,6 +27,9 @@ class Sequences:
 
         if n_seq < 1:
             raise ValueError(f"n_seq must be at least 1 (got {n_seq})")
+        if config is not None and config.token_scores:
+            raise ValueError(f"policy {config.policy} ranks cells by each token's surprisal, from the logits of every token "
+                             "decoded, which Sequences does not compute: use a Session or pyllmkv.Llama per conversation")
         if config is not None and config.repeat_probe:
             raise ValueError("repeat_probe decodes its probe after one sequence (Session, pyllmkv.Llama): Sequences "
                              "evicts several with their windows' queries; pass a config without it")

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import EvictConfig, llama_cpp
+from .surprisal import WordSurprisal
 
 
 def context_size(n_swa: int, cells: int, n_batch: int, repeat_probe: bool = False) -> int:
@@ -263,7 +264,7 @@ class PromptTail:
         their last window tokens, or None when there is no config, no prompt tail, or the tokens fit in the cache
         without an eviction or are fewer than the window."""
         if config is None or not config.prompt_tail or config.repeat_probe or len(tokens) < config.window or \
-                not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
+                config.token_scores or not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
             return None
         w = config.window
         if self._window != w:
@@ -398,6 +399,8 @@ class Session:
             raise ValueError("a probe scores evictions only with repeat_probe on: pass EvictConfig(repeat_probe=True)")
         self._probe = (probe or RepeatProbe(llm, config.window)) if config is not None and config.repeat_probe else None
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        # a policy ranking cells by their tokens' surprisal needs the logits of every token decoded
+        self._surprisal = WordSurprisal(llm, config.window) if config is not None and config.token_scores else None
 
     def __del__(self):
         tail = getattr(self, "_tail", None)
@@ -447,14 +450,17 @@ class Session:
         out = np.empty((len(tokens) if all_logits else 1, self.n_vocab), dtype=np.float32)
 
         def decode(start: int, chunk: Sequence[int]) -> None:
-            b = self._batch
-            fill_batch(b, chunk, self.n_past, lambda i: all_logits or start + i == len(tokens) - 1)
+            b, position = self._batch, self.n_past
+            every = all_logits or self._surprisal is not None
+            fill_batch(b, chunk, position, lambda i: every or start + i == len(tokens) - 1)
             rc = llama_cpp.llama_decode(self.ctx, b)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
+            if self._surprisal is not None:
+                self._surprisal.read(self.ctx, self.n_tokens, position, chunk)
             self.n_tokens += len(chunk)
             for i in range(len(chunk)):
-                if b.logits[i]:
+                if all_logits or start + i == len(tokens) - 1:
                     row = start + i if all_logits else 0
                     ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
                     out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))

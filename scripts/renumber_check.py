@@ -19,7 +19,7 @@ import numpy as np
 
 import pyllmkv
 from pyllmkv import _lib, models
-from pyllmkv.bench.worker import token_nll
+from pyllmkv.surprisal import token_nll
 from pyllmkv.session import Session
 
 sys.path.insert(0, os.path.dirname(__file__))

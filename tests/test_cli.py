@@ -34,8 +34,9 @@ def test_one_shot_answer_equals_llama_cpp_python_chat_completion(llama_cpp, smol
     assert r.stdout.strip() == expected["choices"][0]["message"]["content"].strip() != ""
 
 
-# the default cache, and a q8_0 one (head-wise compaction moves its blocks; -fa auto turns flash attention on for it)
-@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0"]], ids=["f16", "q8_0"])
+# the default cache, and a q8_0 one (head-wise compaction moves its blocks; -fa auto turns flash attention on for it);
+# and the surprisal policy, whose scores come from every token's logits
+@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0"], ["--policy", "surprisal"]], ids=["f16", "q8_0", "surprisal"])
 def test_long_prompt_file_goes_through_a_small_budget(smollm2_path, tmp_path, cache):
     story = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 120
     f = tmp_path / "long.txt"

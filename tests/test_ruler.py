@@ -11,7 +11,6 @@ import pytest
 from pyllmkv import EvictConfig, _lib, bench
 from pyllmkv.bench import haystack, ruler
 from pyllmkv.bench.report import bootstrap_ci, ruler_summary
-from pyllmkv.bench.surprisal import SurprisalReader
 from pyllmkv.session import Session, truncate
 from test_bench import _no_progress
 
@@ -103,7 +102,7 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     branched = {}
     branches = [("agnostic", policy, budget), ("aware", policy, budget), ("repeat", policy, budget),
                 ("repeat", policy, budget + 16), ("chat", policy, budget), ("chat-repeat", policy, budget),
-                ("chat-question", policy, budget), ("chat-facts", policy, budget), ("chat", ruler.SURPRISAL, budget),
+                ("chat-question", policy, budget), ("chat-facts", policy, budget), ("chat", "surprisal", budget),
                 ("agnostic", ruler.FULL, 0)]
     answers = ruler.branch_answers(llm(), context, question, 4, branches, window, kernel, probe,
                                    on_first_logits=lambda b, logits: branched.__setitem__(b, logits.copy()))
@@ -112,13 +111,11 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     for (setting, pol, b), answer in zip(branches, answers):
         fresh = llm()
         ctx = fresh._ctx.ctx
-        hook = pol not in (ruler.FULL, ruler.SURPRISAL)
+        hook = pol != ruler.FULL
         cells = EvictConfig.for_cells(b, policy=pol, window=window).cells if hook else n_ctx
         config = EvictConfig.for_cells(b, policy=pol, window=window, pool_kernel=kernel, prompt_tail=False) \
             if hook else None
-        if pol == ruler.SURPRISAL:
-            s = SurprisalReader(Session(fresh, None), b, window)
-        elif setting.startswith("chat"):
+        if setting.startswith("chat"):
             # read in batches inside the budget, as the chat reads a document
             s = Session(fresh, dataclasses.replace(config, prompt_tail=True, repeat_probe=setting != "chat"),
                         probe=ruler.chat_probe(setting, fresh, window, question))
@@ -160,24 +157,24 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
                            atol=1e-3)
     assert not np.allclose(branched[("chat-question", policy, budget)], branched[("chat-facts", policy, budget)],
                            atol=1e-3)
-    assert not np.allclose(branched[("chat", policy, budget)], branched[("chat", ruler.SURPRISAL, budget)], atol=1e-3)
+    assert not np.allclose(branched[("chat", policy, budget)], branched[("chat", "surprisal", budget)], atol=1e-3)
 
 
 def test_suite_in_the_tiny_grid(tiny_path, tmp_path):
-    grid = dataclasses.replace(bench.TINY, ruler_policies=["snapkv", "criticalkv-ada", ruler.SURPRISAL],
+    grid = dataclasses.replace(bench.TINY, ruler_policies=["snapkv", "criticalkv-ada", "surprisal"],
                                ruler_settings=ruler.SETTINGS)
     opts = bench.Options(model=tiny_path, out=tmp_path, grid=grid, suites=["ruler"], threads=2, command="test")
     rows = bench.run(opts, _no_progress)["ruler"]
     budget = int(grid.ruler_budgets[0] * grid.ruler_contexts[0])
     want = {(t, s, p, b) for t in grid.ruler_tasks for s in ruler.SETTINGS
             for p, b in [(ruler.FULL, 0), ("snapkv", budget), ("criticalkv-ada", budget)]}
-    want |= {(t, "chat", ruler.SURPRISAL, budget) for t in grid.ruler_tasks}  # the chat setting's alone
+    want |= {(t, "chat", "surprisal", budget) for t in grid.ruler_tasks}  # the chat setting's alone
     assert {(r["task"], r["setting"], r["policy"], r["budget"]) for r in rows} == want
     assert all(0 <= r["score"] <= 1 and r["score"] == ruler.string_match_all(r["answer"], r["expected"]) for r in rows)
     summary = ruler_summary(rows)
     assert {(r["setting"], r["policy"]) for r in summary} == {(s, p) for s in ruler.SETTINGS
                                                             for p in (ruler.FULL, "snapkv", "criticalkv-ada")} \
-        | {("chat", ruler.SURPRISAL)}
+        | {("chat", "surprisal")}
     md = (tmp_path / "results.md").read_text()
     assert "## Retention" in md and "question-agnostic" in md and "question-aware" in md
     assert (tmp_path / "ruler.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,8 +25,9 @@ def _llama(llama_cpp, path, **kw):
                            n_threads_batch=2, type_k=F32, type_v=F32, **kw)
 
 
-# every policy at each granularity it takes (the -ada policies share a layer's cells between heads: head only)
-POLICY_GRANULARITIES = [(p, g) for p, info in sorted(_lib.POLICY_INFO.items())
+# every policy at each granularity it takes (the -ada policies share a layer's cells between heads: head only), but
+# surprisal, which Sequences refuses (test_surprisal.py)
+POLICY_GRANULARITIES = [(p, g) for p, info in sorted(_lib.POLICY_INFO.items()) if not info.token_scores
                         for g in (["head"] if info.shares_heads else ["token", "head"])]
 
 

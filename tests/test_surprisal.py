@@ -1,84 +1,202 @@
-"""The ruler's surprisal experiment (pyllmkv/bench/surprisal.py) against numpy and llama.cpp's own cache."""
+"""Policy surprisal: the hook ranks cells by the scores the caller gives their tokens (llama_kv_evict_set_token_scores),
+and pyllmkv.surprisal gives each token its word's summed -log p, checked against numpy and a full prefill."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+import pyllmkv
+from conftest import SUBPROCESS_CWD, free_port
 from pyllmkv import _lib
-from pyllmkv.bench.surprisal import SurprisalReader
-from pyllmkv.bench.worker import token_nll
-from pyllmkv.session import Session
+from pyllmkv._lib import EvictConfig, KVEvictError
+from pyllmkv.sequences import Sequences
+from pyllmkv.session import Session, fill_batch, truncate
+from pyllmkv.surprisal import begins_word, token_nll
+
+
+def _llm(llama_cpp, path, n_ctx, n_batch=32):
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+
+
+def _n_head_kv(llm) -> int:
+    return int(pyllmkv.llama_cpp.llama_model_n_head_kv(llm._model.model))
+
+
+def _words_text(seed: int, n_words: int) -> bytes:
+    """Words of 1 to 6 letters between spaces (the tiny model's vocabulary spells them a byte per token)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    return " ".join("".join(rng.choice(letters, rng.integers(1, 7))) for _ in range(n_words)).encode()
 
 
 def test_token_nll_is_minus_log_softmax():
     logits = np.array([[0.0, np.log(3.0), 0.0], [5.0, 5.0, 5.0 + np.log(2.0)]], dtype=np.float32)
     # p = (1/5, 3/5, 1/5) and (1/4, 1/4, 1/2)
     np.testing.assert_allclose(token_nll(logits, np.array([1, 2])), [np.log(5 / 3), np.log(2)], rtol=1e-6)
+    # more rows than one chunk: the same as the whole at once
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 40)).astype(np.float32) * 4
+    t = rng.integers(0, 40, 150)
+    want = np.log(np.exp(x.astype(np.float64)).sum(axis=1)) - x[np.arange(150), t]
+    np.testing.assert_allclose(token_nll(x, t), want, rtol=1e-9)
 
 
-class _Vocab:
-    """The one thing the reader asks of the model to split words: a token's text."""
-
-    PIECES = {1: " The", 2: " magic", 3: " 9", 4: "2", 5: "6", 6: ".", 7: "\n", 8: "Next"}
-
-    def detokenize(self, tokens):
-        return "".join(self.PIECES[t] for t in tokens).encode()
-
-
-def test_a_words_tokens_share_its_summed_surprisal():
-    session = type("S", (), {"llm": _Vocab()})()
-    reader = SurprisalReader(session, 16, 4)
-    for batch in ([1, 2, 3, 4], [5, 6, 7, 8]):  # a word goes on across batches
-        reader.word = np.concatenate([reader.word, reader._words(batch)])
-    assert reader.word.tolist() == [0, 1, 2, 2, 2, 2, 3, 4]  # a number and its full stop are one word
-    reader.surprisal = np.array([np.nan, 1.0, 2.0, 2.5, 3.0, 0.5, 0.25, 4.0])
-    np.testing.assert_allclose(reader.word_surprisal(), [0.0, 1.0, 8.0, 8.0, 8.0, 8.0, 0.25, 4.0])
+def test_a_word_begins_at_a_space_or_after_one():
+    pieces = [" The", " magic", " 9", "2", "6", ".", "\n", "Next", "", "x"]
+    starts, prev = [], " "
+    for p in pieces:
+        starts.append(begins_word(p, prev))
+        prev = p
+    # a number and its full stop are one word; a line break is one, and the word after it; a special token (no text)
+    # goes with the word before it and ends it
+    assert starts == [True, True, True, False, False, False, True, True, False, True]
 
 
-def test_reader_keeps_the_sinks_the_window_and_the_most_surprising_tokens(llama_cpp, tiny_path):
-    rng = np.random.default_rng(2)
-    context = [int(t) for t in rng.integers(3, 250, 200)]
+def _decode(ctx, batch, tokens, pos0):
+    fill_batch(batch, tokens, pos0, lambda i: False)
+    assert pyllmkv.llama_cpp.llama_decode(ctx, batch) == 0
+
+
+def test_the_hook_keeps_the_sinks_the_window_and_the_best_given_scores(llama_cpp, tiny_path):
+    llm = _llm(llama_cpp, tiny_path, 128)
+    ctx, n_kv = llm._ctx.ctx, _n_head_kv(llm)
+    # head granularity asked for: every head ranks alike, so whole tokens go
+    config = EvictConfig(budget=40, window=8, policy="surprisal", granularity="head")
+    _lib.enable(ctx, config)
+    batch = llama_cpp.llama_batch_init(32, 0, 1)
+    rng = np.random.default_rng(1)
+    for start in range(0, 80, 32):
+        _decode(ctx, batch, [int(t) for t in rng.integers(3, 250, min(32, 80 - start))], start)
+    with pytest.raises(KVEvictError, match="position 4 has none: call llama_kv_evict_set_token_scores"):
+        _lib.evict(ctx)
+
+    given = rng.normal(size=80).astype(np.float32)
+    _lib.set_token_scores(ctx, np.arange(80), given)
+    pos, score, _ = _lib.scores(ctx, 0, n_kv, value_norms=False)
+    assert pos.tolist() == list(range(72)) and np.all(np.isinf(score[:, :4]))
+    np.testing.assert_array_equal(score[:, 4:], np.broadcast_to(given[4:72], (n_kv, 68)))
+
+    assert _lib.evict(ctx) == 40
+    top = 4 + np.argsort(-given[4:72], kind="stable")[: 40 - 8 - 4]
+    want = sorted([0, 1, 2, 3, *top.tolist(), *range(72, 80)])
+    assert _lib.positions(ctx).tolist() == want
+    from pyllmkv import debug
+
+    for il in range(2):  # each head holds its cell's own token: nothing moved between cells
+        np.testing.assert_array_equal(debug.head_positions(llm, il, n_kv), np.broadcast_to(want, (n_kv, 40)))
+
+    # renumbering moves the scores with their cells
+    assert _lib.compact_positions(ctx) == 40
+    _decode(ctx, batch, [5], 40)  # applies the K-shift
+    pos, score, _ = _lib.scores(ctx, 0, n_kv, value_norms=False)
+    np.testing.assert_array_equal(score[0, 4:], given[want[4:33]])
+
+    # a removed position's score goes with it: a token decoded there later has none
+    truncate(ctx, 20)
+    for start in range(20, 60, 20):
+        _decode(ctx, batch, [7] * 20, start)
+    _lib.set_token_scores(ctx, np.arange(21, 60), np.ones(39, dtype=np.float32))
+    with pytest.raises(KVEvictError, match="position 20 has none"):
+        _lib.evict(ctx)
+    llama_cpp.llama_batch_free(batch)
+
+
+def test_token_scores_are_for_a_policy_that_takes_them(llama_cpp, tiny_path):
+    llm = _llm(llama_cpp, tiny_path, 64)
+    ctx = llm._ctx.ctx
+    _lib.enable(ctx, EvictConfig(budget=24, window=8, policy="snapkv"))
+    with pytest.raises(KVEvictError, match="policy snapkv scores the cells itself"):
+        _lib.set_token_scores(ctx, np.arange(2), np.ones(2))
+    _lib.enable(ctx, EvictConfig(budget=24, window=8, policy="surprisal"))
+    with pytest.raises(KVEvictError, match="scores not NaN"):
+        _lib.set_token_scores(ctx, np.arange(2), np.array([1.0, np.nan]))
+    with pytest.raises(KVEvictError, match="does not rank cells by a window's attention"):
+        _lib.probe(ctx, 0)
+
+
+def test_a_session_scores_each_word_by_its_summed_surprisal(llama_cpp, tiny_path, monkeypatch):
     cells, window, n_batch = 48, 8, 32
+    llm = _llm(llama_cpp, tiny_path, cells + n_batch, n_batch)
+    tokens = llm.tokenize(_words_text(2, 60), add_bos=False)
+    assert len(tokens) > 5 * n_batch
+    session = Session(llm, EvictConfig(budget=cells, window=window, policy="surprisal"))
+    assert not session.config.prompt_tail or session._tail.queries(session.ctx, session.config, tokens, 0, n_batch) is None
 
-    def llm():
-        return llama_cpp.Llama(model_path=tiny_path, n_ctx=len(context) + 64, n_batch=n_batch, n_ubatch=n_batch,
-                               verbose=False)
+    surprisal = []
+    read = session._surprisal.read
+    monkeypatch.setattr(session._surprisal, "read", lambda *a: surprisal.extend(read(*a)) or surprisal)
+    evictions = []  # (positions, their scores, positions kept, tokens read)
+    evict = _lib.evict
 
-    reader_llm = llm()
-    ctx = reader_llm._ctx.ctx
-    reader = SurprisalReader(Session(reader_llm, None), cells, window)
-    chosen = []  # (kept, surprisal, chosen) at each eviction
-    choose = reader.choose
+    def recording(ctx, seq_id=0):
+        pos, score, _ = _lib.scores(ctx, 0, _n_head_kv(llm), seq_id, value_norms=False)
+        before = _lib.positions(ctx, seq_id)
+        n = evict(ctx, seq_id)
+        evictions.append((before, dict(zip(pos.tolist(), score[0].tolist())), _lib.positions(ctx, seq_id), len(surprisal)))
+        return n
 
-    def recording():
-        chosen.append((list(reader.kept), reader.word_surprisal(), choose()))
-        return chosen[-1][2]
+    monkeypatch.setattr(_lib, "evict", recording)
+    session.decode(tokens)
 
-    reader.choose = recording
-    reader.decode(context)
+    # the first batch was read with the whole cache: its surprisal is a full prefill's; the first token's counts 0
+    full = Session(_llm(llama_cpp, tiny_path, len(tokens) + n_batch, n_batch), None).decode(tokens, all_logits=True)
+    x = full.astype(np.float64)
+    lse = np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)) + x.max(axis=1)
+    want = np.concatenate([[0.0], lse[:-1] - x[np.arange(len(x) - 1), tokens[1:]]])
+    assert surprisal[0] == 0.0
+    np.testing.assert_allclose(surprisal[:n_batch], want[:n_batch], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(surprisal[-n_batch:], want[-n_batch:], atol=1e-3)  # later ones were read with fewer cells
 
-    # the first batch was read with the whole cache: its surprisal is the full prefill's, in float64
-    full = Session(llm(), None).decode(context, all_logits=True).astype(np.float64)
-    lse = np.log(np.exp(full - full.max(axis=1, keepdims=True)).sum(axis=1)) + full.max(axis=1)
-    want = lse[:-1] - full[np.arange(len(context) - 1), context[1:]]
-    assert np.isnan(reader.surprisal[0])
-    np.testing.assert_allclose(reader.surprisal[1:n_batch], want[: n_batch - 1], rtol=1e-4, atol=1e-4)
-    # later batches were read with fewer cells: what they paid differs
-    assert not np.allclose(reader.surprisal[-n_batch:], want[-n_batch:], atol=1e-3)
+    pieces = [llm.detokenize([t]).decode("utf-8", "replace") for t in tokens]
+    assert len(evictions) >= 4
+    for before, score, kept, n_read in evictions:
+        # the oracle's words over the tokens read so far (nothing was renumbered: a position is its token's index)
+        word, starts, prev = np.zeros(n_read, dtype=np.int64), 0, " "
+        for i in range(n_read):
+            starts += begins_word(pieces[i], prev)
+            word[i], prev = starts, pieces[i]
+        summed = np.bincount(word, weights=np.array(surprisal[:n_read]))[word]
+        prefix = before[:-window].tolist()
+        for p in prefix[4:]:
+            assert score[p] == pytest.approx(summed[p], rel=1e-5, abs=1e-5)
+        assert all(np.isinf(score[p]) for p in prefix[:4])
+        # the sinks, the window, and among the rest the best scored
+        rest = sorted(prefix[4:], key=lambda p: -score[p])
+        room = cells - window - 4
+        assert kept.tolist() == sorted(prefix[:4] + rest[:room] + before[-window:].tolist())
+        assert score[rest[room - 1]] >= score[rest[room]]
+    assert cells < _lib.stats(session.ctx)["n_seq_cells"] <= cells + n_batch
 
-    assert len(chosen) >= 4
-    for kept, word, keep in chosen:
-        assert len(keep) == cells and keep[:4] == kept[:4] and keep[-window:] == kept[-window:]
-        middle = set(kept[4:-window])
-        kept_middle, gone = middle & set(keep), middle - set(keep)
-        assert min(word[p] for p in kept_middle) >= max(word[p] for p in gone)
-    # llama.cpp's cache holds exactly the tokens the reader kept
-    assert list(_lib.positions(ctx)) == reader.kept
-    assert cells < len(reader.kept) <= cells + n_batch and reader.kept[-1] == len(context) - 1
+
+def test_the_api_bounds_a_prompt_by_surprisal_and_saves_the_scores(llama_cpp, tiny_path):
+    llm = pyllmkv.Llama(tiny_path, kv_budget=48, window=8, policy="surprisal", n_batch=32, verbose=False)
+    prompt = _words_text(3, 80).decode()
+    out = llm.create_completion(prompt, max_tokens=4, temperature=0.0)
+    st = llm.kv_stats()
+    assert out["usage"]["prompt_tokens"] > 150 and st["n_evictions"] >= 3 and st["n_seq_cells"] <= 48 + 32
+    n_kv = _n_head_kv(llm)
+    scored = _lib.scores(llm.ctx, 0, n_kv, value_norms=False)
+    state = llm.save_state()
+
+    other = pyllmkv.Llama(tiny_path, kv_budget=48, window=8, policy="surprisal", n_batch=32, verbose=False)
+    other.load_state(state)
+    loaded = _lib.scores(other.ctx, 0, n_kv, value_norms=False)
+    np.testing.assert_array_equal(loaded[0], scored[0])
+    np.testing.assert_array_equal(loaded[1], scored[1])
+    # and it goes on: the next prompt is read and evicted with the loaded scores
+    other.create_completion(prompt + " more words to read", max_tokens=2, temperature=0.0)
 
 
-def test_reader_needs_room_for_the_sinks_and_the_window(llama_cpp, tiny_path):
-    llm = llama_cpp.Llama(model_path=tiny_path, n_ctx=64, n_batch=32, verbose=False)
-    with pytest.raises(ValueError, match="must hold the 4 first tokens and the window"):
-        SurprisalReader(Session(llm, None), 10, 8)
+def test_what_cannot_score_surprisal_refuses_it(llama_cpp, tiny_path):
+    with pytest.raises(ValueError, match="not by a probe's queries: leave repeat_probe off"):
+        EvictConfig(policy="surprisal", repeat_probe=True)
+    llm = _llm(llama_cpp, tiny_path, 64)
+    with pytest.raises(ValueError, match="ranks cells by each token's surprisal.*Sequences does not compute"):
+        Sequences(llm, EvictConfig(budget=40, window=8, policy="surprisal"), 2)
+    r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", tiny_path, "--parallel", "2", "--policy", "surprisal",
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
+    assert r.returncode != 0 and "serve it without --parallel" in r.stderr

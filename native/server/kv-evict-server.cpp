@@ -28,7 +28,10 @@ bool parse_policy(const std::string & name, llama_kv_evict_policy & out, std::st
     const int32_t n = llama_kv_evict_policy_describe(0, &info);
     for (int32_t p = 0; p < n; p++) {
         llama_kv_evict_policy_describe(p, &info);
-        names += (p ? ", " : "") + std::string(info.name);
+        if (std::string(info.scorer) == "given") {
+            continue; // scored by the caller from every token's logits (surprisal), which llama-server does not compute
+        }
+        names += (names.empty() ? "" : ", ") + std::string(info.name);
         if (name == info.name) {
             out = (llama_kv_evict_policy) p;
             return true;

@@ -32,7 +32,8 @@ from .stock import lib_dir as stock_lib_dir
 
 POLICIES = list(_POLICY_IDS)
 # streaming (4 sinks + the most recent) is what stock context shift keeps when one eviction takes a cache to its budget
-RULER_POLICIES = ["streaming", "knorm", "snapkv", "snapkv-ada", "criticalkv", "criticalkv-ada", "defensivekv", "defensivekv-layer"]
+RULER_POLICIES = ["streaming", "knorm", "snapkv", "snapkv-ada", "criticalkv", "criticalkv-ada", "defensivekv", "defensivekv-layer",
+                  "surprisal"]
 STOCK_FULL, STOCK_SHIFT = "stock full", "stock shift"
 SUITES = ["speed", "needle", "ppl", "perturb", "ruler"]
 N_KEEP = 4  # stock context shift keeps the first tokens, as llama-cli's --keep
@@ -291,7 +292,7 @@ class Bench:
                 # the full cache evicts nothing: one branch serves both settings
                 branches = [("agnostic", ruler.FULL, 0)] + [(s, p, needle_budget(b, context)) for s in g.ruler_settings
                                                              for p in policies for b in g.ruler_budgets
-                                                             if p != ruler.SURPRISAL or s == "chat"]
+                                                             if s == "chat" or not ruler.chat_only(p)]
                 labels = {needle_budget(b, context): budget_label(b) for b in g.ruler_budgets}
                 for i, sample in enumerate(samples):
                     tokens = self.tokenize(sample.context, False)

@@ -126,8 +126,8 @@ RULER_SETTING = {"agnostic": "question-agnostic: the context evicted with its ow
                  "aware": "question-aware: context and question prefilled, evicted once with the question in the window",
                  "repeat": "question-agnostic, scored by a request to repeat the context (KVzip's probe), then the question",
                  "chat": "question-agnostic, the context read in batches inside the budget as chat reads it, each eviction "
-                         "scored by the context's tail (surprisal: keeping the words the model predicted worst, at token "
-                         "granularity, bench/surprisal.py), then the question",
+                         "scored by the context's tail (surprisal: by the words the model predicted worst as it read "
+                         "them), then the question",
                  "chat-repeat": "question-agnostic, the context read in batches inside the budget, each eviction scored "
                                 "by a request to repeat the text read since the last (repeat_probe), then the question",
                  "chat-question": "an oracle: the context read in batches inside the budget, each eviction scored by "

@@ -20,8 +20,8 @@ Two settings, per sample:
   (session.QuestionProbe); not in the default settings either.
 - chat-facts (question-agnostic): read as in chat, each eviction scored by one fixed question asking for the text's
   facts, decoded after the sequence as the oracle's question is (session.FactsProbe); not in the default settings.
-The chat setting has one more policy beside the hook's, `surprisal` (bench/surprisal.py): each eviction keeps the
-words the model predicted worst, at token granularity, chosen without queries.
+Policy `surprisal` (pyllmkv.surprisal) scores cells by the logits of the tokens as they were read, so only the chat
+setting, which reads the context through a Session, has it.
 The context is prefilled once with the whole cache and saved; each (setting, policy, budget) of the first three loads
 it, evicts once and answers, so a policy costs an eviction and a short decode, not a prefill.
 """
@@ -38,7 +38,6 @@ TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "
 SETTINGS = ["agnostic", "aware", "repeat", "chat", "chat-repeat", "chat-question", "chat-facts"]
 DEFAULT_SETTINGS = SETTINGS[:3]  # the chat settings prefill each branch
 FULL = "full cache"
-SURPRISAL = "surprisal"  # the experiment of bench/surprisal.py, a policy of the chat setting only
 # tokens an answer may take: the multi-value tasks list several items
 N_ANSWER = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 48, "vt": 40, "cwe": 80,
             "fwe": 30, "qa": 16}
@@ -245,7 +244,6 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     from .. import _lib
     from .._lib import EvictConfig, llama_cpp
     from ..session import Session, truncate
-    from .surprisal import SurprisalReader
 
     ctx = llm._ctx.ctx
     eog = llm._model.token_eos()
@@ -271,18 +269,15 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     answers = []
     for setting, policy, budget in branches:
         evicting = policy != FULL
-        if policy == SURPRISAL and setting != "chat":
-            raise ValueError(f"{SURPRISAL} reads the context as a chat does: only the chat setting has it")
+        if chat_only(policy) and setting != "chat":
+            raise ValueError(f"{policy} scores tokens as they are read: only the chat setting reads the context so")
         if setting.startswith("chat"):
-            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail or a
-            # probe, or chosen by surprisal (the hook stays enabled for the branches after, but nothing asks it to evict)
+            # a fresh sequence read as the chat reads it: batches, each eviction scored by the prompt's tail, a probe
+            # or the tokens' surprisal (the hook stays enabled for the branches after, but nothing asks it to evict)
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            if policy == SURPRISAL:
-                plain = SurprisalReader(Session(llm, None), budget, window)
-            else:
-                plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
-                                                         repeat_probe=setting != "chat"),
-                                probe=chat_probe(setting, llm, window, question))
+            plain = Session(llm, dataclasses.replace(config(policy, budget), prompt_tail=True,
+                                                     repeat_probe=setting != "chat"),
+                            probe=chat_probe(setting, llm, window, question))
             plain.decode(context)
         elif setting == "repeat" and evicting:
             if repeated is None:
@@ -309,6 +304,14 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
             on_first_logits((setting, policy, budget), logits)
         answers.append(greedy_answer(plain, logits, n_answer, eog))
     return answers
+
+
+def chat_only(policy: str) -> bool:
+    """Whether the policy scores the tokens as they are read (surprisal), which only the chat setting does: the others
+    evict a context prefilled once for every branch."""
+    from .._lib import POLICY_INFO
+
+    return policy in POLICY_INFO and POLICY_INFO[policy].token_scores
 
 
 def chat_probe(setting: str, llm, window: int, question: Sequence[int]):

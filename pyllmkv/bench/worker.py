@@ -80,14 +80,6 @@ def gpu_memory_used_mib() -> float | None:
     return used / 2**20 if gpus else None
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log p(target) under each row of logits, in float64 (log-sum-exp shifted by the row maximum)."""
-    x = logits.astype(np.float64)
-    top = x.max(axis=1)
-    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-    return lse - x[np.arange(len(targets)), targets]
-
-
 class StockStream:
     """Stock llama.cpp through llama-cpp-python. With n_keep, llama.cpp's context shift as llama-cli does it: when a
     batch would not fit in n_ctx cells, the first n_keep tokens stay, the older half of the rest is dropped and the
@@ -262,6 +254,7 @@ def run(job: dict) -> dict:
         result = {"answer_tokens": answer}
     elif job["suite"] == "ppl":
         nll, kept = [], []
+        token_nll = package_module("surprisal").token_nll
         for start in range(0, len(tokens) - 1, job["n_batch"]):
             chunk = tokens[start : min(start + job["n_batch"], len(tokens) - 1)]
             logits = stream.decode(chunk, all_logits=True)

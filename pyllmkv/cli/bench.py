@@ -14,7 +14,7 @@ from . import options as o
 from .. import models
 from .._lib import POLICIES, EvictConfig
 from ..bench import RULER_POLICIES, SUITES
-from ..bench.ruler import SETTINGS as RULER_SETTINGS, SURPRISAL, TASKS as RULER_TASKS
+from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 
 
 @click.command()
@@ -52,9 +52,9 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, SURPRISAL, TASKS as RULER_
 @click.option("--ruler-budgets", callback=o.float_list, help="ruler: budgets, in cells or below 1 a share of the context")
 @click.option("--ruler-samples", type=click.IntRange(min=1), default=None, help="ruler: samples per task and context")
 @click.option("--ruler-tasks", callback=o.choice_list(RULER_TASKS, "tasks"), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
-@click.option("--ruler-policies", callback=o.choice_list(list(POLICIES) + [SURPRISAL], "policies"),
+@click.option("--ruler-policies", callback=o.choice_list(list(POLICIES), "policies"),
               help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]; "
-                   f"{SURPRISAL}: the chat setting's words of largest surprisal, without the hook (an experiment)")
+                   "surprisal runs in the chat setting only (it scores tokens as they are read)")
 @click.option("--ruler-settings", callback=o.choice_list(RULER_SETTINGS, "settings"),
               help="ruler: agnostic (the question after the eviction), aware (the question in the window), repeat "
                    "(agnostic, scored by a request to repeat the context, KVzip's), chat and chat-repeat (agnostic, "

@@ -63,6 +63,9 @@ def serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ct
         config = EvictConfig.for_cells(budget, policy=policy, granularity=granularity, window=window, pool_kernel=pool_kernel)
     except KVEvictError as e:
         raise click.ClickException(str(e))
+    if config.token_scores:
+        raise click.BadParameter(f"{policy} ranks cells by each token's surprisal, from logits llama-server does not "
+                                 "compute for a prompt: serve it without --parallel", param_hint="--policy")
     cells = context_size(sliding_window(str(model)), config.cells, n_batch)
     fa = "on" if o.flash_attn_flag(cache_type_v, flash_attn) else "off"  # chat's meaning of auto, not llama-server's
     extra = ["-c", str(n_parallel * cells), "-ngl", str(n_gpu_layers), "-ctk", cache_type_k, "-ctv", cache_type_v,
