@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,qwen2.5-coder-1.5b")
     ap.add_argument("--seeds", type=int, default=3, help="sampled answers per question at the chat's default --temp")
     ap.add_argument("--budgets", default="1024,4096", help="cells, comma-separated (4096 holds the whole document: the control)")
+    ap.add_argument("--policy", default=pyllmkv.EvictConfig.policy, choices=list(pyllmkv.POLICIES))
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=None)
     args = ap.parse_args()
@@ -71,7 +72,7 @@ def main() -> None:
     for name in args.models.split(","):
         path = str(models.MODELS[name].path())
         for budget in budgets:
-            config = pyllmkv.EvictConfig.for_cells(budget)
+            config = pyllmkv.EvictConfig.for_cells(budget, policy=args.policy)
             llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), config.cells, 512),
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
                                           n_threads_batch=args.threads, verbose=False)
