@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Paired bootstrap of two ruler runs' per-sample scores on the same samples (sample numbers counted within each task,
-so runs of different task lists pair up): the mean difference A - B in points, its 95 % interval over 10,000
-resamples of the differences, and on how many samples A did better or worse.
+so runs of different task lists pair up; runs of other --ruler-seed values add their own samples): the mean difference
+A - B in points, its 95 % interval over 10,000 resamples of the differences, and on how many samples A did better or
+worse. A and B may each be several runs, comma-separated.
 
-    python scripts/ruler_paired.py A/results.json SETTING POLICY B/results.json SETTING POLICY
+    python scripts/ruler_paired.py A/results.json[,A2/results.json] SETTING POLICY B/results.json[,...] SETTING POLICY
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ import sys
 import numpy as np
 
 
-def scores(path: str, setting: str, policy: str) -> dict:
-    rows = json.load(open(path))["ruler"]
-    first: dict = {}
-    for r in rows:
-        first[r["task"]] = min(first.get(r["task"], r["sample"]), r["sample"])
-    return {(r["task"], r["sample"] - first[r["task"]]): r["score"] for r in rows
-            if r["setting"] == setting and r["policy"] == policy}
+def scores(paths: str, setting: str, policy: str) -> dict:
+    out = {}
+    for path in paths.split(","):
+        run = json.load(open(path))
+        seed = run["meta"]["grid"].get("ruler_seed", 0)
+        first: dict = {}
+        for r in run["ruler"]:
+            first[r["task"]] = min(first.get(r["task"], r["sample"]), r["sample"])
+        out.update({(seed, r["task"], r["sample"] - first[r["task"]]): r["score"] for r in run["ruler"]
+                    if r["setting"] == setting and r["policy"] == policy})
+    return out
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 its end: the same samples, answers and scoring as Bench.ruler, for the samples whose jobs completed (every setting
 the run had). Writes partial-rows.json beside the jobs.
 
-    python scripts/ruler_partial.py MODEL JOB_DIR --context 2048 --samples 3 --budgets 0.1,0.2 [--tasks ...]
+    python scripts/ruler_partial.py MODEL JOB_DIR --context 2048 --samples 3 --budgets 0.1,0.2 [--tasks ...] [--seed N]
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, required=True, help="samples per task of the run")
     ap.add_argument("--budgets", required=True)
     ap.add_argument("--tasks", default=",".join(ruler.TASKS))
+    ap.add_argument("--seed", type=int, default=0, help="the run's --ruler-seed")
     args = ap.parse_args()
 
     budgets = [float(b) for b in args.budgets.split(",")]
     vocab = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
     tok = lambda t, bos: vocab.tokenize(t.encode(), add_bos=bos, special=False)  # noqa: E731
     text, _ = haystack.text(None)
-    samples = ruler.samples(text, lambda t: len(tok(t, False)), args.tasks.split(","), args.context, args.samples)
+    samples = ruler.samples(text, lambda t: len(tok(t, False)), args.tasks.split(","), args.context, args.samples, args.seed)
     labels = {needle_budget(b, args.context): budget_label(b) for b in budgets}
     rows = []
     jobs = sorted(args.jobs.glob("job-*.json.out"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))

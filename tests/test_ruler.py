@@ -78,6 +78,9 @@ def test_samples_are_deterministic():
     assert ruler.samples(TEXT, count, ["niah_single"], 1000, 2) == a[:2]  # the same whatever else runs
     assert ruler.samples(TEXT, count, ["vt", "fwe"], 1000, 2) == a[8:10] + a[12:14]
     assert a[0] != a[1]
+    other = ruler.samples(TEXT, count, ruler.TASKS, 1000, 2, seed=1)
+    assert other == ruler.samples(TEXT, count, ruler.TASKS, 1000, 2, seed=1)
+    assert not set(s.context for s in other) & set(s.context for s in a)  # another seed, other samples
 
 
 def test_bootstrap_interval():

@@ -286,7 +286,7 @@ class Bench:
         count = lambda text: len(self.tokenize(text, False))  # noqa: E731
         bos = self.tokenize("", True)
         rows = []
-        per_context = {c: ruler.samples(self.text, count, tasks, c, g.ruler_samples) for c in g.ruler_contexts}
+        per_context = {c: ruler.samples(self.text, count, tasks, c, g.ruler_samples, g.ruler_seed) for c in g.ruler_contexts}
         with self.progress("ruler", sum(len(s) for s in per_context.values())) as bar:
             for context, samples in per_context.items():
                 # the full cache evicts nothing: one branch serves both settings

@@ -41,6 +41,7 @@ class Grid:
     ruler_contexts: list = field(default_factory=lambda: [2048, 4096])
     ruler_budgets: list = field(default_factory=lambda: [0.1, 0.2, 0.4])
     ruler_samples: int = 10   # per task and context
+    ruler_seed: int = 0       # another seed draws other samples of the same tasks, to add samples to a committed run
     ruler_tasks: Optional[list] = None     # None: ruler.TASKS
     ruler_policies: Optional[list] = None  # None: RULER_POLICIES (the full cache always runs)
     ruler_settings: list = field(default_factory=lambda: list(ruler.DEFAULT_SETTINGS))

@@ -51,6 +51,8 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("--ruler-contexts", callback=o.int_list, help="ruler: context lengths in tokens [default: the grid's]")
 @click.option("--ruler-budgets", callback=o.float_list, help="ruler: budgets, in cells or below 1 a share of the context")
 @click.option("--ruler-samples", type=click.IntRange(min=1), default=None, help="ruler: samples per task and context")
+@click.option("--ruler-seed", type=click.IntRange(min=0), default=None,
+              help="ruler: draw the samples from this seed; another seed gives other samples [default: 0]")
 @click.option("--ruler-tasks", callback=o.choice_list(RULER_TASKS, "tasks"), help=f"ruler: only these tasks ({', '.join(RULER_TASKS)})")
 @click.option("--ruler-policies", callback=o.choice_list(list(POLICIES), "policies"),
               help=f"ruler: only these policies, beside the full cache [default: {','.join(RULER_POLICIES)}]; "
