@@ -355,7 +355,9 @@ int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t 
     settle(ctx);
 
     seq_scores sc;
-    if (int32_t err = score_sequence(*st, seq_id, value_norm != nullptr, /*commit=*/false, sc)) {
+    // DefensiveKV's scores are weighed by the norms: computed whether or not the caller asks for them
+    const bool need_norms = value_norm != nullptr || st->policy().weigh == rescale::norm_share;
+    if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/false, sc)) {
         return err;
     }
     const int64_t n    = sc.n_prefix();

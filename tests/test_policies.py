@@ -63,6 +63,20 @@ def test_value_norms_are_computed_only_for_a_rescale(llama_cpp, tiny_path, polic
     assert (_lib.stats(llm)["value_norm_kernel"] != "none") == (POLICY_INFO[policy].rescale != "none")
 
 
+@pytest.mark.parametrize("policy", [p for p, info in POLICY_INFO.items() if info.rescale != "none"])
+def test_scores_without_the_norms_are_the_scores_with_them(llama_cpp, tiny_path, policy):
+    """llama_kv_evict_scores with value_norm NULL: a policy that weighs by the norms computes them all the same."""
+    llm = _llama(llama_cpp, tiny_path)
+    sess = Session(llm, EvictConfig(budget=40, window=8, policy=policy))
+    sess.decode(random_tokens(100, seed=43))
+    n_kv = int(llama_cpp.llama_model_n_head_kv(llm._model.model))
+    pos, score, norm = _lib.scores(llm, 1, n_kv)
+    bare = _lib.scores(llm, 1, n_kv, value_norms=False)
+    np.testing.assert_array_equal(bare[0], pos)
+    np.testing.assert_array_equal(bare[1], score)
+    assert bare[2] is None and norm.shape == score.shape
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(budget=16, window=32), "budget \\(16\\) must be larger than window \\(32\\)"),
     (dict(pool_kernel=4), "pool_kernel must be odd"),
