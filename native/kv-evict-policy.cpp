@@ -17,6 +17,7 @@ const policy TABLE[] = {
     {LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_LAYER, "defensivekv-layer", scorer::window_max,  rescale::norm_share, allocation::model},
     {LLAMA_KV_EVICT_POLICY_KNORM,             "knorm",             scorer::key_norm,    rescale::none,       allocation::uniform},
     {LLAMA_KV_EVICT_POLICY_SURPRISAL,         "surprisal",         scorer::given,       rescale::none,       allocation::uniform},
+    {LLAMA_KV_EVICT_POLICY_DEFENSIVEKV_SURPRISAL, "defensivekv-surprisal", scorer::window_max, rescale::norm_share, allocation::uniform, 0.5f},
 };
 constexpr int32_t N_POLICIES = sizeof(TABLE) / sizeof(TABLE[0]);
 

@@ -43,13 +43,17 @@ struct policy {
     scorer     score;
     rescale    weigh;
     allocation share;
+    // share of the budget kept by the caller's token scores (scorer::given's) before the scorer picks the rest: tokens
+    // whole, in every head, so a fact the window's queries miss survives beside what they look at
+    float      given_share = 0.0f;
 
     bool pooled()            const { return score == scorer::window_mean || score == scorer::window_max; }
     bool needs_value_norms() const { return weigh != rescale::none; }
     // unequal shares: granularity head only, a per-head mask, and up to 2 x budget - window cells
     bool shares_heads()      const { return share != allocation::uniform; }
-    // every head ranks the cells alike: head granularity would keep the same cells in each, so tokens go whole
-    bool same_in_every_head() const { return score == scorer::recency || score == scorer::given; }
+    bool takes_token_scores() const { return score == scorer::given || given_share > 0.0f; }
+    // every head ranks the cells alike, or the caller's scores must keep naming each cell's token: tokens go whole
+    bool same_in_every_head() const { return score == scorer::recency || takes_token_scores(); }
 };
 
 // Most cells a head keeps outside the window when heads share a layer's cells: twice the per-head budget, since every

@@ -196,6 +196,10 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
 // first n_sink kept as attention sinks; drops the scores of positions the sequence no longer holds
 int32_t given_scores(llama_kv_evict_state & st, llama_seq_id seq_id, seq_scores & out);
 
+// A policy with a given_share: its top given_share x (budget - window) prefix cells by the caller's scores (the sinks
+// first) scored +inf in every head, so any selection keeps them; the rest as the scorer ranked them
+int32_t guard_given(llama_kv_evict_state & st, llama_seq_id seq_id, seq_scores & out);
+
 int32_t set_error(int32_t code, const std::string & msg);
 
 // The cache eviction acts on: a plain KV cache, or the full-attention one of an iSWA pair; nullptr for other memory

@@ -81,6 +81,7 @@ class PolicyInfo(ctypes.Structure):
         ("rescale", ctypes.c_char_p),
         ("allocation", ctypes.c_char_p),
         ("shares_heads", ctypes.c_bool),
+        ("given_share", ctypes.c_float),
     ]
 
 
@@ -182,11 +183,12 @@ class Policy:
     rescale: str
     allocation: str
     shares_heads: bool  # unequal head shares: granularity head only, up to 2 x budget - window cells
+    given_share: float  # share of the budget kept by the caller's token scores before the scorer's choice
 
     @property
     def token_scores(self) -> bool:
-        """Ranks cells by the scores the caller gives their tokens (set_token_scores; surprisal), not by the cache."""
-        return self.scorer == "given"
+        """Ranks cells, or a share of them, by the scores the caller gives their tokens (set_token_scores; surprisal)."""
+        return self.scorer == "given" or self.given_share > 0
 
 
 def _policies() -> dict:
@@ -196,7 +198,8 @@ def _policies() -> dict:
     for value in range(n):
         _describe(value, ctypes.byref(info))
         d = {f: getattr(info, f) for f in ("name", "scorer", "rescale", "allocation")}
-        out[d["name"].decode()] = Policy(value=value, shares_heads=bool(info.shares_heads), **{k: v.decode() for k, v in d.items()})
+        out[d["name"].decode()] = Policy(value=value, shares_heads=bool(info.shares_heads), given_share=float(info.given_share),
+                                         **{k: v.decode() for k, v in d.items()})
     return out
 
 
@@ -242,8 +245,8 @@ class EvictConfig:
 
     def __post_init__(self):
         if self.repeat_probe and self.token_scores:
-            raise ValueError(f"policy {self.policy} ranks cells by their tokens' surprisal, not by a probe's queries: "
-                             "leave repeat_probe off")
+            raise ValueError(f"policy {self.policy} ranks cells by their tokens' surprisal, which a probe's queries do not "
+                             "give: leave repeat_probe off")
 
     @property
     def token_scores(self) -> bool:

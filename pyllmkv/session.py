@@ -261,10 +261,10 @@ class PromptTail:
     def queries(self, ctx, config: Optional[EvictConfig], tokens: Sequence[int], n_past: int, n_batch: int,
                 seq_id: int = 0) -> Optional[bytes]:
         """For decoding `tokens` from position n_past into sequence seq_id of `ctx` evicted by `config`: the queries of
-        their last window tokens, or None when there is no config, no prompt tail, or the tokens fit in the cache
-        without an eviction or are fewer than the window."""
+        their last window tokens, or None when there is no config, no prompt tail, a policy that reads no query
+        (surprisal), or the tokens fit in the cache without an eviction or are fewer than the window."""
         if config is None or not config.prompt_tail or config.repeat_probe or len(tokens) < config.window or \
-                config.token_scores or not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
+                _lib.POLICY_INFO[config.policy].scorer == "given" or not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
             return None
         w = config.window
         if self._window != w:

@@ -35,8 +35,9 @@ def test_one_shot_answer_equals_llama_cpp_python_chat_completion(llama_cpp, smol
 
 
 # the default cache, and a q8_0 one (head-wise compaction moves its blocks; -fa auto turns flash attention on for it);
-# and the surprisal policy, whose scores come from every token's logits
-@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0"], ["--policy", "surprisal"]], ids=["f16", "q8_0", "surprisal"])
+# and the policies whose scores come, all or half, from every token's logits
+@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0"], ["--policy", "surprisal"], ["--policy", "defensivekv-surprisal"]],
+                         ids=["f16", "q8_0", "surprisal", "defensivekv-surprisal"])
 def test_long_prompt_file_goes_through_a_small_budget(smollm2_path, tmp_path, cache):
     story = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 120
     f = tmp_path / "long.txt"

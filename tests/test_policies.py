@@ -98,7 +98,8 @@ def test_policies_command_lists_each_policy_with_its_parts():
     lines = r.output.splitlines()[1:]
     assert len(lines) == len(POLICIES)
     for line, p in zip(lines, POLICY_INFO.values()):
-        assert line.split()[0] == p.name and line.split()[-3:] == [p.scorer, p.rescale, p.allocation]
+        share = f"{p.given_share:g}" if p.given_share else "-"
+        assert line.split()[0] == p.name and line.split()[-4:] == [p.scorer, p.rescale, p.allocation, share]
     assert f"{EvictConfig.policy} (default)" in r.output and r.output.count("(default)") == 1
 
 

@@ -105,6 +105,52 @@ def test_the_hook_keeps_the_sinks_the_window_and_the_best_given_scores(llama_cpp
     llama_cpp.llama_batch_free(batch)
 
 
+def test_defensivekv_surprisal_keeps_the_best_given_half_then_defensivekvs_choice(llama_cpp, tiny_path):
+    """Against defensivekv on the same tokens: the same scores but for the top half of the budget by the given scores
+    (the sinks among them) at +inf in every layer and head; whole tokens evicted, by the mean over heads."""
+    budget, window, n = 40, 8, 80
+    rng = np.random.default_rng(4)
+    tokens = [int(t) for t in rng.integers(3, 250, n)]
+    given = rng.normal(size=n).astype(np.float32)
+    ctxs = {}
+    for policy in ("defensivekv-surprisal", "defensivekv"):
+        llm = _llm(llama_cpp, tiny_path, 128)
+        ctx = llm._ctx.ctx
+        _lib.enable(ctx, EvictConfig(budget=budget, window=window, policy=policy, granularity="head"))
+        batch = llama_cpp.llama_batch_init(32, 0, 1)
+        for start in range(0, n, 32):
+            _decode(ctx, batch, tokens[start:start + 32], start)
+        llama_cpp.llama_batch_free(batch)
+        ctxs[policy] = (llm, ctx)
+    llm, ctx = ctxs["defensivekv-surprisal"]
+    n_kv, n_layer = _n_head_kv(llm), int(pyllmkv.llama_cpp.llama_model_n_layer(llm._model.model))
+    with pytest.raises(KVEvictError, match="position 4 has none"):
+        _lib.evict(ctx)
+    _lib.set_token_scores(ctx, np.arange(n), given)
+
+    n_guard = (budget - window) // 2
+    guarded = [0, 1, 2, 3, *(4 + np.argsort(-given[4:n - window], kind="stable")[: n_guard - 4]).tolist()]
+    mean = np.zeros(n - window, dtype=np.float32)
+    for il in range(n_layer):
+        pos, score, _ = _lib.scores(ctx, il, n_kv, value_norms=False)
+        _, plain, _ = _lib.scores(ctxs["defensivekv"][1], il, n_kv, value_norms=False)
+        assert pos.tolist() == list(range(n - window))
+        assert np.all(np.isinf(score[:, guarded]))
+        rest = np.setdiff1d(np.arange(n - window), guarded)
+        np.testing.assert_array_equal(score[:, rest], plain[:, rest])
+        for g in range(n_kv):
+            mean += plain[g] / (n_layer * n_kv)
+
+    assert _lib.evict(ctx) == n - budget
+    kept = _lib.positions(ctx).tolist()
+    assert len(kept) == budget and set(guarded) | set(range(n - window, n)) <= set(kept)
+    # the rest of the budget: defensivekv's best by the mean over layers and heads
+    chosen = [p for p in kept if p < n - window and p not in guarded]
+    dropped = [p for p in range(n - window) if p not in kept]
+    assert len(chosen) == budget - window - n_guard
+    assert mean[chosen].min() >= mean[dropped].max() - 1e-6
+
+
 def test_token_scores_are_for_a_policy_that_takes_them(llama_cpp, tiny_path):
     llm = _llm(llama_cpp, tiny_path, 64)
     ctx = llm._ctx.ctx
@@ -172,6 +218,20 @@ def test_a_session_scores_each_word_by_its_summed_surprisal(llama_cpp, tiny_path
     assert cells < _lib.stats(session.ctx)["n_seq_cells"] <= cells + n_batch
 
 
+def test_defensivekv_surprisal_reads_with_the_prompt_tail_and_the_surprisal(llama_cpp, tiny_path):
+    cells, window, n_batch = 48, 8, 32
+    llm = _llm(llama_cpp, tiny_path, cells + n_batch, n_batch)
+    tokens = llm.tokenize(_words_text(5, 60), add_bos=False)
+    session = Session(llm, EvictConfig(budget=cells, window=window, policy="defensivekv-surprisal"))
+    # DefensiveKV's half is scored by the prompt's last queries, as the default policy's whole budget is
+    assert session._tail.queries(session.ctx, session.config, tokens, 0, n_batch) is not None
+    session.decode(tokens)
+    assert _lib.stats(session.ctx)["n_evictions"] >= 3
+    pos, score, _ = _lib.scores(session.ctx, 0, _n_head_kv(llm), value_norms=False)
+    assert len(pos) > (cells - window) // 2
+    assert (np.isinf(score).sum(axis=1) == (cells - window) // 2).all()  # every head guards the same best half
+
+
 def test_the_api_bounds_a_prompt_by_surprisal_and_saves_the_scores(llama_cpp, tiny_path):
     llm = pyllmkv.Llama(tiny_path, kv_budget=48, window=8, policy="surprisal", n_batch=32, verbose=False)
     prompt = _words_text(3, 80).decode()
@@ -192,11 +252,13 @@ def test_the_api_bounds_a_prompt_by_surprisal_and_saves_the_scores(llama_cpp, ti
 
 
 def test_what_cannot_score_surprisal_refuses_it(llama_cpp, tiny_path):
-    with pytest.raises(ValueError, match="not by a probe's queries: leave repeat_probe off"):
-        EvictConfig(policy="surprisal", repeat_probe=True)
+    for policy in ("surprisal", "defensivekv-surprisal"):
+        with pytest.raises(ValueError, match="which a probe's queries do not give: leave repeat_probe off"):
+            EvictConfig(policy=policy, repeat_probe=True)
     llm = _llm(llama_cpp, tiny_path, 64)
-    with pytest.raises(ValueError, match="ranks cells by each token's surprisal.*Sequences does not compute"):
-        Sequences(llm, EvictConfig(budget=40, window=8, policy="surprisal"), 2)
+    for policy in ("surprisal", "defensivekv-surprisal"):
+        with pytest.raises(ValueError, match="ranks cells by each token's surprisal.*Sequences does not compute"):
+            Sequences(llm, EvictConfig(budget=40, window=8, policy=policy), 2)
     r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", tiny_path, "--parallel", "2", "--policy", "surprisal",
                         "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
     assert r.returncode != 0 and "serve it without --parallel" in r.stderr

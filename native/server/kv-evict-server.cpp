@@ -28,7 +28,7 @@ bool parse_policy(const std::string & name, llama_kv_evict_policy & out, std::st
     const int32_t n = llama_kv_evict_policy_describe(0, &info);
     for (int32_t p = 0; p < n; p++) {
         llama_kv_evict_policy_describe(p, &info);
-        if (std::string(info.scorer) == "given") {
+        if (std::string(info.scorer) == "given" || info.given_share > 0.0f) {
             continue; // scored by the caller from every token's logits (surprisal), which llama-server does not compute
         }
         names += (names.empty() ? "" : ", ") + std::string(info.name);

@@ -33,7 +33,7 @@ from .stock import lib_dir as stock_lib_dir
 POLICIES = list(_POLICY_IDS)
 # streaming (4 sinks + the most recent) is what stock context shift keeps when one eviction takes a cache to its budget
 RULER_POLICIES = ["streaming", "knorm", "snapkv", "snapkv-ada", "criticalkv", "criticalkv-ada", "defensivekv", "defensivekv-layer",
-                  "surprisal"]
+                  "surprisal", "defensivekv-surprisal"]
 STOCK_FULL, STOCK_SHIFT = "stock full", "stock shift"
 SUITES = ["speed", "needle", "ppl", "perturb", "ruler"]
 N_KEEP = 4  # stock context shift keeps the first tokens, as llama-cli's --keep

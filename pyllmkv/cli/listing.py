@@ -25,9 +25,11 @@ def list_models():
 def list_policies():
     """The policies --policy takes, as the library composes them: what scores a cell, what reweighs the score by the
     cell's projected value |V W_O|, how the kept cells are shared among heads (where heads share them,
-    each keeps about (--kv-budget + --window) / 2 on average, so that the sequence holds at most --kv-budget)."""
-    rows = [("policy", "scorer", "rescale", "allocation")]
+    each keeps about (--kv-budget + --window) / 2 on average, so that the sequence holds at most --kv-budget), and the
+    share of the budget kept first by each word's surprisal."""
+    rows = [("policy", "scorer", "rescale", "allocation", "by surprisal")]
     for p in POLICY_INFO.values():
-        rows.append((p.name + (" (default)" if p.name == EvictConfig.policy else ""), p.scorer, p.rescale, p.allocation))
+        rows.append((p.name + (" (default)" if p.name == EvictConfig.policy else ""), p.scorer, p.rescale, p.allocation,
+                     f"{p.given_share:g}" if p.given_share else "-"))
     o.echo_table(rows)
 
