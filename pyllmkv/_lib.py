@@ -246,7 +246,7 @@ class EvictConfig:
     def __post_init__(self):
         if self.repeat_probe and self.token_scores:
             raise ValueError(f"policy {self.policy} ranks cells by their tokens' surprisal, which a probe's queries do not "
-                             "give: leave repeat_probe off")
+                             "give: leave repeat_probe off, or choose a policy the queries rank, such as defensivekv-layer")
 
     @property
     def token_scores(self) -> bool:
@@ -300,6 +300,12 @@ class EvictConfig:
         for name in ("budget", "window", "pool_kernel", "first_stage_ratio", "epsilon", "n_sink", "ada_alpha"):
             setattr(p, name, getattr(self, name))
         return p
+
+
+# pyllmkv's policy for its own decoders (chat, serve, pyllmkv.Llama), which give the hook every token's surprisal: it
+# keeps a document's facts for a question asked later (README, "The default policy"). EvictConfig's default, the
+# hook's, needs no token scores: Sequences, `serve --parallel` and C callers use it
+DEFAULT_POLICY = "defensivekv-surprisal"
 
 
 def default_config() -> EvictConfig:

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _lib, rpc
-from ._lib import EvictConfig, llama_cpp
+from ._lib import DEFAULT_POLICY, EvictConfig, llama_cpp
 from .session import Positions, PromptTail, RepeatProbe, context_size, decode_in_batches, sliding_window
 from .surprisal import WordSurprisal
 
@@ -37,7 +37,7 @@ class Llama(llama_cpp.Llama):
         model_path: str,
         *,
         kv_budget: int = EvictConfig.budget,
-        policy: str = EvictConfig.policy,
+        policy: str = DEFAULT_POLICY,
         granularity: str = EvictConfig.granularity,
         window: int = EvictConfig.window,
         pool_kernel: int = EvictConfig.pool_kernel,

@@ -93,7 +93,8 @@ def test_pool_kernel_is_the_one_the_session_evicts_with(llama_cpp, tiny_path):
 
     ref, tokens, held = TinyRef(tiny_path), random_tokens(150, seed=60), {}
     for k in (1, 9):
-        llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, pool_kernel=k, verbose=False, type_k=0, type_v=0)
+        llm = pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, pool_kernel=k, policy=EvictConfig.policy,
+                            verbose=False, type_k=0, type_v=0)
         llm.eval(tokens)
         plain = llama_cpp.Llama(model_path=tiny_path, n_ctx=72, n_batch=32, n_ubatch=32, type_k=0, type_v=0, verbose=False)
         Session(plain, EvictConfig.for_cells(40, window=8, pool_kernel=k)).decode(tokens)

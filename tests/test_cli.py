@@ -34,10 +34,10 @@ def test_one_shot_answer_equals_llama_cpp_python_chat_completion(llama_cpp, smol
     assert r.stdout.strip() == expected["choices"][0]["message"]["content"].strip() != ""
 
 
-# the default cache, and a q8_0 one (head-wise compaction moves its blocks; -fa auto turns flash attention on for it);
-# and the policies whose scores come, all or half, from every token's logits
-@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0"], ["--policy", "surprisal"], ["--policy", "defensivekv-surprisal"]],
-                         ids=["f16", "q8_0", "surprisal", "defensivekv-surprisal"])
+# the default cache and policy (half of it kept by every token's surprisal), a q8_0 one with a head-wise policy
+# (compaction moves its blocks; -fa auto turns flash attention on for it), and surprisal alone
+@pytest.mark.parametrize("cache", [[], ["-ctk", "q8_0", "-ctv", "q8_0", "--policy", "defensivekv-layer"], ["--policy", "surprisal"]],
+                         ids=["f16", "q8_0", "surprisal"])
 def test_long_prompt_file_goes_through_a_small_budget(smollm2_path, tmp_path, cache):
     story = "The lighthouse keeper counted the ships that passed the rocky point each night. " * 120
     f = tmp_path / "long.txt"
@@ -91,11 +91,12 @@ def test_bad_budget(smollm2_path, budget, message):
     (["--granularity", "token"], "granularity head, or with granularity token a policy of uniform allocation (such as criticalkv)"),
     (["--kv-budget", "39"], "39 cells are too few for policy defensivekv-layer"),
 ])
-def test_the_default_policy_names_what_it_needs(smollm2_path, args, message):
-    # the default shares cells among heads: token granularity, and fewer cells than window + 2 x 4 sinks, are refused
-    # with the reason and the way out, and not in another flag's name
-    _fails_with([smollm2_path, "-p", "hi", *args], message)
-    assert "Invalid value for '--kv-budget'" not in _run(smollm2_path, "-p", "hi", "--granularity", "token").output
+def test_a_shared_heads_policy_names_what_it_needs(smollm2_path, args, message):
+    # defensivekv-layer shares cells among heads: token granularity, and fewer cells than window + 2 x 4 sinks, are
+    # refused with the reason and the way out, and not in another flag's name
+    shared = ["--policy", "defensivekv-layer"]
+    _fails_with([smollm2_path, "-p", "hi", *shared, *args], message)
+    assert "Invalid value for '--kv-budget'" not in _run(smollm2_path, "-p", "hi", *shared, "--granularity", "token").output
 
 
 def test_quantized_v_without_flash_attention(smollm2_path):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import random_tokens
 from pyllmkv import _lib
-from pyllmkv._lib import POLICIES, POLICY_INFO, EvictConfig, KVEvictError
+from pyllmkv._lib import DEFAULT_POLICY, POLICIES, POLICY_INFO, EvictConfig, KVEvictError
 from pyllmkv.cli import main
 from pyllmkv.session import Session
 from test_hook import _llama
@@ -100,7 +100,7 @@ def test_policies_command_lists_each_policy_with_its_parts():
     for line, p in zip(lines, POLICY_INFO.values()):
         share = f"{p.given_share:g}" if p.given_share else "-"
         assert line.split()[0] == p.name and line.split()[-4:] == [p.scorer, p.rescale, p.allocation, share]
-    assert f"{EvictConfig.policy} (default)" in r.output and r.output.count("(default)") == 1
+    assert f"{DEFAULT_POLICY} (default)" in r.output and r.output.count("(default)") == 1
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

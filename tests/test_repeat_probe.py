@@ -224,7 +224,8 @@ def test_a_probed_document_on_a_real_model_stays_in_budget_and_leaves_no_probe(s
     document = vocab.tokenize(text[:6000].encode(), add_bos=True, special=False)[:1000]
     held = {}
     for repeat_probe in (False, True):
-        llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=128, repeat_probe=repeat_probe, n_threads=2, verbose=False)
+        llm = pyllmkv.Llama(smollm2_path, kv_budget=128, n_batch=128, policy="defensivekv-layer", repeat_probe=repeat_probe,
+                            n_threads=2, verbose=False)
         assert llm.kv_stats()["kv_size"] >= context_size(0, llm.evict_config.cells, 128, repeat_probe)
         llm.eval(document)
         stats = llm.kv_stats()

@@ -109,7 +109,8 @@ def test_llama_cpp_python_save_and_load_state_after_head_compaction(tiny_path):
     # llama-cpp-python's own save_state/load_state on pyllmkv.Llama: a compacted conversation restored into a fresh
     # pyllmkv.Llama continues with the logits of the original
     def fresh():
-        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, verbose=False, type_k=0, type_v=0)
+        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, policy="defensivekv-layer", verbose=False,
+                             type_k=0, type_v=0)
 
     llm = fresh()
     prompt = random_tokens(150, seed=37)
@@ -158,7 +159,8 @@ def test_loaded_state_keeps_where_each_head_row_came_from(tiny_path):
     # head granularity moves rows between cells; a truncation after loading must drop the same cells as in the
     # context that saved the state (the one whose bookkeeping the numpy oracles of test_head_granularity check)
     def fresh():
-        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, verbose=False, type_k=0, type_v=0)
+        return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, policy="defensivekv-layer", verbose=False,
+                             type_k=0, type_v=0)
 
     ref = TinyRef(tiny_path)
     llm = fresh()

@@ -6,7 +6,7 @@ import click
 
 from . import options as o
 from .. import models
-from .._lib import POLICY_INFO, EvictConfig
+from .._lib import DEFAULT_POLICY, POLICY_INFO
 
 
 @click.command("models")
@@ -29,7 +29,7 @@ def list_policies():
     share of the budget kept first by each word's surprisal."""
     rows = [("policy", "scorer", "rescale", "allocation", "by surprisal")]
     for p in POLICY_INFO.values():
-        rows.append((p.name + (" (default)" if p.name == EvictConfig.policy else ""), p.scorer, p.rescale, p.allocation,
+        rows.append((p.name + (" (default)" if p.name == DEFAULT_POLICY else ""), p.scorer, p.rescale, p.allocation,
                      f"{p.given_share:g}" if p.given_share else "-"))
     o.echo_table(rows)
 

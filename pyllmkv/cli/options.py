@@ -9,7 +9,7 @@ from typing import Optional
 import click
 
 from .. import models
-from .._lib import GRANULARITIES, POLICIES, EvictConfig
+from .._lib import DEFAULT_POLICY, GRANULARITIES, POLICIES, EvictConfig
 
 CACHE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
@@ -83,7 +83,8 @@ def option_group(opts):
 model_options = option_group([
     click.argument("model", required=False, type=click.Path(path_type=Path)),
     click.option("--kv-budget", "budget", type=int, default=EvictConfig.budget, show_default=True, help="most cells the KV cache keeps per sequence (its memory)"),
-    click.option("--policy", type=click.Choice(list(POLICIES)), default=EvictConfig.policy, show_default=True, help="which cells to evict"),
+    click.option("--policy", type=click.Choice(list(POLICIES)), default=DEFAULT_POLICY, show_default=True,
+                 help=f"which cells to evict [serve --parallel's default: {EvictConfig.policy}, which needs no token's surprisal]"),
     click.option("--granularity", type=click.Choice(list(GRANULARITIES)), default=EvictConfig.granularity, show_default=True,
                  help="head: each KV head keeps its own cells; token: one set of cells for all heads"),
     click.option("--window", type=int, default=EvictConfig.window, show_default=True, help="observation window: recent queries that score the cache"),

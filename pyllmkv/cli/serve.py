@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from . import options as o
+from .._lib import EvictConfig
 
 
 @click.command()
@@ -32,6 +33,8 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
         if cache:
             raise click.BadParameter("llama-server's prompt cache would restore cells without the hook's state; "
                                      "--parallel serves without --cache", param_hint="--cache")
+        if click.get_current_context().get_parameter_source("policy") == click.core.ParameterSource.DEFAULT:
+            policy = EvictConfig.policy  # llama-server computes no prompt logits: the default that needs none
         serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ctx, n_batch, n_gpu_layers,
                        cache_type_k, cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, n_parallel)
         return
@@ -56,7 +59,7 @@ def serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ct
     import os
 
     from .. import parallel
-    from .._lib import EvictConfig, KVEvictError
+    from .._lib import KVEvictError
     from ..session import context_size, sliding_window
 
     try:
