@@ -49,8 +49,8 @@ class Llama(llama_cpp.Llama):
         **kwargs,
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the
-        memory bound); `policy`: one of pyllmkv.POLICIES (surprisal computes the logits of every token decoded, which
-        score them: pyllmkv.surprisal); `granularity`: "head" (each KV head keeps its own cells) or
+        memory bound); `policy`: one of pyllmkv.POLICIES (the default, pyllmkv.DEFAULT_POLICY, and surprisal compute the
+        logits of every token decoded, which score them: pyllmkv.surprisal); `granularity`: "head" (each KV head keeps its own cells) or
         "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the window's scores
         are averaged over (odd; 1: none); `prompt_tail`: a prompt longer than the cache is evicted with the queries of
         its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each
