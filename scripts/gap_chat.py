@@ -1,0 +1,115 @@
+"""The chat's gap, as a user meets it: a long document holding several facts is read in one turn, the next turn asks
+something unrelated, and the third asks for the facts. With the whole document in the cache the model gives them; the
+question is how many each policy keeps at --kv-budget cells, about 1/13 of the document by default.
+
+  python scripts/gap_chat.py [--model qwen2.5-coder-1.5b] [--tokens 13000] [--kv-budget 1024] [--facts 6]
+                             [--policies defensivekv-layer,surprisal,defensivekv-surprisal] [--seeds 1] [-o OUT.json]
+
+The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
+number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
+the greedy answer gives their own number (the first 7-digit number after the key's name). The full cache row reads
+the same turns with no eviction (the control). Prints one JSON line per run and a table; -o writes every answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import pyllmkv
+from pyllmkv import models
+from pyllmkv.bench import haystack
+from pyllmkv.chat import Chat, Sampler
+from pyllmkv.session import Session, context_size, sliding_window
+
+KEYS = ["lighthouse", "copper", "meadow", "harbor", "violin", "glacier", "lantern", "orchard", "falcon", "marble"]
+UNRELATED = "Unrelated question: what is a good name for a pet turtle? Answer in one line."
+ASK = "Now back to the document. What are the special magic numbers it gives for {keys}? List each key with its number."
+
+
+def document(tokenize, n_tokens: int, n_facts: int, seed: int) -> tuple[str, dict]:
+    """The first n_tokens of the licence texts, from a seed-chosen start, with n_facts sentences at even depths."""
+    rng = random.Random(seed)
+    text, _ = haystack.text(None)
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    start = rng.randrange(len(paragraphs) // 2)
+    facts = {k: str(rng.randrange(10**6, 10**7)) for k in rng.sample(KEYS, n_facts)}
+    body, n = [], 0
+    for p in paragraphs[start:] + paragraphs[:start]:
+        body.append(p)
+        n += len(tokenize(p + "\n\n"))
+        if n >= n_tokens:
+            break
+    at = [round((i + 1) * len(body) / (n_facts + 1)) for i in range(n_facts)]
+    for i, (key, value) in reversed(list(zip(at, facts.items()))):
+        body.insert(i, f"The special magic number for {key} is {value}.")
+    return "\n\n".join(body), facts
+
+
+def kept(answer: str, facts: dict) -> int:
+    """How many keys the answer gives their own number: the first 7-digit number after the key's name."""
+    n = 0
+    for key, value in facts.items():
+        m = re.search(re.escape(key) + r"\D*?(\d{7})", answer, flags=re.I)
+        n += bool(m) and m.group(1) == value
+    return n
+
+
+def converse(session: Session, doc: str, facts: dict) -> dict:
+    chat = Chat(session, Sampler(temp=0))
+    chat.reset()
+    t0 = time.perf_counter()
+    turns = []
+    for text, max_tokens in ((f"Read this document.\n\n{doc}", 48), (UNRELATED, 48),
+                             (ASK.format(keys=", ".join(facts)), 160)):
+        turns.append("".join(chat.send(text, max_tokens=max_tokens)))
+    answer = turns[-1]
+    stats = pyllmkv._lib.stats(session.ctx) if session.config is not None else {"n_evictions": 0, "n_seq_cells": len(chat.history)}
+    return {"turns": turns, "kept": kept(answer, facts), "n_facts": len(facts),
+            "tokens": len(chat.history), "evictions": stats["n_evictions"], "cells": stats["n_seq_cells"],
+            "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--tokens", type=int, default=13000, help="tokens of the document")
+    ap.add_argument("--kv-budget", type=int, default=1024, help="cells each policy keeps")
+    ap.add_argument("--facts", type=int, default=6)
+    ap.add_argument("--policies", default="defensivekv-layer,surprisal,defensivekv-surprisal")
+    ap.add_argument("--seeds", type=int, default=1, help="documents (start and facts drawn from seeds 0..N-1)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-o", "--out", type=Path, default=None)
+    args = ap.parse_args()
+    path = str(models.MODELS[args.model].path()) if args.model in models.MODELS else args.model
+    vocab = pyllmkv.llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    tokenize = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
+    rows = []
+    for seed in range(args.seeds):
+        doc, facts = document(tokenize, args.tokens, args.facts, seed)
+        for policy in ["full cache", *args.policies.split(",")]:
+            config = None if policy == "full cache" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=policy)
+            cells = args.tokens + 1024 if config is None else config.cells
+            llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), cells, 512),
+                                          n_batch=512, n_ubatch=512, n_threads=args.threads,
+                                          n_threads_batch=args.threads, verbose=False)
+            r = converse(Session(llm, config), doc, facts)
+            r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+            llm.close()
+    print(f"\n| policy | cells | facts kept (of {args.facts} per document) | documents |\n|---|---|---|---|")
+    for policy in ["full cache", *args.policies.split(",")]:
+        sel = [r for r in rows if r["policy"] == policy]
+        print(f"| {policy} | {sel[0]['cells'] if policy == 'full cache' else args.kv_budget} "
+              f"| {sum(r['kept'] for r in sel)}/{sum(r['n_facts'] for r in sel)} | {len(sel)} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
