@@ -85,7 +85,8 @@ static void rescale_scores(const policy & pol, int64_t n_layer_kv, int64_t n_kv,
     }
 }
 
-int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
+// score_sequence's work but the given share's guard
+static int32_t score_cells(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
         llama_pos probe_end) {
     const llama_model   & model   = st.lctx->get_model();
     const llama_hparams & hparams = model.hparams;
@@ -422,6 +423,16 @@ int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need
     }
     rescale_scores(pol, n_layer_kv, n_kv, protect, out);
     return 0;
+}
+
+int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
+        llama_pos probe_end) {
+    // DefensiveKV's scores are weighed by the norms: computed whether or not the caller asks for them
+    need_norms = need_norms || (probe_end < 0 && st.policy().weigh == rescale::norm_share);
+    if (int32_t err = score_cells(st, seq_id, need_norms, commit, out, probe_end)) {
+        return err;
+    }
+    return probe_end < 0 ? guard_given(st, seq_id, out) : 0;
 }
 
 } // namespace kv_evict

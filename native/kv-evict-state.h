@@ -187,7 +187,8 @@ struct seq_scores {
 // Collects the sequence's cells and scores them with ggml graphs on the cache's backends.
 // commit: fold this call's queries into the H2O accumulators (llama_kv_evict), not for a preview (llama_kv_evict_scores)
 // probe_end >= 0: fold the scores of the cells below it into probe_max instead (llama_kv_evict_probe); < 0 after a
-// probe: the cells are ranked by probe_max, not by the window's queries
+// probe: the cells are ranked by probe_max, not by the window's queries, and a given share guarded (guard_given)
+// need_norms: the value norms into out.value_norm; DefensiveKV's rescale computes them whatever it says
 // Returns 0 or a negative error code with the message set.
 int32_t score_sequence(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
         llama_pos probe_end = -1);

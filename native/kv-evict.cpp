@@ -311,9 +311,6 @@ int32_t llama_kv_evict(llama_context * ctx, llama_seq_id seq_id) {
     if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/true, sc)) {
         return err;
     }
-    if (int32_t err = guard_given(*st, seq_id, sc)) {
-        return err;
-    }
     seq.t_phase_us[EVICT_PHASE_SCORE] += ggml_time_us() - t_settled - (seq.t_phase_us[EVICT_PHASE_NORMS] - norms_before);
     const bool head_wise = st->params.granularity == LLAMA_KV_EVICT_GRANULARITY_HEAD && !st->policy().same_in_every_head();
     const int32_t n_removed = head_wise ? evict_heads(*st, seq_id, sc, n_layer_kv, n_kv)
@@ -358,12 +355,7 @@ int32_t llama_kv_evict_scores(llama_context * ctx, llama_seq_id seq_id, int32_t 
     settle(ctx);
 
     seq_scores sc;
-    // DefensiveKV's scores are weighed by the norms: computed whether or not the caller asks for them
-    const bool need_norms = value_norm != nullptr || st->policy().weigh == rescale::norm_share;
-    if (int32_t err = score_sequence(*st, seq_id, need_norms, /*commit=*/false, sc)) {
-        return err;
-    }
-    if (int32_t err = guard_given(*st, seq_id, sc)) {
+    if (int32_t err = score_sequence(*st, seq_id, /*need_norms=*/value_norm != nullptr, /*commit=*/false, sc)) {
         return err;
     }
     const int64_t n    = sc.n_prefix();
