@@ -190,6 +190,11 @@ class Policy:
         """Ranks cells, or a share of them, by the scores the caller gives their tokens (set_token_scores; surprisal)."""
         return self.scorer == "given" or self.given_share > 0
 
+    @property
+    def reads_queries(self) -> bool:
+        """Scores cells by the window's queries, so a long prompt is evicted with its tail's (session.PromptTail)."""
+        return self.scorer not in ("recency", "key-norm", "given")
+
 
 def _policies() -> dict:
     info = PolicyInfo()

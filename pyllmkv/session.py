@@ -262,9 +262,9 @@ class PromptTail:
                 seq_id: int = 0) -> Optional[bytes]:
         """For decoding `tokens` from position n_past into sequence seq_id of `ctx` evicted by `config`: the queries of
         their last window tokens, or None when there is no config, no prompt tail, a policy that reads no query
-        (surprisal), or the tokens fit in the cache without an eviction or are fewer than the window."""
+        (streaming, knorm, surprisal), or the tokens fit in the cache without an eviction or are fewer than the window."""
         if config is None or not config.prompt_tail or config.repeat_probe or len(tokens) < config.window or \
-                _lib.POLICY_INFO[config.policy].scorer == "given" or not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
+                not _lib.POLICY_INFO[config.policy].reads_queries or not will_evict(ctx, config.cells, n_batch, len(tokens), seq_id):
             return None
         w = config.window
         if self._window != w:

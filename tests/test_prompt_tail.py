@@ -4,6 +4,7 @@ queries, and the scores they give), the queries a plain decode captures, and on 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 
@@ -59,6 +60,10 @@ def test_no_tail_for_a_prompt_that_fits_or_is_shorter_than_the_window(llama_cpp,
     # another window on the same model: the tail's context is made again for it
     assert len(tail.queries(sess.ctx, EvictConfig(budget=40, window=4), random_tokens(100), 70, 32)) == \
         len(tail.queries(sess.ctx, config, random_tokens(100), 70, 32)) // 2
+    # policies that rank by recency, key norms or the caller's scores read no query: no tail to decode for them
+    for policy in ("streaming", "knorm", "surprisal"):
+        assert tail.queries(sess.ctx, dataclasses.replace(config, policy=policy), random_tokens(100), 70, 32) is None
+    assert tail.queries(sess.ctx, dataclasses.replace(config, policy="h2o"), random_tokens(100), 70, 32) is not None
 
 
 def test_a_dropped_session_frees_its_tail_context(llama_cpp, tiny_path):
