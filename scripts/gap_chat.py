@@ -3,11 +3,12 @@ something unrelated, and the third asks for the facts. With the whole document i
 question is how many each policy keeps at --kv-budget cells, about 1/13 of the document by default.
 
   python scripts/gap_chat.py [--model qwen2.5-coder-1.5b] [--tokens 13000] [--kv-budget 1024] [--facts 6]
-                             [--policies defensivekv-layer,surprisal,defensivekv-surprisal] [--seeds 1] [-o OUT.json]
+                             [--policies full,defensivekv-layer,surprisal,defensivekv-surprisal] [--seeds 1]
+                             [--first-seed 0] [-o OUT.json]
 
 The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
 number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
-the greedy answer gives their own number (the first 7-digit number after the key's name). The full cache row reads
+the greedy answer gives their own number (the first 7-digit number after the key's name). The policy `full` reads
 the same turns with no eviction (the control). Prints one JSON line per run and a table; -o writes every answer.
 """
 
@@ -80,8 +81,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=13000, help="tokens of the document")
     ap.add_argument("--kv-budget", type=int, default=1024, help="cells each policy keeps")
     ap.add_argument("--facts", type=int, default=6)
-    ap.add_argument("--policies", default="defensivekv-layer,surprisal,defensivekv-surprisal")
-    ap.add_argument("--seeds", type=int, default=1, help="documents (start and facts drawn from seeds 0..N-1)")
+    ap.add_argument("--policies", default="full,defensivekv-layer,surprisal,defensivekv-surprisal",
+                    help="full: the whole conversation cached, no eviction (the control)")
+    ap.add_argument("--seeds", type=int, default=1, help="documents (start and facts drawn from seeds --first-seed..)")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=None)
     args = ap.parse_args()
@@ -89,10 +92,11 @@ def main() -> None:
     vocab = pyllmkv.llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
     tokenize = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
     rows = []
-    for seed in range(args.seeds):
+    policies = args.policies.split(",")
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         doc, facts = document(tokenize, args.tokens, args.facts, seed)
-        for policy in ["full cache", *args.policies.split(",")]:
-            config = None if policy == "full cache" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=policy)
+        for policy in policies:
+            config = None if policy == "full" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=policy)
             cells = args.tokens + 1024 if config is None else config.cells
             llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), cells, 512),
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
@@ -103,9 +107,9 @@ def main() -> None:
             rows.append(r)
             llm.close()
     print(f"\n| policy | cells | facts kept (of {args.facts} per document) | documents |\n|---|---|---|---|")
-    for policy in ["full cache", *args.policies.split(",")]:
+    for policy in policies:
         sel = [r for r in rows if r["policy"] == policy]
-        print(f"| {policy} | {sel[0]['cells'] if policy == 'full cache' else args.kv_budget} "
+        print(f"| {policy} | {sel[0]['cells'] if policy == 'full' else args.kv_budget} "
               f"| {sum(r['kept'] for r in sel)}/{sum(r['n_facts'] for r in sel)} | {len(sel)} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
