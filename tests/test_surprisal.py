@@ -42,7 +42,14 @@ def test_token_nll_is_minus_log_softmax():
     x = rng.normal(size=(150, 40)).astype(np.float32) * 4
     t = rng.integers(0, 40, 150)
     want = np.log(np.exp(x.astype(np.float64)).sum(axis=1)) - x[np.arange(150), t]
-    np.testing.assert_allclose(token_nll(x, t), want, rtol=1e-9)
+    np.testing.assert_allclose(token_nll(x, t), want, rtol=1e-6)
+    # a vocabulary's worth of large logits: no overflow, and float64's answer within float32's rounding
+    x = rng.normal(size=(3, 151936)).astype(np.float32) * 30
+    t = rng.integers(0, 151936, 3)
+    x64 = x.astype(np.float64)
+    top = x64.max(axis=1)
+    want = top + np.log(np.exp(x64 - top[:, None]).sum(axis=1)) - x64[np.arange(3), t]
+    np.testing.assert_allclose(token_nll(x, t), want, rtol=1e-6)
 
 
 def test_a_word_begins_at_a_space_or_after_one():
