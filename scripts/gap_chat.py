@@ -9,7 +9,8 @@ question is how many each policy keeps at --kv-budget cells, about 1/13 of the d
 The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
 number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
 the greedy answer gives their own number (the first 7-digit number after the key's name). The policy `full` reads
-the same turns with no eviction (the control). Prints one JSON line per run and a table; -o writes every answer.
+the same turns with no eviction (the control). Prints one JSON line per run and a table; -o writes every answer, and
+what the cache holds of each fact's sentence when the facts are asked for.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import Optional
 
 import pyllmkv
-from pyllmkv import models
+from pyllmkv import debug, models
 from pyllmkv.bench import haystack
 from pyllmkv.chat import Chat, Sampler
 from pyllmkv.session import Session, context_size, sliding_window
@@ -60,7 +62,32 @@ def kept(answer: str, facts: dict) -> int:
     return n
 
 
-def converse(session: Session, doc: str, facts: dict) -> dict:
+def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> Optional[dict]:
+    """Each fact's sentence as the cache holds it when the facts are asked for: [token] held by every layer's KV heads,
+    {token} by some, _ by none (None for the full cache). Tells a fact evicted from one kept whose key and number the model no longer pairs."""
+    if session.config is None:
+        return None
+    model = pyllmkv.llama_cpp.llama_get_model(session.ctx)
+    n_layer, n_kv = pyllmkv.llama_cpp.llama_model_n_layer(model), pyllmkv.llama_cpp.llama_model_n_head_kv(model)
+    count: dict = {}
+    for il in range(n_layer):
+        for row in debug.head_positions(session.ctx, il, n_kv):
+            for p in set(row.tolist()):
+                count[p] = count.get(p, 0) + 1
+    out = {}
+    for key in facts:
+        run = tokenize(f" {key}")
+        at = next(i for i in range(len(history)) if history[i : i + len(run)] == run)
+        marks = []
+        for p in range(max(at - 6, 0), min(at + len(run) + 12, len(history))):
+            piece = detokenize([history[p]]).decode("utf-8", "replace").replace("\n", "\\n")
+            n = count.get(p, 0)
+            marks.append(f"[{piece}]" if n == n_layer * n_kv else f"{{{piece}}}" if n else "_")
+        out[key] = "".join(marks)
+    return out
+
+
+def converse(session: Session, doc: str, facts: dict, tokenize, detokenize) -> dict:
     chat = Chat(session, Sampler(temp=0))
     chat.reset()
     t0 = time.perf_counter()
@@ -71,6 +98,7 @@ def converse(session: Session, doc: str, facts: dict) -> dict:
     answer = turns[-1]
     stats = pyllmkv._lib.stats(session.ctx) if session.config is not None else {"n_evictions": 0, "n_seq_cells": len(chat.history)}
     return {"turns": turns, "kept": kept(answer, facts), "n_facts": len(facts),
+            "held": held(session, chat.history, facts, tokenize, detokenize),
             "tokens": len(chat.history), "evictions": stats["n_evictions"], "cells": stats["n_seq_cells"],
             "seconds": time.perf_counter() - t0}
 
@@ -101,7 +129,7 @@ def main() -> None:
             llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), cells, 512),
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
                                           n_threads_batch=args.threads, verbose=False)
-            r = converse(Session(llm, config), doc, facts)
+            r = converse(Session(llm, config), doc, facts, tokenize, vocab.detokenize)
             r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
             print(json.dumps(r), flush=True)
             rows.append(r)
