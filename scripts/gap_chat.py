@@ -8,7 +8,8 @@ question is how many each policy keeps at --kv-budget cells, about 1/13 of the d
 
 The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
 number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
-the greedy answer gives their own number (the first 7-digit number after the key's name). The policy `full` reads
+the greedy answer gives their own number (the first 7-digit number after the key's name, or in the key's place when
+the answer names every key before the numbers). The policy `full` reads
 the same turns with no eviction (the control). Prints one JSON line per run and a table; -o writes every answer, and
 what the cache holds of each fact's sentence when the facts are asked for.
 """
@@ -54,12 +55,15 @@ def document(tokenize, n_tokens: int, n_facts: int, seed: int) -> tuple[str, dic
 
 
 def kept(answer: str, facts: dict) -> int:
-    """How many keys the answer gives their own number: the first 7-digit number after the key's name."""
-    n = 0
-    for key, value in facts.items():
-        m = re.search(re.escape(key) + r"\D*?(\d{7})", answer, flags=re.I)
-        n += bool(m) and m.group(1) == value
-    return n
+    """How many keys the answer gives their own number: the first 7-digit number after the key's name, or, when the keys
+    are all named before the numbers ("A, B and C are 1, 2 and 3 respectively"), the number in the key's place."""
+    at = {k: m.start() for k in facts if (m := re.search(re.escape(k), answer, flags=re.I))}
+    numbers = [(m.start(), m.group()) for m in re.finditer(r"(?<!\d)\d{7}(?!\d)", answer)]
+    if len(at) > 1 and len(numbers) > 1 and max(at.values()) < numbers[0][0]:
+        given = dict(zip(sorted(at, key=at.get), (n for _, n in numbers)))
+    else:
+        given = {k: next((n for p, n in numbers if p > a), None) for k, a in at.items()}
+    return sum(given.get(k) == v for k, v in facts.items())
 
 
 def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> Optional[dict]:
