@@ -9,9 +9,9 @@ question is how many each policy keeps at --kv-budget cells, about 1/13 of the d
 The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
 number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
 the greedy answer gives their own number (the first 7-digit number after the key's name, or in the key's place when
-the answer names every key before the numbers). The policy `full` reads
-the same turns with no eviction (the control). Prints one JSON line per run and a table; -o writes every answer, and
-what the cache holds of each fact's sentence when the facts are asked for.
+the answer names every key before the numbers). The policy `full` reads the same turns with no eviction (the
+control). Prints one JSON line per run and a table; -o writes every answer, and what the cache holds of each fact's
+sentence when the facts are asked for.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def kept(answer: str, facts: dict) -> int:
 
 def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> Optional[dict]:
     """Each fact's sentence as the cache holds it when the facts are asked for: [token] held by every layer's KV heads,
-    {token} by some, _ by none (None for the full cache). Tells a fact evicted from one kept whose key and number the model no longer pairs."""
+    {token} by some, _ by none (None for the full cache). Tells a fact evicted from one held whose key and number the
+    model no longer pairs."""
     if session.config is None:
         return None
     model = pyllmkv.llama_cpp.llama_get_model(session.ctx)
