@@ -169,7 +169,7 @@ def test_perplexity_equals_numpy(results):
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         ppl = np.exp(-np.mean(np.log(p[np.arange(n - 1), tokens[1:]])))
-        assert r["ppl"] == pytest.approx(ppl, rel=1e-9)
+        assert r["ppl"] == pytest.approx(ppl, rel=1e-7)  # token_nll exponentiates in float32
 
 
 def test_stock_is_llama_cpp_unpatched_and_equal_without_eviction(results):
