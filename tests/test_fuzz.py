@@ -127,4 +127,9 @@ def test_random_call_orders_keep_the_cache_consistent(tiny_path, ops, seed):
         _consistent(llm, sess)
     event(f"evictions: {min(_lib.stats(llm)['n_evictions'], 3)}+")
     if _lib.stats(llm)["n_seq_cells"] < N_CTX:
-        assert np.isfinite(sess.decode([1])).all()
+        try:
+            assert np.isfinite(sess.decode([1])).all()
+        except KVEvictError as e:
+            # enabled with a policy that ranks by token scores under a Session built without one, which gives none:
+            # the eviction is refused by name (a Session built with the policy scores its tokens; tests/test_surprisal)
+            assert _lib.POLICY_INFO[sess.config.policy].token_scores and "set_token_scores" in str(e)
