@@ -85,7 +85,7 @@ static void rescale_scores(const policy & pol, int64_t n_layer_kv, int64_t n_kv,
     }
 }
 
-// score_sequence's work but the given share's guard
+// score_sequence's scoring, before its two policy rules: DefensiveKV's norms and the given share's guard
 static int32_t score_cells(llama_kv_evict_state & st, llama_seq_id seq_id, bool need_norms, bool commit, seq_scores & out,
         llama_pos probe_end) {
     const llama_model   & model   = st.lctx->get_model();
