@@ -10,8 +10,10 @@ The document is Debian's licence texts (the bench's text) cut to --tokens, with 
 number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
 the greedy answer gives their own number (the first 7-digit number after the key's name, or in the key's place when
 the answer names every key before the numbers). The policy `full` reads the same turns with no eviction (the
-control). Prints one JSON line per run and a table; -o writes every answer, and what the cache holds of each fact's
-sentence when the facts are asked for.
+control). The policy `oracle` is defensivekv-surprisal told the facts before the question: each fact's sentence is
+scored above every other token, so it is held whole in every head (what keeping the facts can give at this budget).
+Prints one JSON line per run and a table; -o writes every answer, and what the cache holds of each fact's sentence
+when the facts are asked for.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ import json
 import random
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 import pyllmkv
 from pyllmkv import debug, models
 from pyllmkv.bench import haystack
 from pyllmkv.chat import Chat, Sampler
 from pyllmkv.session import Session, context_size, sliding_window
+from pyllmkv.surprisal import WordSurprisal
 
 KEYS = ["lighthouse", "copper", "meadow", "harbor", "violin", "glacier", "lantern", "orchard", "falcon", "marble"]
 UNRELATED = "Unrelated question: what is a good name for a pet turtle? Answer in one line."
@@ -54,6 +60,31 @@ def document(tokenize, n_tokens: int, n_facts: int, seed: int) -> tuple[str, dic
     return "\n\n".join(body), facts
 
 
+class FactsFirst(WordSurprisal):
+    """Word surprisal, with the tokens of each fact's sentence (and the one after it, which holds the full stop)
+    scored above every other: the oracle, while the sentences fit in the policy's given share. A sentence split between
+    two batches is found whole with the second, while its first part is still among the window's cells, which every
+    eviction keeps."""
+
+    def __init__(self, llm, window: int, sentences: list):
+        super().__init__(llm, window)
+        self.sentences = sentences  # token runs
+        self.tokens: list = []
+        self.positions: list = []
+
+    def read(self, ctx, n_tokens: int, position: int, batch) -> np.ndarray:
+        surprisal = super().read(ctx, n_tokens, position, batch)
+        del self.tokens[n_tokens:], self.positions[n_tokens:]
+        self.tokens += list(batch)
+        self.positions += range(position, position + len(batch))
+        first = max(n_tokens - self.window - max(map(len, self.sentences)), 0)
+        facts = [p for run in self.sentences for i in range(first, len(self.tokens) - len(run) + 1)
+                 if self.tokens[i : i + len(run)] == run for p in self.positions[i : i + len(run) + 1]]
+        if facts:
+            pyllmkv._lib.set_token_scores(ctx, np.array(facts), np.full(len(facts), 1e9, dtype=np.float32), self.seq_id)
+        return surprisal
+
+
 def kept(answer: str, facts: dict) -> int:
     """How many keys the answer gives their own number: the first 7-digit number after the key's name, or, when the keys
     are all named before the numbers ("A, B and C are 1, 2 and 3 respectively"), the number in the key's place."""
@@ -66,19 +97,21 @@ def kept(answer: str, facts: dict) -> int:
     return sum(given.get(k) == v for k, v in facts.items())
 
 
+def holders(ctx) -> tuple[Counter, int]:
+    """How many KV heads, over all layers, hold each position; and how many there are."""
+    model = pyllmkv.llama_cpp.llama_get_model(ctx)
+    n_layer, n_kv = pyllmkv.llama_cpp.llama_model_n_layer(model), pyllmkv.llama_cpp.llama_model_n_head_kv(model)
+    count = Counter(p for il in range(n_layer) for row in debug.head_positions(ctx, il, n_kv) for p in set(row.tolist()))
+    return count, n_layer * n_kv
+
+
 def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> Optional[dict]:
     """Each fact's sentence as the cache holds it when the facts are asked for: [token] held by every layer's KV heads,
     {token} by some, _ by none (None for the full cache). Tells a fact evicted from one held whose key and number the
     model no longer pairs."""
     if session.config is None:
         return None
-    model = pyllmkv.llama_cpp.llama_get_model(session.ctx)
-    n_layer, n_kv = pyllmkv.llama_cpp.llama_model_n_layer(model), pyllmkv.llama_cpp.llama_model_n_head_kv(model)
-    count: dict = {}
-    for il in range(n_layer):
-        for row in debug.head_positions(session.ctx, il, n_kv):
-            for p in set(row.tolist()):
-                count[p] = count.get(p, 0) + 1
+    count, n_heads = holders(session.ctx)
     out = {}
     for key in facts:
         run = tokenize(f" {key}")
@@ -86,8 +119,7 @@ def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> 
         marks = []
         for p in range(max(at - 6, 0), min(at + len(run) + 12, len(history))):
             piece = detokenize([history[p]]).decode("utf-8", "replace").replace("\n", "\\n")
-            n = count.get(p, 0)
-            marks.append(f"[{piece}]" if n == n_layer * n_kv else f"{{{piece}}}" if n else "_")
+            marks.append(f"[{piece}]" if count[p] == n_heads else f"{{{piece}}}" if count[p] else "_")
         out[key] = "".join(marks)
     return out
 
@@ -115,7 +147,7 @@ def main() -> None:
     ap.add_argument("--kv-budget", type=int, default=1024, help="cells each policy keeps")
     ap.add_argument("--facts", type=int, default=6)
     ap.add_argument("--policies", default="full,defensivekv-layer,surprisal,defensivekv-surprisal",
-                    help="full: the whole conversation cached, no eviction (the control)")
+                    help="full: the whole conversation cached, no eviction (the control); oracle: the facts first")
     ap.add_argument("--seeds", type=int, default=1, help="documents (start and facts drawn from seeds --first-seed..)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -129,12 +161,17 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         doc, facts = document(tokenize, args.tokens, args.facts, seed)
         for policy in policies:
-            config = None if policy == "full" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=policy)
+            base = "defensivekv-surprisal" if policy == "oracle" else policy
+            config = None if policy == "full" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=base)
             cells = args.tokens + 1024 if config is None else config.cells
             llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), cells, 512),
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
                                           n_threads_batch=args.threads, verbose=False)
-            r = converse(Session(llm, config), doc, facts, tokenize, vocab.detokenize)
+            session = Session(llm, config)
+            if policy == "oracle":
+                session._surprisal = FactsFirst(llm, config.window, [tokenize(f"The special magic number for {k} is {v}")
+                                                                     for k, v in facts.items()])
+            r = converse(session, doc, facts, tokenize, vocab.detokenize)
             r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
             print(json.dumps(r), flush=True)
             rows.append(r)
