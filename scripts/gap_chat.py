@@ -37,6 +37,7 @@ from pyllmkv.session import Session, context_size, sliding_window
 from pyllmkv.surprisal import WordSurprisal
 
 KEYS = ["lighthouse", "copper", "meadow", "harbor", "violin", "glacier", "lantern", "orchard", "falcon", "marble"]
+FACT = "The special magic number for {key} is {value}"  # a full stop ends it in the document
 UNRELATED = "Unrelated question: what is a good name for a pet turtle? Answer in one line."
 ASK = "Now back to the document. What are the special magic numbers it gives for {keys}? List each key with its number."
 
@@ -56,7 +57,7 @@ def document(tokenize, n_tokens: int, n_facts: int, seed: int) -> tuple[str, dic
             break
     at = [round((i + 1) * len(body) / (n_facts + 1)) for i in range(n_facts)]
     for i, (key, value) in reversed(list(zip(at, facts.items()))):
-        body.insert(i, f"The special magic number for {key} is {value}.")
+        body.insert(i, FACT.format(key=key, value=value) + ".")
     return "\n\n".join(body), facts
 
 
@@ -101,7 +102,8 @@ def holders(ctx) -> tuple[Counter, int]:
     """How many KV heads, over all layers, hold each position; and how many there are."""
     model = pyllmkv.llama_cpp.llama_get_model(ctx)
     n_layer, n_kv = pyllmkv.llama_cpp.llama_model_n_layer(model), pyllmkv.llama_cpp.llama_model_n_head_kv(model)
-    count = Counter(p for il in range(n_layer) for row in debug.head_positions(ctx, il, n_kv) for p in set(row.tolist()))
+    rows = (row for il in range(n_layer) for row in debug.head_positions(ctx, il, n_kv))
+    count = Counter(p for row in rows for p in set(row.tolist()))
     return count, n_layer * n_kv
 
 
@@ -169,8 +171,8 @@ def main() -> None:
                                           n_threads_batch=args.threads, verbose=False)
             session = Session(llm, config)
             if policy == "oracle":
-                session._surprisal = FactsFirst(llm, config.window, [tokenize(f"The special magic number for {k} is {v}")
-                                                                     for k, v in facts.items()])
+                sentences = [tokenize(FACT.format(key=k, value=v)) for k, v in facts.items()]
+                session._surprisal = FactsFirst(llm, config.window, sentences)
             r = converse(session, doc, facts, tokenize, vocab.detokenize)
             r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
             print(json.dumps(r), flush=True)

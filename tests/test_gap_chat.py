@@ -2,7 +2,7 @@
 (each fact's sentence held whole in every head), read from the cache itself."""
 
 import pyllmkv
-from gap_chat import FactsFirst, document, holders, kept
+from gap_chat import FACT, FactsFirst, document, holders, kept
 from pyllmkv.chat import Chat, Sampler
 from pyllmkv.session import Session
 
@@ -32,7 +32,7 @@ def test_the_oracle_holds_every_fact_sentence_whole_where_the_default_does_not(s
     vocab = pyllmkv.llama_cpp.Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
     tokenize = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
     doc, facts = document(tokenize, 2000, 3, seed=0)
-    sentences = [tokenize(f"The special magic number for {k} is {v}") for k, v in facts.items()]
+    sentences = [tokenize(FACT.format(key=k, value=v)) for k, v in facts.items()]
     whole = {}
     for oracle in (False, True):
         config = pyllmkv.EvictConfig.for_cells(256, policy="defensivekv-surprisal")
