@@ -9,6 +9,7 @@
 #include "llama-kv-cache.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace kv_evict {
@@ -32,6 +33,18 @@ int32_t given_row(llama_kv_evict_state & st, llama_seq_id seq_id, const seq_scor
                              "llama_kv_evict_set_token_scores for every token decoded (pyllmkv's Session does)");
         } else {
             row[i] = it->second;
+        }
+    }
+    // max-pooled over the tokens within pool_kernel / 2 positions: a fact's key and number raise the words that join
+    // them, which a question needs to pair them
+    const llama_pos half = st.params.pool_kernel / 2;
+    const std::vector<float> own(row.begin(), row.end());
+    for (int64_t i = n_sink, lo = n_sink; i < n_prefix; ++i) {
+        while (out.pos[lo] < out.pos[i] - half) {
+            ++lo;
+        }
+        for (int64_t j = lo; j < n_prefix && out.pos[j] <= out.pos[i] + half; ++j) {
+            row[i] = std::max(row[i], own[j]);
         }
     }
     // only the positions still held keep a score, so those evicted do not pile up over a long chat

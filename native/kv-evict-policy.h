@@ -18,8 +18,9 @@ enum class scorer : int32_t {
     window_max,  // the maximum over the window's queries of their pooled rows, floored at the head's mean, and the
                  // cells holding 0.9 of the mean attention protected (DefensiveKV)
     key_norm,    // minus the key's L2 norm: keys of small norm draw attention, whatever the query (KNorm)
-    given,       // the caller's score of the cell's token (llama_kv_evict_set_token_scores), in every layer and head:
-                 // pyllmkv's surprisal, which needs the logits of every token read and so lives where they are
+    given,       // the caller's score of the cell's token (llama_kv_evict_set_token_scores), in every layer and head, the
+                 // largest within pool_kernel / 2 positions: pyllmkv's surprisal, which needs the logits of every token
+                 // read and so lives where they are
 };
 
 // What reweighs the attention score by the cell's projected value |V_i W_O^h|_1

@@ -71,8 +71,8 @@ def _decode(ctx, batch, tokens, pos0):
 def test_the_hook_keeps_the_sinks_the_window_and_the_best_given_scores(llama_cpp, tiny_path):
     llm = _llm(llama_cpp, tiny_path, 128)
     ctx, n_kv = llm._ctx.ctx, _n_head_kv(llm)
-    # head granularity asked for: every head ranks alike, so whole tokens go
-    config = EvictConfig(budget=40, window=8, policy="surprisal", granularity="head")
+    # head granularity asked for: every head ranks alike, so whole tokens go; unpooled (pooling: the test below)
+    config = EvictConfig(budget=40, window=8, pool_kernel=1, policy="surprisal", granularity="head")
     _lib.enable(ctx, config)
     batch = llama_cpp.llama_batch_init(32, 0, 1)
     rng = np.random.default_rng(1)
@@ -112,6 +112,43 @@ def test_the_hook_keeps_the_sinks_the_window_and_the_best_given_scores(llama_cpp
     llama_cpp.llama_batch_free(batch)
 
 
+def max_pool_by_position(given: np.ndarray, pos: np.ndarray, n_sink: int, kernel: int) -> np.ndarray:
+    """Each held token's score: the largest given to a held token within kernel // 2 positions, the sinks at +inf."""
+    pos = np.asarray(pos)
+    out = np.array([given[pos[(np.abs(pos - p) <= kernel // 2) & (np.arange(len(pos)) >= n_sink)]].max(initial=-np.inf)
+                    for p in pos])
+    out[:n_sink] = np.inf
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("kernel", [5, 13])
+def test_given_scores_are_max_pooled_over_the_positions_near_each_cell(llama_cpp, tiny_path, kernel):
+    """A key and its number score high and the words joining them low: pooling keeps the sentence whole. Neighbours are
+    by position, so a cell beside an evicted gap does not take the score of a token far away."""
+    llm = _llm(llama_cpp, tiny_path, 160)
+    ctx, n_kv = llm._ctx.ctx, _n_head_kv(llm)
+    _lib.enable(ctx, EvictConfig(budget=48, window=8, pool_kernel=kernel, policy="surprisal"))
+    batch = llama_cpp.llama_batch_init(32, 0, 1)
+    rng = np.random.default_rng(7)
+    given = rng.normal(size=128).astype(np.float32)
+    for start in range(0, 80, 32):
+        _decode(ctx, batch, [int(t) for t in rng.integers(3, 250, min(32, 80 - start))], start)
+    _lib.set_token_scores(ctx, np.arange(80), given[:80])
+    pos, score, _ = _lib.scores(ctx, 0, n_kv, value_norms=False)
+    np.testing.assert_array_equal(score, np.broadcast_to(max_pool_by_position(given, pos, 4, kernel), score.shape))
+
+    assert _lib.evict(ctx) == 80 - 48
+    kept = _lib.positions(ctx)
+    assert not np.array_equal(kept, np.arange(48))  # gaps to pool across
+    for start in range(80, 128, 32):
+        _decode(ctx, batch, [int(t) for t in rng.integers(3, 250, min(32, 128 - start))], start)
+    _lib.set_token_scores(ctx, np.arange(80, 128), given[80:])
+    pos, score, _ = _lib.scores(ctx, 0, n_kv, value_norms=False)
+    assert pos.tolist() == [*kept.tolist(), *range(80, 120)]
+    np.testing.assert_array_equal(score, np.broadcast_to(max_pool_by_position(given, pos, 4, kernel), score.shape))
+    llama_cpp.llama_batch_free(batch)
+
+
 def test_defensivekv_surprisal_keeps_the_best_given_half_then_defensivekvs_choice(llama_cpp, tiny_path):
     """Against defensivekv on the same tokens: the same scores but for the top half of the budget by the given scores
     (the sinks among them) at +inf in every layer and head; whole tokens evicted, by the mean over heads."""
@@ -123,7 +160,7 @@ def test_defensivekv_surprisal_keeps_the_best_given_half_then_defensivekvs_choic
     for policy in ("defensivekv-surprisal", "defensivekv"):
         llm = _llm(llama_cpp, tiny_path, 128)
         ctx = llm._ctx.ctx
-        _lib.enable(ctx, EvictConfig(budget=budget, window=window, policy=policy, granularity="head"))
+        _lib.enable(ctx, EvictConfig(budget=budget, window=window, pool_kernel=1, policy=policy, granularity="head"))
         batch = llama_cpp.llama_batch_init(32, 0, 1)
         for start in range(0, n, 32):
             _decode(ctx, batch, tokens[start:start + 32], start)
@@ -176,7 +213,8 @@ def test_a_session_scores_each_word_by_its_summed_surprisal(llama_cpp, tiny_path
     llm = _llm(llama_cpp, tiny_path, cells + n_batch, n_batch)
     tokens = llm.tokenize(_words_text(2, 60), add_bos=False)
     assert len(tokens) > 5 * n_batch
-    session = Session(llm, EvictConfig(budget=cells, window=window, policy="surprisal"))
+    # unpooled: the hook's scores are then the words' sums (pooling: test_given_scores_are_max_pooled_...)
+    session = Session(llm, EvictConfig(budget=cells, window=window, pool_kernel=1, policy="surprisal"))
     assert not session.config.prompt_tail or session._tail.queries(session.ctx, session.config, tokens, 0, n_batch) is None
 
     surprisal = []

@@ -67,7 +67,7 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("--window", type=click.IntRange(min=1), default=None,
               help="observation window of every pyllmkv job: recent queries that score the cache [default: 32, 8 with --tiny]")
 @click.option("--pool-kernel", type=int, callback=o.odd, default=None,
-              help=f"pooling kernel of the window scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
+              help=f"pooling kernel of the window's and surprisal's scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)

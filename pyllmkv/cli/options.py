@@ -66,8 +66,9 @@ prompt_tail_option = click.option(
 
 pool_kernel_option = click.option(
     "--pool-kernel", type=int, callback=odd, default=EvictConfig.pool_kernel, show_default=True,
-    help="cells the window's scores are averaged over (odd; 1: no pooling): a cell the window attends to keeps its "
-         "neighbours, so a span it retrieves stays whole")
+    help="cells the window's scores are averaged over, and positions surprisal's scores are max-pooled over (odd; 1: "
+         "no pooling): a cell the window attends to, or a word read with surprise, keeps its neighbours, so a span "
+         "stays whole")
 
 
 def option_group(opts):
