@@ -86,6 +86,18 @@ class FactsFirst(WordSurprisal):
         return surprisal
 
 
+def oracle(session: Session, facts: dict, tokenize) -> Session:
+    """session, its surprisal reader replaced by FactsFirst over the facts' sentences (the policy `oracle`)."""
+    sentences = [tokenize(FACT.format(key=k, value=v)) for k, v in facts.items()]
+    session._surprisal = FactsFirst(session.llm, session.config.window, sentences)
+    return session
+
+
+def find(history: list, run: list) -> int:
+    """Where the token run first occurs in history."""
+    return next(i for i in range(len(history)) if history[i : i + len(run)] == run)
+
+
 def kept(answer: str, facts: dict) -> int:
     """How many keys the answer gives their own number: the first 7-digit number after the key's name, or, when the keys
     are all named before the numbers ("A, B and C are 1, 2 and 3 respectively"), the number in the key's place."""
@@ -117,7 +129,7 @@ def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> 
     out = {}
     for key in facts:
         run = tokenize(f" {key}")
-        at = next(i for i in range(len(history)) if history[i : i + len(run)] == run)
+        at = find(history, run)
         marks = []
         for p in range(max(at - 6, 0), min(at + len(run) + 12, len(history))):
             piece = detokenize([history[p]]).decode("utf-8", "replace").replace("\n", "\\n")
@@ -169,10 +181,7 @@ def main() -> None:
             llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), cells, 512),
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
                                           n_threads_batch=args.threads, verbose=False)
-            session = Session(llm, config)
-            if policy == "oracle":
-                sentences = [tokenize(FACT.format(key=k, value=v)) for k, v in facts.items()]
-                session._surprisal = FactsFirst(llm, config.window, sentences)
+            session = oracle(Session(llm, config), facts, tokenize) if policy == "oracle" else Session(llm, config)
             r = converse(session, doc, facts, tokenize, vocab.detokenize)
             r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
             print(json.dumps(r), flush=True)

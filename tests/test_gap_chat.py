@@ -2,7 +2,7 @@
 (each fact's sentence held whole in every head), read from the cache itself."""
 
 import pyllmkv
-from gap_chat import FACT, FactsFirst, document, holders, kept
+from gap_chat import FACT, document, find, holders, kept, oracle
 from pyllmkv.chat import Chat, Sampler
 from pyllmkv.session import Session
 
@@ -23,29 +23,22 @@ def test_a_list_of_keys_then_numbers_pairs_them_in_order():
     assert kept("I do not know.", FACTS) == 0
 
 
-def sentence_positions(history: list, run: list) -> range:
-    at = next(i for i in range(len(history)) if history[i : i + len(run)] == run)
-    return range(at, at + len(run))
-
-
 def test_the_oracle_holds_every_fact_sentence_whole_where_the_default_does_not(smollm2_path):
     vocab = pyllmkv.llama_cpp.Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
     tokenize = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
     doc, facts = document(tokenize, 2000, 3, seed=0)
     sentences = [tokenize(FACT.format(key=k, value=v)) for k, v in facts.items()]
     whole = {}
-    for oracle in (False, True):
+    for told in (False, True):
         config = pyllmkv.EvictConfig.for_cells(256, policy="defensivekv-surprisal")
         llm = pyllmkv.llama_cpp.Llama(model_path=smollm2_path, n_ctx=config.cells + 512, n_batch=256, n_ubatch=256,
                                       verbose=False)
-        session = Session(llm, config)
-        if oracle:
-            session._surprisal = FactsFirst(llm, config.window, sentences)
+        session = oracle(Session(llm, config), facts, tokenize) if told else Session(llm, config)
         chat = Chat(session, Sampler(temp=0))
         "".join(chat.send(f"Read this document.\n\n{doc}", max_tokens=1))
         assert pyllmkv._lib.stats(session.ctx)["n_evictions"] > 0
         count, n_heads = holders(session.ctx)
-        whole[oracle] = [all(count[p] == n_heads for p in sentence_positions(chat.history, run)) for run in sentences]
+        whole[told] = [all(count[find(chat.history, run) + i] == n_heads for i in range(len(run))) for run in sentences]
         llm.close()
     assert whole[True] == [True] * len(sentences)
     assert not all(whole[False])  # what the oracle adds: the default, at 256 cells, drops words of some sentence
