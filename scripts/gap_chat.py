@@ -5,6 +5,7 @@ question is how many each policy keeps at --kv-budget cells, about 1/13 of the d
   python scripts/gap_chat.py [--model qwen2.5-coder-1.5b] [--tokens 13000] [--kv-budget 1024] [--facts 6]
                              [--policies full,defensivekv-layer,surprisal,defensivekv-surprisal] [--seeds 1]
                              [--first-seed 0] [-o OUT.json]
+  python scripts/gap_chat.py --from OUT.json [OUT2.json ...]
 
 The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
 number for KEY is N." (N of 7 digits) at even depths; the third turn names every key and is scored by how many keys
@@ -13,7 +14,8 @@ the answer names every key before the numbers). The policy `full` reads the same
 control). The policy `oracle` is defensivekv-surprisal told the facts before the question: each fact's sentence is
 scored above every other token, so it is held whole in every head (what keeping the facts can give at this budget).
 Prints one JSON line per run and a table; -o writes every answer, and what the cache holds of each fact's sentence
-when the facts are asked for.
+when the facts are asked for; --from prints the table of such files. The table tells the keys lost with their sentence
+evicted in part from those lost with it held whole in every head: what the model read differently.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -98,16 +99,16 @@ def find(history: list, run: list) -> int:
     return next(i for i in range(len(history)) if history[i : i + len(run)] == run)
 
 
-def kept(answer: str, facts: dict) -> int:
-    """How many keys the answer gives their own number: the first 7-digit number after the key's name, or, when the keys
-    are all named before the numbers ("A, B and C are 1, 2 and 3 respectively"), the number in the key's place."""
+def paired(answer: str, facts: dict) -> list:
+    """The keys the answer gives their own number: the first 7-digit number after the key's name, or, when the keys are
+    all named before the numbers ("A, B and C are 1, 2 and 3 respectively"), the number in the key's place."""
     at = {k: m.start() for k in facts if (m := re.search(re.escape(k), answer, flags=re.I))}
     numbers = [(m.start(), m.group()) for m in re.finditer(r"(?<!\d)\d{7}(?!\d)", answer)]
     if len(at) > 1 and len(numbers) > 1 and max(at.values()) < numbers[0][0]:
         given = dict(zip(sorted(at, key=at.get), (n for _, n in numbers)))
     else:
         given = {k: next((n for p, n in numbers if p > a), None) for k, a in at.items()}
-    return sum(given.get(k) == v for k, v in facts.items())
+    return [k for k, v in facts.items() if given.get(k) == v]
 
 
 def holders(ctx) -> tuple[Counter, int]:
@@ -119,13 +120,9 @@ def holders(ctx) -> tuple[Counter, int]:
     return count, n_layer * n_kv
 
 
-def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> Optional[dict]:
-    """Each fact's sentence as the cache holds it when the facts are asked for: [token] held by every layer's KV heads,
-    {token} by some, _ by none (None for the full cache). Tells a fact evicted from one held whose key and number the
-    model no longer pairs."""
-    if session.config is None:
-        return None
-    count, n_heads = holders(session.ctx)
+def held(count: Counter, n_heads: int, history: list, facts: dict, tokenize, detokenize) -> dict:
+    """Each fact's sentence as the cache holds it (count, n_heads: holders()): [token] held by every layer's KV heads,
+    {token} by some, _ by none. Tells a fact evicted from one held whose key and number the model no longer pairs."""
     out = {}
     for key in facts:
         run = tokenize(f" {key}")
@@ -138,6 +135,16 @@ def held(session: Session, history: list, facts: dict, tokenize, detokenize) -> 
     return out
 
 
+def whole(count: Counter, n_heads: int, history: list, facts: dict, tokenize) -> dict:
+    """Whether each fact's sentence, and the token after it (its full stop), is held by every layer's KV heads."""
+    out = {}
+    for key, value in facts.items():
+        run = tokenize(FACT.format(key=key, value=value))
+        at = find(history, run)
+        out[key] = all(count[p] == n_heads for p in range(at, at + len(run) + 1))
+    return out
+
+
 def converse(session: Session, doc: str, facts: dict, tokenize, detokenize) -> dict:
     chat = Chat(session, Sampler(temp=0))
     chat.reset()
@@ -146,12 +153,36 @@ def converse(session: Session, doc: str, facts: dict, tokenize, detokenize) -> d
     for text, max_tokens in ((f"Read this document.\n\n{doc}", 48), (UNRELATED, 48),
                              (ASK.format(keys=", ".join(facts)), 160)):
         turns.append("".join(chat.send(text, max_tokens=max_tokens)))
-    answer = turns[-1]
-    stats = pyllmkv._lib.stats(session.ctx) if session.config is not None else {"n_evictions": 0, "n_seq_cells": len(chat.history)}
-    return {"turns": turns, "kept": kept(answer, facts), "n_facts": len(facts),
-            "held": held(session, chat.history, facts, tokenize, detokenize),
-            "tokens": len(chat.history), "evictions": stats["n_evictions"], "cells": stats["n_seq_cells"],
-            "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    row = {"turns": turns, "paired": paired(turns[-1], facts), "n_facts": len(facts),
+           "tokens": len(chat.history), "seconds": seconds}
+    if session.config is None:
+        return dict(row, held=None, evictions=0, cells=len(chat.history))
+    count, n_heads = holders(session.ctx)
+    stats = pyllmkv._lib.stats(session.ctx)
+    return dict(row, held=held(count, n_heads, chat.history, facts, tokenize, detokenize),
+                whole=whole(count, n_heads, chat.history, facts, tokenize), evictions=stats["n_evictions"],
+                cells=stats["n_seq_cells"])
+
+
+def table(rows: list) -> str:
+    """Per policy: keys paired, fact sentences held whole, and the keys lost although their sentence was held whole
+    (what the model read differently, not what the cache evicted); '-' where a run predates the whole-sentence count."""
+    lines = ["| policy | cells | documents | keys given their own number | fact sentences held whole "
+             "| keys lost with their sentence held whole |", "|---|---|---|---|---|---|"]
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        sel = [r for r in rows if r["policy"] == policy]
+        n_facts = sum(len(r["facts"]) for r in sel)
+        keys = [set(paired(r["turns"][-1], r["facts"])) for r in sel]
+        wholes = [r.get("whole") or (dict.fromkeys(r["facts"], True) if policy == "full" else None) for r in sel]
+        if None not in wholes:
+            sentences = f"{sum(sum(w.values()) for w in wholes)}/{n_facts}"
+            lost = str(sum(w and k not in p for ws, p in zip(wholes, keys) for k, w in ws.items()))
+        else:
+            sentences = lost = "-"
+        cells = sel[0]["cells"] if policy == "full" else sel[0]["kv_budget"]
+        lines.append(f"| {policy} | {cells} | {len(sel)} | {sum(map(len, keys))}/{n_facts} | {sentences} | {lost} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -166,7 +197,11 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=None)
+    ap.add_argument("--from", dest="runs", type=Path, nargs="+", help="print the table of these -o files instead of running")
     args = ap.parse_args()
+    if args.runs:
+        print(table([r for f in args.runs for r in json.loads(f.read_text())]))
+        return
     path = str(models.MODELS[args.model].path()) if args.model in models.MODELS else args.model
     vocab = pyllmkv.llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
     tokenize = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
@@ -187,11 +222,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             rows.append(r)
             llm.close()
-    print(f"\n| policy | cells | facts kept (of {args.facts} per document) | documents |\n|---|---|---|---|")
-    for policy in policies:
-        sel = [r for r in rows if r["policy"] == policy]
-        print(f"| {policy} | {sel[0]['cells'] if policy == 'full' else args.kv_budget} "
-              f"| {sum(r['kept'] for r in sel)}/{sum(r['n_facts'] for r in sel)} | {len(sel)} |")
+    print(table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 
