@@ -50,12 +50,13 @@ class Llama(llama_cpp.Llama):
     ):
         """Loads `model_path` like `llama_cpp.Llama`, with eviction. `kv_budget`: most cells kept per sequence (the
         memory bound); `policy`: one of pyllmkv.POLICIES (the default, pyllmkv.DEFAULT_POLICY, and surprisal compute the
-        logits of every token decoded, which score them: pyllmkv.surprisal); `granularity`: "head" (each KV head keeps its own cells) or
-        "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the window's scores
-        are averaged over, and positions surprisal's are max-pooled over (odd; 1: none); `prompt_tail`: a prompt
-        longer than the cache is evicted with the queries of its last `window` tokens (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each
-        eviction is scored by a request to repeat the text read since the last one (pyllmkv.session.RepeatProbe; an
-        experiment, docs/results.md), at the cost of decoding the text twice; `n_ctx`: logical
+        logits of every token decoded, which score them: pyllmkv.surprisal); `granularity`: "head" (each KV head keeps
+        its own cells) or "token"; `window`: recent queries that score the cache (always kept); `pool_kernel`: cells the
+        window's scores are averaged over, and positions surprisal's are max-pooled over (odd; 1: none); `prompt_tail`:
+        a prompt longer than the cache is evicted with the queries of its last `window` tokens
+        (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each eviction is scored by
+        a request to repeat the text read since the last one (pyllmkv.session.RepeatProbe; an experiment,
+        docs/results.md), at the cost of decoding the text twice; `n_ctx`: logical
         context (0: the model's training context; may exceed it); `rpc_servers`: "HOST:PORT,..." of ggml-rpc-servers
         that the n_gpu_layers layers are split across (pyllmkv.rpc; llama-cpp-python 0.3.36 takes the argument and
         ignores it). Other arguments go to `llama_cpp.Llama`.

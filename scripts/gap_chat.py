@@ -197,7 +197,8 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=None)
-    ap.add_argument("--from", dest="runs", type=Path, nargs="+", help="print the table of these -o files instead of running")
+    ap.add_argument("--from", dest="runs", type=Path, nargs="+",
+                    help="print the table of these -o files instead of running")
     args = ap.parse_args()
     if args.runs:
         print(table([r for f in args.runs for r in json.loads(f.read_text())]))
