@@ -4,7 +4,7 @@ question is how many each policy keeps at --kv-budget cells, about 1/13 of the d
 
   python scripts/gap_chat.py [--model qwen2.5-coder-1.5b] [--tokens 13000] [--kv-budget 1024] [--facts 6]
                              [--policies full,defensivekv-layer,surprisal,defensivekv-surprisal] [--seeds 1]
-                             [--first-seed 0] [-o OUT.json]
+                             [--first-seed 0] [--renumber] [-o OUT.json]
   python scripts/gap_chat.py --from OUT.json [OUT2.json ...]
 
 The document is Debian's licence texts (the bench's text) cut to --tokens, with --facts sentences "The special magic
@@ -145,24 +145,32 @@ def whole(count: Counter, n_heads: int, history: list, facts: dict, tokenize) ->
     return out
 
 
-def converse(session: Session, doc: str, facts: dict, tokenize, detokenize) -> dict:
+def converse(session: Session, doc: str, facts: dict, tokenize, detokenize, renumber: bool = False) -> dict:
+    """The three turns; with `renumber`, the kept cells are renumbered from 0 before the facts are asked for, and what
+    the cache holds of each fact is read then (positions no longer say which token a cell holds after it)."""
     chat = Chat(session, Sampler(temp=0))
     chat.reset()
     t0 = time.perf_counter()
     turns = []
     for text, max_tokens in ((f"Read this document.\n\n{doc}", 48), (UNRELATED, 48),
                              (ASK.format(keys=", ".join(facts)), 160)):
+        if renumber and len(turns) == 2:
+            count, n_heads = holders(session.ctx)
+            history = list(chat.history)
+            session.n_past = pyllmkv._lib.compact_positions(session.ctx)
         turns.append("".join(chat.send(text, max_tokens=max_tokens)))
     seconds = time.perf_counter() - t0
     row = {"turns": turns, "paired": paired(turns[-1], facts), "n_facts": len(facts),
            "tokens": len(chat.history), "seconds": seconds}
     if session.config is None:
         return dict(row, held=None, evictions=0, cells=len(chat.history))
-    count, n_heads = holders(session.ctx)
+    if not renumber:
+        count, n_heads = holders(session.ctx)
+        history = chat.history
     stats = pyllmkv._lib.stats(session.ctx)
-    return dict(row, held=held(count, n_heads, chat.history, facts, tokenize, detokenize),
-                whole=whole(count, n_heads, chat.history, facts, tokenize), evictions=stats["n_evictions"],
-                cells=stats["n_seq_cells"])
+    return dict(row, held=held(count, n_heads, history, facts, tokenize, detokenize),
+                whole=whole(count, n_heads, history, facts, tokenize), evictions=stats["n_evictions"],
+                cells=stats["n_seq_cells"], renumbered=renumber)
 
 
 def table(rows: list) -> str:
@@ -195,6 +203,8 @@ def main() -> None:
                     help="full: the whole conversation cached, no eviction (the control); oracle: the facts first")
     ap.add_argument("--seeds", type=int, default=1, help="documents (start and facts drawn from seeds --first-seed..)")
     ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--renumber", action="store_true",
+                    help="renumber the kept cells from 0 before the facts are asked for (llama.cpp shifts RoPE in K)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=None)
     ap.add_argument("--from", dest="runs", type=Path, nargs="+",
@@ -218,7 +228,7 @@ def main() -> None:
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
                                           n_threads_batch=args.threads, verbose=False)
             session = oracle(Session(llm, config), facts, tokenize) if policy == "oracle" else Session(llm, config)
-            r = converse(session, doc, facts, tokenize, vocab.detokenize)
+            r = converse(session, doc, facts, tokenize, vocab.detokenize, args.renumber and config is not None)
             r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
             print(json.dumps(r), flush=True)
             rows.append(r)
