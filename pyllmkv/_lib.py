@@ -247,6 +247,9 @@ class EvictConfig:
     # each eviction is scored by a request to repeat the text read since the last one (session.RepeatProbe), not by
     # the window's queries; the prompt tail then goes unused
     repeat_probe: bool = False
+    # a prompt (or token) decoded after an eviction reads the kept cells renumbered from 0 (session.make_room), as
+    # consecutive text, not across the positions the evicted text left empty
+    renumber: bool = False
 
     def __post_init__(self):
         if self.repeat_probe and self.token_scores:

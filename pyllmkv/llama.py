@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _lib, rpc
 from ._lib import DEFAULT_POLICY, EvictConfig, llama_cpp
-from .session import Positions, PromptTail, RepeatProbe, context_size, decode_in_batches, sliding_window
+from .session import Positions, PromptTail, RepeatProbe, check_renumber, context_size, decode_in_batches, sliding_window
 from .surprisal import WordSurprisal
 
 
@@ -43,6 +43,7 @@ class Llama(llama_cpp.Llama):
         pool_kernel: int = EvictConfig.pool_kernel,
         prompt_tail: bool = True,
         repeat_probe: bool = False,
+        renumber: bool = False,
         n_ctx: int = 0,
         n_batch: int = 512,
         rpc_servers: Optional[str] = None,
@@ -67,7 +68,7 @@ class Llama(llama_cpp.Llama):
         # unknown policy or granularity, too small a budget: fail before loading the model
         self.evict_config = EvictConfig.for_cells(kv_budget, policy=policy, granularity=granularity, window=window,
                                                   pool_kernel=pool_kernel, prompt_tail=prompt_tail,
-                                                  repeat_probe=repeat_probe)
+                                                  repeat_probe=repeat_probe, renumber=renumber)
         self.kv_budget = kv_budget
         if rpc_servers:
             rpc.add_servers(rpc_servers)
@@ -88,6 +89,7 @@ class Llama(llama_cpp.Llama):
                 f"pyllmkv.Llama cannot bound the memory of architecture {arch}: a recurrent or hybrid model keeps a "
                 "recurrent state, which the hook cannot evict; use llama_cpp.Llama (pyllmkv.llama_cpp.Llama), which "
                 "has no kv_budget")) from e
+        check_renumber(self._ctx.ctx, self.evict_config)
         self._tail = PromptTail(self)
         self._probe = RepeatProbe(self, window) if repeat_probe else None
         self._positions = positions = Positions(self._ctx.ctx, self._model.n_ctx_train())

@@ -33,6 +33,9 @@ class Sequences:
         if config is not None and config.repeat_probe:
             raise ValueError("repeat_probe decodes its probe after one sequence (Session, pyllmkv.Llama): Sequences "
                              "evicts several with their windows' queries; pass a config without it")
+        if config is not None and config.renumber:
+            raise ValueError("renumber is for one sequence (Session, pyllmkv.Llama): Sequences keeps each sequence's "
+                             "positions until they would pass the training context; pass a config without it")
         self.config, self.n_seq = config, n_seq
         self.n_batch = n_batch or llm.n_batch
         self.n_vocab = llm.n_vocab()

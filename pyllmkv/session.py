@@ -148,9 +148,27 @@ class Positions:
         if queries:
             _lib.set_window_queries(self.ctx, queries, seq_id)
         _lib.evict(self.ctx, seq_id)
-        self.shift = n_tokens - _lib.compact_positions(self.ctx, seq_id)
-        self._renumbered_at = _lib.stats(self.ctx, seq_id)["n_evictions"]
+        self._renumber(n_tokens)
         return True
+
+    def close_gaps(self, n_tokens: int) -> bool:
+        """Renumbers the kept cells from 0 if an eviction came since the last renumbering (EvictConfig.renumber);
+        returns whether it did."""
+        if _lib.stats(self.ctx, self.seq_id)["n_evictions"] in (0, self._renumbered_at):
+            return False
+        self._renumber(n_tokens)
+        return True
+
+    def _renumber(self, n_tokens: int) -> None:
+        self.shift = n_tokens - _lib.compact_positions(self.ctx, self.seq_id)
+        self._renumbered_at = _lib.stats(self.ctx, self.seq_id)["n_evictions"]
+
+
+def check_renumber(ctx, config: EvictConfig) -> None:
+    """Refuses config.renumber where the cache cannot shift positions (no RoPE shift in K): it could never renumber."""
+    if config.renumber and not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(ctx)):
+        raise ValueError("renumber shifts the kept cells' positions, and this model's cache cannot shift them (no RoPE "
+                         "shift): leave renumber off")
 
 
 def will_evict(ctx, cells: int, n_batch: int, n_new: int, seq_id: int = 0) -> bool:
@@ -181,7 +199,8 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
     server): `tokens` follow the n_tokens seen, in batches of n_batch; before each, the sequence is evicted to fit
     (scored by the probe, or the prompt tail's queries when it has them) and renumbered if it would pass the
     positions' maximum; `decode(start, batch)` then decodes tokens[start:start + len(batch)] at
-    positions.of(n_tokens + start)."""
+    positions.of(n_tokens + start). With config.renumber, the first batch reads the kept cells renumbered from 0 if an
+    eviction left gaps since the last renumbering."""
     queries = tail.queries(ctx, config, tokens, positions.of(n_tokens), n_batch, positions.seq_id)
     if probe is not None:
         probe.follow(n_tokens)
@@ -189,22 +208,24 @@ def decode_in_batches(ctx, config: Optional[EvictConfig], positions: Positions, 
         batch = tokens[start : start + n_batch]
         if config is not None:
             queries = make_room(ctx, config, positions, tail, tokens[start:], len(batch), n_tokens + start, n_batch, queries,
-                                probe)
+                                probe, renumber=config.renumber and start == 0)
         decode(start, batch)
         if probe is not None:
             probe.pending.extend(batch)
 
 
 def make_room(ctx, config: EvictConfig, positions: Positions, tail: "PromptTail", rest: Sequence[int], n_new: int,
-              n_tokens: int, n_batch: int, queries: Optional[bytes], probe: Optional["Probe"] = None) -> Optional[bytes]:
+              n_tokens: int, n_batch: int, queries: Optional[bytes], probe: Optional["Probe"] = None,
+              renumber: bool = False) -> Optional[bytes]:
     """Before decoding the first n_new of `rest` (the tokens that follow the n_tokens seen) into positions.seq_id:
     evicts the sequence to fit, scored by the `probe` when given, else by `queries` (the prompt tail's) when
-    given, and renumbers it if they would pass the positions' maximum. Returns the queries for the rest's later
-    batches: after a renumbering, the rest's tail again, at the positions it will have."""
+    given, and renumbers it if they would pass the positions' maximum, or with `renumber` if an eviction left gaps.
+    Returns the queries for the rest's later batches: after a renumbering, the rest's tail again, at the positions it
+    will have."""
     if probe is not None and will_evict(ctx, config.cells, n_batch, n_new, positions.seq_id):
         probe.score(ctx, config.window, positions, n_tokens)
     evict_to_fit(ctx, config.cells, n_batch, n_new, queries, positions.seq_id)
-    if positions.renumber_before(n_tokens, n_new, queries):
+    if positions.renumber_before(n_tokens, n_new, queries) or (renumber and positions.close_gaps(n_tokens)):
         return tail.queries(ctx, config, rest, positions.of(n_tokens), n_batch, positions.seq_id)
     return queries
 
@@ -394,6 +415,7 @@ class Session:
                     "model its window + n_batch, + the repeat probe's room if it is on (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
+            check_renumber(self.ctx, config)
         self._tail = PromptTail(llm)
         if probe is not None and (config is None or not config.repeat_probe):
             raise ValueError("a probe scores evictions only with repeat_probe on: pass EvictConfig(repeat_probe=True)")

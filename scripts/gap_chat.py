@@ -145,20 +145,22 @@ def whole(count: Counter, n_heads: int, history: list, facts: dict, tokenize) ->
     return out
 
 
-def converse(session: Session, doc: str, facts: dict, tokenize, detokenize, renumber: bool = False) -> dict:
-    """The three turns; with `renumber`, the kept cells are renumbered from 0 before the facts are asked for, and what
-    the cache holds of each fact is read then (positions no longer say which token a cell holds after it)."""
+def converse(session: Session, doc: str, facts: dict, tokenize, detokenize) -> dict:
+    """The three turns. A session that renumbers (EvictConfig.renumber) does so as the first answer begins, after which
+    positions no longer say which token a cell holds: what its cache holds of each fact is read before that."""
     chat = Chat(session, Sampler(temp=0))
     chat.reset()
+    renumber = session.config is not None and session.config.renumber
     t0 = time.perf_counter()
     turns = []
     for text, max_tokens in ((f"Read this document.\n\n{doc}", 48), (UNRELATED, 48),
                              (ASK.format(keys=", ".join(facts)), 160)):
-        if renumber and len(turns) == 2:
+        answer = chat.send(text, max_tokens=max_tokens)
+        first = next(answer, "")  # the prompt is decoded, the first answer token not yet
+        if renumber and not turns:
             count, n_heads = holders(session.ctx)
             history = list(chat.history)
-            session.n_past = pyllmkv._lib.compact_positions(session.ctx)
-        turns.append("".join(chat.send(text, max_tokens=max_tokens)))
+        turns.append(first + "".join(answer))
     seconds = time.perf_counter() - t0
     row = {"turns": turns, "paired": paired(turns[-1], facts), "n_facts": len(facts),
            "tokens": len(chat.history), "seconds": seconds}
@@ -204,7 +206,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="documents (start and facts drawn from seeds --first-seed..)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--renumber", action="store_true",
-                    help="renumber the kept cells from 0 before the facts are asked for (llama.cpp shifts RoPE in K)")
+                    help="EvictConfig.renumber: a turn that follows an eviction first renumbers the kept cells from 0")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=None)
     ap.add_argument("--from", dest="runs", type=Path, nargs="+",
@@ -222,13 +224,14 @@ def main() -> None:
         doc, facts = document(tokenize, args.tokens, args.facts, seed)
         for policy in policies:
             base = "defensivekv-surprisal" if policy == "oracle" else policy
-            config = None if policy == "full" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=base)
+            config = None if policy == "full" else pyllmkv.EvictConfig.for_cells(args.kv_budget, policy=base,
+                                                                                  renumber=args.renumber)
             cells = args.tokens + 1024 if config is None else config.cells
             llm = pyllmkv.llama_cpp.Llama(model_path=path, n_ctx=context_size(sliding_window(path), cells, 512),
                                           n_batch=512, n_ubatch=512, n_threads=args.threads,
                                           n_threads_batch=args.threads, verbose=False)
             session = oracle(Session(llm, config), facts, tokenize) if policy == "oracle" else Session(llm, config)
-            r = converse(session, doc, facts, tokenize, vocab.detokenize, args.renumber and config is not None)
+            r = converse(session, doc, facts, tokenize, vocab.detokenize)
             r.update(seed=seed, policy=policy, kv_budget=None if config is None else args.kv_budget, facts=facts)
             print(json.dumps(r), flush=True)
             rows.append(r)

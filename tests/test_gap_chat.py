@@ -44,16 +44,16 @@ def test_the_oracle_holds_every_fact_sentence_whole_where_the_default_does_not(s
     assert not all(held_whole[False].values())
 
 
-def test_renumbering_asks_for_the_facts_at_positions_within_the_cells_kept(smollm2_path):
+def test_a_renumbering_session_asks_for_the_facts_at_positions_within_its_cells(smollm2_path):
     vocab = pyllmkv.llama_cpp.Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
     tokenize = lambda t: vocab.tokenize(t.encode(), add_bos=False, special=False)  # noqa: E731
     doc, facts = document(tokenize, 2000, 3, seed=0)
-    config = pyllmkv.EvictConfig.for_cells(256, policy="defensivekv-surprisal")
+    config = pyllmkv.EvictConfig.for_cells(256, policy="defensivekv-surprisal", renumber=True)
     llm = pyllmkv.llama_cpp.Llama(model_path=smollm2_path, n_ctx=config.cells + 512, n_batch=256, n_ubatch=256,
                                   verbose=False)
     session = oracle(Session(llm, config), facts, tokenize)
-    row = converse(session, doc, facts, tokenize, vocab.detokenize, renumber=True)
-    # the last turn went on from the cells kept, not from the ~2,100 tokens read
+    row = converse(session, doc, facts, tokenize, vocab.detokenize)
+    # the later turns went on from the cells kept, not from the ~2,100 tokens read
     assert row["renumbered"] and row["tokens"] > 2000
     assert pyllmkv._lib.positions(session.ctx).max() < config.cells + 512
     # what the cache held of the facts was read before the renumbering: the oracle's sentences, whole

@@ -302,6 +302,32 @@ def test_cells_past_max_position_are_renumbered_once_per_eviction(llama_cpp, tin
     assert _lib.stats(llm)["n_seq_cells"] <= config.cells + 32 and np.isfinite(logits).all()
 
 
+def test_renumber_reads_the_kept_cells_at_consecutive_positions_after_an_eviction(llama_cpp, tiny_path):
+    # EvictConfig.renumber: within one decode the positions run on past the gaps its evictions leave; the next decode
+    # reads the kept cells renumbered from 0, with the logits of the sequence renumbered by hand before it
+    tokens, question = random_tokens(300, seed=11), random_tokens(5, seed=12)
+    logits = {}
+    for renumber in (False, True):
+        config = EvictConfig(budget=64, window=8, policy="criticalkv", renumber=renumber)
+        llm = _llama(llama_cpp, tiny_path, n_ctx=config.cells + 32, n_batch=32)
+        sess = Session(llm, config)
+        sess.decode(tokens)
+        assert _lib.stats(llm)["n_evictions"] > 0 and _lib.positions(llm)[-1] == len(tokens) - 1
+        n_cells = _lib.stats(llm)["n_seq_cells"]
+        assert n_cells + len(question) <= config.cells + 32  # the question evicts nothing
+        if not renumber:
+            sess.n_past = _lib.compact_positions(llm)
+        logits[renumber] = sess.decode(question)
+        np.testing.assert_array_equal(_lib.positions(llm), np.arange(n_cells + len(question)))
+        sess.decode(question)  # no eviction since the last renumbering: the positions run on
+        np.testing.assert_array_equal(_lib.positions(llm), np.arange(n_cells + 2 * len(question)))
+    np.testing.assert_array_equal(logits[True], logits[False])
+    from pyllmkv.sequences import Sequences
+
+    with pytest.raises(ValueError, match="renumber is for one sequence"):
+        Sequences(_llama(llama_cpp, tiny_path, n_batch=32), config, n_seq=2)
+
+
 def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
     llm = _llama(llama_cpp, tiny_path)
     sess = Session(llm, EvictConfig(budget=40, window=8, policy="criticalkv", granularity="token"))

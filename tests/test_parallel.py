@@ -97,10 +97,11 @@ def test_serve_parallel_is_llama_server_with_the_hook(server_binary, smollm2_pat
     assert "kv_evict: 2 slots of" in text and "kv_evict: seq " in text
 
 
-def test_serve_parallel_refuses_the_prompt_cache(smollm2_path):
-    r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "--parallel", "2", "--cache",
+@pytest.mark.parametrize("flag", ["--cache", "--renumber"])
+def test_serve_parallel_refuses_what_llama_server_cannot_do(smollm2_path, flag):
+    r = subprocess.run([sys.executable, "-m", "pyllmkv", "serve", smollm2_path, "--parallel", "2", flag,
                         "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=SUBPROCESS_CWD)
-    assert r.returncode != 0 and "--parallel serves without --cache" in r.stderr
+    assert r.returncode != 0 and f"--parallel serves without {flag}" in r.stderr
 
 
 @pytest.mark.parametrize("granularity", ["head", "token"])

@@ -64,6 +64,12 @@ prompt_tail_option = click.option(
          "that what its end asks for is kept; --no-prompt-tail: with those of each batch's end")
 
 
+renumber_option = click.option(
+    "--renumber/--no-renumber", default=EvictConfig.renumber, show_default=True,
+    help="before a prompt or token that follows an eviction, renumber the kept cells from 0 (llama.cpp shifts RoPE in "
+         "K), so it reads them as consecutive text, not across the positions the evicted text left empty")
+
+
 pool_kernel_option = click.option(
     "--pool-kernel", type=int, callback=odd, default=EvictConfig.pool_kernel, show_default=True,
     help="cells the window's scores are averaged over, and positions surprisal's scores are max-pooled over (odd; 1: "
@@ -91,6 +97,7 @@ model_options = option_group([
     click.option("--window", type=int, default=EvictConfig.window, show_default=True, help="observation window: recent queries that score the cache"),
     pool_kernel_option,
     prompt_tail_option,
+    renumber_option,
     click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=0), default=0,
                  help="most tokens a conversation holds, prompts and answers, of which the cache keeps --kv-budget "
                       "[default: 0, chat without limit, serve the model's trained context]"),
@@ -123,7 +130,7 @@ def flash_attn_flag(cache_type_v: str, flash_attn: str) -> bool:
 
 def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_batch: int,
          n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int,
-         rpc_servers: Optional[str] = None):
+         rpc_servers: Optional[str] = None, renumber: bool = EvictConfig.renumber):
     """Validates the arguments, loads the model and returns a Session with eviction enabled."""
     from .._lib import KVEvictError, llama_cpp
     from ..session import Session, context_size, sliding_window
@@ -133,7 +140,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
 
     try:
         config = EvictConfig.for_cells(budget, policy=policy, granularity=granularity, window=window,
-                                       pool_kernel=pool_kernel, prompt_tail=prompt_tail)
+                                       pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber)
     except KVEvictError as e:  # the budget, the policy or the granularity: the message names which
         raise click.ClickException(str(e))
     try:
@@ -153,7 +160,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
         raise click.ClickException(f"llama.cpp could not load {model}: {e} (a truncated or unsupported GGUF?)")
     try:
         return Session(llm, config)
-    except KVEvictError as e:
+    except (KVEvictError, ValueError) as e:
         raise click.ClickException(str(e))
 
 

@@ -19,7 +19,7 @@ from .._lib import EvictConfig
 @click.option("-np", "--parallel", "n_parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="conversations served at once, each within its own --kv-budget: above 1, llama.cpp's llama-server "
                    "with that many slots (built on first use)")
-def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, n_ctx, n_batch, n_gpu_layers, cache_type_k,
+def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, renumber, n_ctx, n_batch, n_gpu_layers, cache_type_k,
           cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, cache, cache_size, n_parallel):
     """OpenAI-compatible server on MODEL with a KV cache of --kv-budget cells per conversation: llama-cpp-python's,
     one request at a time, or with --parallel N llama.cpp's llama-server with N slots."""
@@ -33,6 +33,9 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
         if cache:
             raise click.BadParameter("llama-server's prompt cache would restore cells without the hook's state; "
                                      "--parallel serves without --cache", param_hint="--cache")
+        if renumber:
+            raise click.BadParameter("llama-server keeps each slot's positions as llama.cpp numbers them; --parallel "
+                                     "serves without --renumber", param_hint="--renumber")
         if click.get_current_context().get_parameter_source("policy") == click.core.ParameterSource.DEFAULT:
             policy = EvictConfig.policy  # llama-server computes no prompt logits: the default that needs none
         serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ctx, n_batch, n_gpu_layers,
@@ -41,7 +44,7 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
     o.add_rpc_servers(rpc_servers, n_gpu_layers)
     try:
         app = create_app(str(model), kv_budget=budget, policy=policy, granularity=granularity, window=window,
-                         pool_kernel=pool_kernel, prompt_tail=prompt_tail, n_ctx=n_ctx, n_batch=n_batch,
+                         pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber, n_ctx=n_ctx, n_batch=n_batch,
                          n_gpu_layers=n_gpu_layers, type_k=o.ggml_type(cache_type_k), type_v=o.ggml_type(cache_type_v),
                          flash_attn=o.flash_attn_flag(cache_type_v, flash_attn), seed=seed, cache=cache, cache_type="ram",
                          cache_size=cache_size, **o.threads(n_threads))
