@@ -126,6 +126,21 @@ def test_prompt_diverging_inside_the_evicted_part_is_answered(smollm2_path):
     assert llm.kv_stats()["n_seq_cells"] <= budget + 128
 
 
+def test_renumber_answers_a_follow_up_from_consecutive_positions(smollm2_path):
+    # renumber=True: the answer's first token, after the prompt's evictions, reads the kept cells renumbered from 0,
+    # and a follow-up that extends the conversation goes on from the renumbered positions
+    llm = _budgeted(smollm2_path, 128, renumber=True)
+    story = "The baker opened the shop at dawn and sold bread to the fishermen. " * 20 + "Question: who bought the bread? Answer:"
+    first = llm(story, max_tokens=8, temperature=0.0)
+    assert llm.kv_stats()["n_evictions"] > 0
+    held = pyllmkv._lib.positions(llm._ctx.ctx)
+    np.testing.assert_array_equal(held, np.arange(len(held)))
+    follow_up = story + first["choices"][0]["text"] + "\nQuestion: when did the shop open? Answer:"
+    second = llm(follow_up, max_tokens=8, temperature=0.0)
+    assert second["choices"][0]["text"].strip()
+    assert pyllmkv._lib.positions(llm._ctx.ctx)[-1] < 128 + 128 + 8 < second["usage"]["prompt_tokens"]
+
+
 def test_chat_after_renumbering_decodes_only_what_changed(llama_cpp, smollm2_path):
     # past max_position the session renumbers positions, while the chat's history counts tokens: a prompt that
     # diverges from the history near its end is decoded from there, not from the (much smaller) next position
