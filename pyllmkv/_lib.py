@@ -322,6 +322,11 @@ def default_config() -> EvictConfig:
 
 
 def enable(ctx, config: EvictConfig) -> None:
+    """Evicts the context's sequences with `config` from now on. Refuses config.renumber where the cache cannot shift
+    positions (no RoPE shift in K, or a sliding-window cache smaller than the full one): it could never renumber."""
+    if config.renumber and not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(_ctx(ctx))):
+        raise ValueError("renumber shifts the kept cells' positions, and this model's cache cannot shift them (no RoPE "
+                         "shift, or a sliding-window cache smaller than the full one): leave renumber off")
     params = config.to_c()
     _check(_enable(_ctx(ctx), ctypes.byref(params)))
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _lib, rpc
 from ._lib import DEFAULT_POLICY, EvictConfig, llama_cpp
-from .session import Positions, PromptTail, RepeatProbe, check_renumber, context_size, decode_in_batches, sliding_window
+from .session import Positions, PromptTail, RepeatProbe, context_size, decode_in_batches, sliding_window
 from .surprisal import WordSurprisal
 
 
@@ -89,7 +89,6 @@ class Llama(llama_cpp.Llama):
                 f"pyllmkv.Llama cannot bound the memory of architecture {arch}: a recurrent or hybrid model keeps a "
                 "recurrent state, which the hook cannot evict; use llama_cpp.Llama (pyllmkv.llama_cpp.Llama), which "
                 "has no kv_budget")) from e
-        check_renumber(self._ctx.ctx, self.evict_config)
         self._tail = PromptTail(self)
         self._probe = RepeatProbe(self, window) if repeat_probe else None
         self._positions = positions = Positions(self._ctx.ctx, self._model.n_ctx_train())

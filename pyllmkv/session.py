@@ -164,13 +164,6 @@ class Positions:
         self._renumbered_at = _lib.stats(self.ctx, self.seq_id)["n_evictions"]
 
 
-def check_renumber(ctx, config: EvictConfig) -> None:
-    """Refuses config.renumber where the cache cannot shift positions (no RoPE shift in K): it could never renumber."""
-    if config.renumber and not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(ctx)):
-        raise ValueError("renumber shifts the kept cells' positions, and this model's cache cannot shift them (no RoPE "
-                         "shift): leave renumber off")
-
-
 def will_evict(ctx, cells: int, n_batch: int, n_new: int, seq_id: int = 0) -> bool:
     """Whether `n_new` more tokens would take the sequence past `cells` + n_batch cells (evict_to_fit evicts then)."""
     return _lib.stats(ctx, seq_id)["n_seq_cells"] + n_new > cells + n_batch
@@ -415,7 +408,6 @@ class Session:
                     "model its window + n_batch, + the repeat probe's room if it is on (see pyllmkv.session.context_size)"
                 )
             _lib.enable(self.ctx, config)
-            check_renumber(self.ctx, config)
         self._tail = PromptTail(llm)
         if probe is not None and (config is None or not config.repeat_probe):
             raise ValueError("a probe scores evictions only with repeat_probe on: pass EvictConfig(repeat_probe=True)")

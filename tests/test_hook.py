@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -326,6 +327,16 @@ def test_renumber_reads_the_kept_cells_at_consecutive_positions_after_an_evictio
 
     with pytest.raises(ValueError, match="renumber is for one sequence"):
         Sequences(_llama(llama_cpp, tiny_path, n_batch=32), config, n_seq=2)
+
+
+def test_renumber_is_refused_where_the_cache_cannot_shift(llama_cpp, gemma3_path):
+    # Gemma 3's sliding-window cache smaller than its full one (swa_full off): llama.cpp cannot shift positions there
+    llm = _llama(llama_cpp, gemma3_path, "f16", n_ctx=2048, n_batch=128, swa_full=False)
+    assert not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(llm._ctx.ctx))
+    config = EvictConfig.for_cells(256, window=32, renumber=True)
+    with pytest.raises(ValueError, match="cannot shift them"):
+        Session(llm, config)
+    Session(llm, dataclasses.replace(config, renumber=False))  # evicting without renumbering is fine
 
 
 def test_compacting_positions_keeps_order_and_cells(llama_cpp, tiny_path):
