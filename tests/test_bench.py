@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -188,6 +189,20 @@ def test_stock_is_llama_cpp_unpatched_and_equal_without_eviction(results):
     assert fits["nll"] == stock["nll"] and evicted["nll"] != stock["nll"]
 
 
+def test_renumber_reaches_the_jobs(results):
+    """--renumber: the batches after an eviction read the kept cells renumbered, so the same evictions score the text
+    otherwise."""
+    res, _ = results
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, 256, 200)]
+    out = {}
+    for renumber in (False, True):
+        grid = dataclasses.replace(bench.TINY, renumber=renumber)
+        with bench.Runner(bench.Options(model=res["meta"]["model"], out=Path("."), grid=grid, n_batch=32)) as runner:
+            out[renumber] = runner.job("ppl", "pyllmkv", tokens, budget=64, policy="snapkv")
+    assert out[True]["n_evictions"] == out[False]["n_evictions"] > 0
+    assert out[True]["nll"] != out[False]["nll"]
+
+
 @pytest.mark.parametrize("answer,expected", [
     (" 68265. Remember it.", True), ("68265", True), (" is 68265", True), ("\n68265 is the pass key", True),
     (" 6826", False), (" 682655", False), (" 1. 68265", False), (" the key", False), ("", False), (" 68,265", False),
@@ -275,10 +290,10 @@ def test_perturbation_on_the_next_tokens_equals_numpy(llama_cpp, tiny_path):
 
 
 def test_cli(tiny_path, tmp_path):
-    """The command: prints the table, writes the files with the window and pooling kernel asked for; refuses --quick
+    """The command: prints the table, writes the files with the window, pooling kernel and renumbering asked for; refuses --quick
     with --tiny and an even pooling kernel."""
     cmd = [sys.executable, "-m", "pyllmkv", "bench", tiny_path, "--tiny", "--suite", "perturb", "-o", str(tmp_path / "o")]
-    proc = subprocess.run(cmd + ["--pool-kernel", "3", "--window", "6"], cwd=SUBPROCESS_CWD, capture_output=True,
+    proc = subprocess.run(cmd + ["--pool-kernel", "3", "--window", "6", "--renumber"], cwd=SUBPROCESS_CWD, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "## Output perturbation per head" in proc.stdout
@@ -286,6 +301,7 @@ def test_cli(tiny_path, tmp_path):
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["perturb"]["pool_kernel"] == results["meta"]["grid"]["pool_kernel"] == 3
     assert results["perturb"]["window"] == results["meta"]["grid"]["window"] == 6
+    assert results["meta"]["grid"]["renumber"] and "renumbered from 0 (--renumber)" in proc.stdout
     proc = subprocess.run(cmd + ["--pool-kernel", "4"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "4 is not an odd number" in proc.stderr
     proc = subprocess.run(cmd + ["--quick"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)

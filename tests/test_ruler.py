@@ -11,7 +11,7 @@ import pytest
 from pyllmkv import EvictConfig, _lib, bench
 from pyllmkv.bench import haystack, ruler
 from pyllmkv.bench.report import bootstrap_ci, ruler_summary
-from pyllmkv.session import Session, truncate
+from pyllmkv.session import Session, evict_to_fit, truncate
 from test_bench import _no_progress
 
 TEXT = haystack.text()[0]
@@ -161,6 +161,54 @@ def test_branch_equals_a_fresh_prefill_eviction_and_question(llama_cpp, tiny_pat
     assert not np.allclose(branched[("chat-question", policy, budget)], branched[("chat-facts", policy, budget)],
                            atol=1e-3)
     assert not np.allclose(branched[("chat", policy, budget)], branched[("chat", "surprisal", budget)], atol=1e-3)
+
+
+def test_renumbered_branches_read_the_kept_cells_from_0(llama_cpp, tiny_path):
+    """With renumber, each branch answers as if its kept cells were renumbered by hand (compact_positions) right after
+    its eviction, and the renumbering changes what the question reads."""
+    rng = np.random.default_rng(2)
+    context, question = [int(t) for t in rng.integers(3, 250, 200)], [int(t) for t in rng.integers(3, 250, 12)]
+    window, kernel, budget, n_answer = 8, 5, 48, 4
+    n_ctx = len(context) + len(question) + n_answer + 32
+
+    def llm():
+        return llama_cpp.Llama(model_path=tiny_path, n_ctx=n_ctx, n_batch=32, n_ubatch=32, verbose=False)
+
+    branches = [("agnostic", "snapkv", budget), ("aware", "snapkv", budget), ("chat", "criticalkv", budget)]
+    logits = {True: {}, False: {}}
+    answers = {renumber: ruler.branch_answers(llm(), context, question, n_answer, branches, window, kernel,
+                                              renumber=renumber,
+                                              on_first_logits=lambda b, x, r=renumber: logits[r].__setitem__(b, x.copy()))
+               for renumber in (True, False)}
+
+    for (setting, policy, b), answer in zip(branches, answers[True]):
+        fresh = llm()
+        ctx = fresh._ctx.ctx
+        config = EvictConfig.for_cells(b, policy=policy, window=window, pool_kernel=kernel, prompt_tail=False)
+        if setting == "chat":
+            s = Session(fresh, dataclasses.replace(config, prompt_tail=True))
+        else:
+            _lib.enable(ctx, config)
+            s = Session(fresh, None)
+        s.decode(context)
+
+        def renumber_by_hand():
+            s.n_past = _lib.compact_positions(ctx)
+            assert _lib.positions(ctx).max() == s.n_past - 1 < len(context) - 1
+
+        if setting == "agnostic":
+            _lib.evict(ctx)
+        if setting != "aware":
+            evict_to_fit(ctx, config.cells, 32, len(question))  # as the chat's Session does before the question
+            renumber_by_hand()
+        first = s.decode(question)
+        np.testing.assert_allclose(logits[True][(setting, policy, b)], first, rtol=1e-4, atol=1e-4)
+        if setting == "aware":
+            _lib.evict(ctx)
+            renumber_by_hand()
+        else:
+            assert not np.allclose(first, logits[False][(setting, policy, b)], atol=1e-3), setting
+        assert ruler.greedy_answer(s, first, n_answer, fresh._model.token_eos()) == answer, setting
 
 
 def test_suite_in_the_tiny_grid(tiny_path, tmp_path):

@@ -86,7 +86,8 @@ class Runner:
     def job(self, suite: str, engine: str, tokens, budget: int = 0, policy: str = "", n_ctx: int = 0, **extra) -> dict:
         o = self.opts
         job = dict(suite=suite, engine=engine, tokens=[int(t) for t in tokens], budget=budget, policy=policy, n_ctx=n_ctx,
-                   window=o.grid.window, pool_kernel=o.grid.pool_kernel, prompt_tail=o.grid.prompt_tail, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
+                   window=o.grid.window, pool_kernel=o.grid.pool_kernel, prompt_tail=o.grid.prompt_tail,
+                   renumber=o.grid.renumber, n_batch=o.n_batch, threads=o.threads, n_gpu_layers=o.n_gpu_layers,
                    rpc_servers=o.rpc_servers, model=o.model, stock_lib=self.stock_lib, n_keep=N_KEEP, n_decode=o.grid.n_decode,
                    n_answer=o.grid.n_answer)
         job.update(extra)

@@ -37,6 +37,7 @@ class Grid:
     needle_policies: Optional[list] = None  # needle: the same
     needle_keys: int = 1      # pass keys per depth, the same at every context: one prompt each
     prompt_tail: bool = True  # pyllmkv: EvictConfig.prompt_tail
+    renumber: bool = EvictConfig.renumber  # pyllmkv: what follows an eviction reads the kept cells renumbered from 0
     # ruler: RULER-style tasks, question-agnostic and question-aware (ruler.py); budgets below 1 are shares of the context
     ruler_contexts: list = field(default_factory=lambda: [2048, 4096])
     ruler_budgets: list = field(default_factory=lambda: [0.1, 0.2, 0.4])

@@ -176,7 +176,9 @@ def markdown(results: dict) -> str:
            # runs from before the prompt tail existed have no such key: their prompts were evicted by each batch's end
            + (" pyllmkv evicts a prompt longer than the cache with the queries of its last window tokens (prompt tail; "
               "not in the perplexity suite, where it would choose evictions with the tokens being scored)."
-              if m["grid"].get("prompt_tail") else ""), ""]
+              if m["grid"].get("prompt_tail") else "")
+           + (" What follows each eviction reads the kept cells renumbered from 0 (--renumber)."
+              if m["grid"].get("renumber") else ""), ""]
     if "speed" in results:
         g = m["grid"]
         out += ["## Speed and memory", "",

@@ -231,13 +231,14 @@ def samples(text: str, count: Callable[[str], int], tasks: Sequence[str], contex
 
 
 def branch_answers(llm, context: list[int], question: list[int], n_answer: int, branches: list[tuple[str, str, int]],
-                   window: int, pool_kernel: int, probe: Sequence[int] = (),
+                   window: int, pool_kernel: int, probe: Sequence[int] = (), renumber: bool = False,
                    on_first_logits: Callable | None = None) -> list[list[int]]:
     """Greedy answers of `question` after `context` for each (setting, policy, budget) in `branches` (policy FULL:
     no eviction). `llm` is a llama_cpp.Llama on the patched library whose context holds context + probe + question +
     n_answer + n_batch cells. The context is prefilled once (the hook enabled, so its last `window` queries are
     captured), saved, and loaded again for each branch; the repeat setting's `probe` (repeat_probe) is decoded after
-    it once, saved too, and serves every repeat branch. `on_first_logits(branch, logits)` sees the logits the
+    it once, saved too, and serves every repeat branch. With `renumber` (EvictConfig.renumber), what follows each
+    branch's eviction reads the kept cells renumbered from 0. `on_first_logits(branch, logits)` sees the logits the
     answer's first token is drawn from (tests)."""
     import dataclasses
 
@@ -249,7 +250,13 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
     eog = llm._model.token_eos()
 
     def config(policy: str, budget: int) -> EvictConfig:
-        return EvictConfig.for_cells(budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=False)
+        return EvictConfig.for_cells(budget, policy=policy, window=window, pool_kernel=pool_kernel, prompt_tail=False,
+                                     renumber=renumber)
+
+    def close_gaps(plain: Session) -> None:
+        # a chat's Session renumbers itself (config.renumber); the others evicted outside a Session's decode
+        if renumber:
+            plain.positions.close_gaps(plain.n_tokens)
 
     def session_after(state, kv: Optional[bytes], n_tokens: int) -> Session:
         llm.load_state(state)
@@ -297,9 +304,12 @@ def branch_answers(llm, context: list[int], question: list[int], n_answer: int, 
             plain = session_after(state, kv, len(context))
             if evicting and setting == "agnostic":
                 _lib.evict(ctx)
+        if evicting and setting in ("agnostic", "repeat"):
+            close_gaps(plain)
         logits = plain.decode(question)
         if evicting and setting == "aware":
             _lib.evict(ctx)
+            close_gaps(plain)
         if on_first_logits:
             on_first_logits((setting, policy, budget), logits)
         answers.append(greedy_answer(plain, logits, n_answer, eog))

@@ -194,7 +194,8 @@ def open_stream(job: dict):
     add_rpc_servers(job)
 
     config = pyllmkv.EvictConfig.for_cells(job["budget"], policy=job["policy"], window=job["window"],
-                                           pool_kernel=job["pool_kernel"], prompt_tail=job["prompt_tail"])
+                                           pool_kernel=job["pool_kernel"], prompt_tail=job["prompt_tail"],
+                                           renumber=job["renumber"])
     n_ctx = context_size(sliding_window(job["model"]), config.cells, job["n_batch"])
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **common)
     return PyllmkvStream(_lib, Session(llm, config))
@@ -225,7 +226,7 @@ def run_ruler(job: dict) -> dict:
     llm = pyllmkv.llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, **llama_args(job))
     t0 = time.perf_counter()
     answers = branch_answers(llm, job["tokens"], job["question"], job["n_answer"], [tuple(b) for b in job["branches"]],
-                             job["window"], job["pool_kernel"], job["probe"])
+                             job["window"], job["pool_kernel"], job["probe"], renumber=job["renumber"])
     return {"answers": answers, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 

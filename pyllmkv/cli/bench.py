@@ -68,6 +68,9 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
               help="observation window of every pyllmkv job: recent queries that score the cache [default: 32, 8 with --tiny]")
 @click.option("--pool-kernel", type=int, callback=o.odd, default=None,
               help=f"pooling kernel of the window's and surprisal's scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
+@click.option("--renumber/--no-renumber", default=None,
+              help="every pyllmkv job: what follows an eviction reads the kept cells renumbered from 0, as chat's "
+                   "--renumber does [default: off]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
