@@ -9,8 +9,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -321,10 +322,22 @@ def default_config() -> EvictConfig:
     return EvictConfig()
 
 
+def can_renumber(ctx) -> bool:
+    """The context's cache can shift its cells' positions: RoPE shift in K, and no sliding-window cache smaller than
+    the full one."""
+    return bool(llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(_ctx(ctx))))
+
+
+def renumber_where_it_can(ctx, config: EvictConfig, renumber: Optional[bool]) -> EvictConfig:
+    """`config` with renumber as asked; None, the default of pyllmkv's own decoders (chat, serve, pyllmkv.Llama): on
+    where the context's cache can shift positions (README, "Renumbering")."""
+    return replace(config, renumber=can_renumber(ctx) if renumber is None else renumber)
+
+
 def enable(ctx, config: EvictConfig) -> None:
     """Evicts the context's sequences with `config` from now on. Refuses config.renumber where the cache cannot shift
     positions (no RoPE shift in K, or a sliding-window cache smaller than the full one): it could never renumber."""
-    if config.renumber and not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(_ctx(ctx))):
+    if config.renumber and not can_renumber(ctx):
         raise ValueError("renumber shifts the kept cells' positions, and this model's cache cannot shift them (no RoPE "
                          "shift, or a sliding-window cache smaller than the full one): leave renumber off")
     params = config.to_c()

@@ -8,6 +8,8 @@ Everything llama-cpp-python offers (`__call__`, `create_completion`, `create_cha
 - `n_ctx` is the logical context (the tokens a conversation may hold, prompt and answer), by default the model's
   training context, no longer the cache size; a larger one goes past the training context as `pyllmkv chat` does:
   before a batch would pass it, the kept cells are renumbered from 0 (session.Positions), so positions stay within;
+- where the model's cache can shift positions, a prompt or token that follows an eviction reads the kept cells
+  renumbered from 0 too, as consecutive text (`renumber`);
 - `input_ids[:n_tokens]` keeps every token the sequence has seen, evicted or not, so prompts that share a prefix with
   the conversation reuse the cache as before; a prompt that diverges where the cache no longer holds the preceding
   token is decoded again from the last kept token. What is reused is what the cache kept of the prefix, chosen with
@@ -43,7 +45,7 @@ class Llama(llama_cpp.Llama):
         pool_kernel: int = EvictConfig.pool_kernel,
         prompt_tail: bool = True,
         repeat_probe: bool = False,
-        renumber: bool = False,
+        renumber: Optional[bool] = None,
         n_ctx: int = 0,
         n_batch: int = 512,
         rpc_servers: Optional[str] = None,
@@ -57,7 +59,8 @@ class Llama(llama_cpp.Llama):
         a prompt longer than the cache is evicted with the queries of its last `window` tokens
         (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each eviction is scored by
         a request to repeat the text read since the last one (pyllmkv.session.RepeatProbe; an experiment,
-        docs/results.md), at the cost of decoding the text twice; `n_ctx`: logical
+        docs/results.md), at the cost of decoding the text twice; `renumber`: a prompt or token that follows an eviction
+        reads the kept cells renumbered from 0 (None: where the model's cache can shift positions); `n_ctx`: logical
         context (0: the model's training context; may exceed it); `rpc_servers`: "HOST:PORT,..." of ggml-rpc-servers
         that the n_gpu_layers layers are split across (pyllmkv.rpc; llama-cpp-python 0.3.36 takes the argument and
         ignores it). Other arguments go to `llama_cpp.Llama`.
@@ -68,7 +71,7 @@ class Llama(llama_cpp.Llama):
         # unknown policy or granularity, too small a budget: fail before loading the model
         self.evict_config = EvictConfig.for_cells(kv_budget, policy=policy, granularity=granularity, window=window,
                                                   pool_kernel=pool_kernel, prompt_tail=prompt_tail,
-                                                  repeat_probe=repeat_probe, renumber=renumber)
+                                                  repeat_probe=repeat_probe, renumber=bool(renumber))
         self.kv_budget = kv_budget
         if rpc_servers:
             rpc.add_servers(rpc_servers)
@@ -78,6 +81,7 @@ class Llama(llama_cpp.Llama):
         self._eviction_off_reason = self._why_no_eviction()
         if self._eviction_off_reason:
             return
+        self.evict_config = _lib.renumber_where_it_can(self._ctx.ctx, self.evict_config, renumber)
         try:
             _lib.enable(self._ctx.ctx, self.evict_config)
         except _lib.KVEvictError as e:
@@ -150,12 +154,13 @@ class Llama(llama_cpp.Llama):
     def load_state(self, state: "llama_cpp.LlamaState") -> None:
         """llama-cpp-python's load_state; a state saved by pyllmkv.Llama restores the hook's bookkeeping too (one
         saved by llama_cpp.Llama has none: its rows count as their cells' tokens, and the next eviction waits for
-        queries of the tokens decoded after the load). A state of an -ada cache needs its `kv_evict` (the mask)."""
+        queries of the tokens decoded after the load). A state of an -ada cache needs its `kv_evict` (the mask). With
+        renumber on, the next token reads the loaded cells renumbered from 0, as the saved conversation's would."""
         super().load_state(state)
         if getattr(state, "kv_evict", None):
             _lib.set_seq_data(self._ctx.ctx, state.kv_evict)
         if not self._eviction_off_reason:
-            self._positions.shift = getattr(state, "position_shift", 0)
+            self._positions.restore(getattr(state, "position_shift", 0))
 
     def _create_completion(self, *args, **kwargs):
         # llama-cpp-python refuses a prompt at the logical context (n_ctx) but names the context's cells in the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import types
+from typing import Optional
 
 from ._lib import EvictConfig, llama_cpp
 from .llama import Llama
@@ -34,8 +35,8 @@ def port_in_use(host: str, port: int) -> bool:
 
 def create_app(model_path: str, kv_budget: int, policy: str, window: int, n_ctx: int, n_batch: int, prompt_tail: bool = True,
                pool_kernel: int = EvictConfig.pool_kernel, granularity: str = EvictConfig.granularity,
-               renumber: bool = EvictConfig.renumber, **settings):
-    """The FastAPI app of llama_cpp.server serving model_path with a budgeted cache."""
+               renumber: Optional[bool] = None, **settings):
+    """The FastAPI app of llama_cpp.server serving model_path with a budgeted cache (pyllmkv.Llama's arguments)."""
     try:
         from llama_cpp.server import app as server_app
         from llama_cpp.server import model as server_model

@@ -121,6 +121,7 @@ class Positions:
         self.ctx, self.max_position, self.seq_id = ctx, max_position, seq_id
         self.shift = 0  # tokens seen - next position
         self._renumbered_at = -1  # the hook's eviction count at the last renumbering
+        self._restored = False  # a saved state was loaded since: whether an eviction left gaps is not known
 
     def of(self, n_tokens: int) -> int:
         """The position of the n_tokens-th token seen."""
@@ -151,15 +152,22 @@ class Positions:
         self._renumber(n_tokens)
         return True
 
+    def restore(self, shift: int) -> None:
+        """After a saved state was loaded: positions lag the tokens seen by `shift`. The eviction count is not in the
+        state, so the next close_gaps renumbers (consecutive cells keep their positions)."""
+        self.shift = shift
+        self._restored = True
+
     def close_gaps(self, n_tokens: int) -> bool:
-        """Renumbers the kept cells from 0 if an eviction came since the last renumbering (EvictConfig.renumber);
-        returns whether it did."""
-        if _lib.stats(self.ctx, self.seq_id)["n_evictions"] in (0, self._renumbered_at):
+        """Renumbers the kept cells from 0 if an eviction came, or a state was loaded, since the last renumbering
+        (EvictConfig.renumber); returns whether it did."""
+        if not self._restored and _lib.stats(self.ctx, self.seq_id)["n_evictions"] in (0, self._renumbered_at):
             return False
         self._renumber(n_tokens)
         return True
 
     def _renumber(self, n_tokens: int) -> None:
+        self._restored = False
         self.shift = n_tokens - _lib.compact_positions(self.ctx, self.seq_id)
         self._renumbered_at = _lib.stats(self.ctx, self.seq_id)["n_evictions"]
 

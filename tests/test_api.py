@@ -141,6 +141,25 @@ def test_renumber_answers_a_follow_up_from_consecutive_positions(smollm2_path):
     assert pyllmkv._lib.positions(llm._ctx.ctx)[-1] < 128 + 128 + 8 < second["usage"]["prompt_tokens"]
 
 
+def test_renumber_is_on_by_default_where_the_cache_can_shift(smollm2_path, gemma3_path):
+    # renumber=None: SmolLM2's cache shifts positions, so the answer reads the kept cells renumbered from 0; Gemma 3's
+    # sliding-window cache smaller than its full one (swa_full off) cannot, so it evicts and answers without
+    story = "The baker opened the shop at dawn and sold bread to the fishermen. " * 20 + "Question: who bought the bread? Answer:"
+    for renumber in (None, False):
+        llm = _budgeted(smollm2_path, 128, renumber=renumber)
+        llm(story, max_tokens=4, temperature=0.0)
+        held = pyllmkv._lib.positions(llm._ctx.ctx)
+        assert llm.kv_stats()["n_evictions"] > 0
+        assert llm.evict_config.renumber == (renumber is None) == (held[-1] == len(held) - 1)
+    story = story * 5
+    gemma = _budgeted(gemma3_path, 1024, swa_full=False)
+    assert not gemma.evict_config.renumber
+    assert gemma(story, max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] > 0
+    assert gemma.kv_stats()["n_evictions"] > 0
+    with pytest.raises(ValueError, match="cannot shift them"):
+        _budgeted(gemma3_path, 1024, swa_full=False, renumber=True)
+
+
 def test_chat_after_renumbering_decodes_only_what_changed(llama_cpp, smollm2_path):
     # past max_position the session renumbers positions, while the chat's history counts tokens: a prompt that
     # diverges from the history near its end is decoded from there, not from the (much smaller) next position

@@ -218,10 +218,10 @@ def test_threads_flag_sets_generation_and_prompt_threads(llama_cpp, smollm2_path
     from pyllmkv.cli import load
     sess = load(Path(smollm2_path), 256, "criticalkv", "head", 32, 13, True, 128, 0, "f16", "f16", "auto", 1, -1)
     assert sess.llm.context_params.n_threads == 1 and sess.llm.context_params.n_threads_batch == 1
-    assert not sess.config.renumber
+    assert sess.config.renumber  # the default: on, SmolLM2's cache can shift positions
     sess = load(Path(smollm2_path), 256, "criticalkv", "head", 32, 13, True, 128, 0, "f16", "f16", "auto", 1, -1,
-                renumber=True)
-    assert sess.config.renumber
+                renumber=False)
+    assert not sess.config.renumber
 
 
 def test_ctx_size_caps_the_conversation_as_serve_does(smollm2_path):

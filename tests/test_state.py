@@ -107,7 +107,8 @@ def test_loading_a_state_resets_the_hooks_bookkeeping(llama_cpp, tiny_path):
 
 def test_llama_cpp_python_save_and_load_state_after_head_compaction(tiny_path):
     # llama-cpp-python's own save_state/load_state on pyllmkv.Llama: a compacted conversation restored into a fresh
-    # pyllmkv.Llama continues with the logits of the original
+    # pyllmkv.Llama continues with the logits of the original, which renumbers the kept cells from 0 before that token
+    # (renumber's default here): the restored one does too, though the state holds no eviction count
     def fresh():
         return pyllmkv.Llama(tiny_path, kv_budget=40, window=8, n_batch=32, policy="defensivekv-layer", verbose=False,
                              type_k=0, type_v=0)
@@ -127,6 +128,7 @@ def test_llama_cpp_python_save_and_load_state_after_head_compaction(tiny_path):
     other.load_state(state)
     other.eval([7])
     np.testing.assert_allclose(last_logits(other), expected, rtol=0, atol=1e-5)
+    assert llm.evict_config.renumber and _lib.positions(other).max() < 40 + 32 < 150
 
 
 def test_loaded_state_goes_on_at_the_renumbered_positions(tmp_path):

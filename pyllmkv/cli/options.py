@@ -65,9 +65,10 @@ prompt_tail_option = click.option(
 
 
 renumber_option = click.option(
-    "--renumber/--no-renumber", default=EvictConfig.renumber, show_default=True,
+    "--renumber/--no-renumber", default=None,
     help="before a prompt or token that follows an eviction, renumber the kept cells from 0 (llama.cpp shifts RoPE in "
-         "K), so it reads them as consecutive text, not across the positions the evicted text left empty")
+         "K), so it reads them as consecutive text, not across the positions the evicted text left empty [default: on "
+         "where the model's cache can shift positions; off with serve --parallel]")
 
 
 pool_kernel_option = click.option(
@@ -130,9 +131,10 @@ def flash_attn_flag(cache_type_v: str, flash_attn: str) -> bool:
 
 def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_batch: int,
          n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int,
-         rpc_servers: Optional[str] = None, renumber: bool = EvictConfig.renumber):
-    """Validates the arguments, loads the model and returns a Session with eviction enabled."""
-    from .._lib import KVEvictError, llama_cpp
+         rpc_servers: Optional[str] = None, renumber: Optional[bool] = None):
+    """Validates the arguments, loads the model and returns a Session with eviction enabled; `renumber` None: on where
+    the model's cache can shift positions."""
+    from .._lib import KVEvictError, llama_cpp, renumber_where_it_can
     from ..session import Session, context_size, sliding_window
 
     check_budget(budget, window)
@@ -140,7 +142,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
 
     try:
         config = EvictConfig.for_cells(budget, policy=policy, granularity=granularity, window=window,
-                                       pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber)
+                                       pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=bool(renumber))
     except KVEvictError as e:  # the budget, the policy or the granularity: the message names which
         raise click.ClickException(str(e))
     try:
@@ -159,7 +161,7 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     except ValueError as e:
         raise click.ClickException(f"llama.cpp could not load {model}: {e} (a truncated or unsupported GGUF?)")
     try:
-        return Session(llm, config)
+        return Session(llm, renumber_where_it_can(llm, config, renumber))
     except (KVEvictError, ValueError) as e:
         raise click.ClickException(str(e))
 
