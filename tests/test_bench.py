@@ -290,11 +290,11 @@ def test_perturbation_on_the_next_tokens_equals_numpy(llama_cpp, tiny_path):
 
 
 def test_cli(tiny_path, tmp_path):
-    """The command: prints the table, writes the files with the window, pooling kernel and renumbering asked for; refuses --quick
+    """The command: prints the table, writes the files with the window, pooling kernel, renumbering and -n asked for; refuses --quick
     with --tiny and an even pooling kernel."""
     cmd = [sys.executable, "-m", "pyllmkv", "bench", tiny_path, "--tiny", "--suite", "perturb", "-o", str(tmp_path / "o")]
-    proc = subprocess.run(cmd + ["--pool-kernel", "3", "--window", "6", "--renumber"], cwd=SUBPROCESS_CWD, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(cmd + ["--pool-kernel", "3", "--window", "6", "--renumber", "-n", "5"], cwd=SUBPROCESS_CWD,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "## Output perturbation per head" in proc.stdout
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"results.json", "results.md", "perturbation.png"}
@@ -302,6 +302,7 @@ def test_cli(tiny_path, tmp_path):
     assert results["perturb"]["pool_kernel"] == results["meta"]["grid"]["pool_kernel"] == 3
     assert results["perturb"]["window"] == results["meta"]["grid"]["window"] == 6
     assert results["meta"]["grid"]["renumber"] and "renumbered from 0 (--renumber)" in proc.stdout
+    assert results["meta"]["grid"]["n_decode"] == 5
     proc = subprocess.run(cmd + ["--pool-kernel", "4"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "4 is not an odd number" in proc.stderr
     proc = subprocess.run(cmd + ["--quick"], cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=60)

@@ -32,6 +32,8 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("--speed-policies", callback=o.policy_list,
               help="speed: only these policies, comma-separated [default: criticalkv-ada,snapkv at every budget, the others at the largest]")
 @click.option("--repeat", type=int, default=None, help="speed: interleaved repetitions [default: the grid's]")
+@click.option("-n", "--n-predict", "n_decode", type=click.IntRange(min=1), default=None,
+              help="speed: tokens decoded greedily after the prompt [default: the grid's, 64]")
 @click.option("--needle-contexts", callback=o.int_list, help="needle: prompt lengths [default: the grid's]")
 @click.option("--needle-budgets", callback=o.float_list, help="needle: budgets, in cells or below 1 a share of the context")
 @click.option("--needle-policies", callback=o.policy_list,
@@ -69,8 +71,8 @@ from ..bench.ruler import SETTINGS as RULER_SETTINGS, TASKS as RULER_TASKS
 @click.option("--pool-kernel", type=int, callback=o.odd, default=None,
               help=f"pooling kernel of the window's and surprisal's scores, odd (1: none) [default: {EvictConfig.pool_kernel}]")
 @click.option("--renumber/--no-renumber", default=None,
-              help="every pyllmkv job: what follows an eviction reads the kept cells renumbered from 0, as chat's "
-                   "--renumber does [default: off]")
+              help="every pyllmkv job: what follows an eviction reads the kept cells renumbered from 0, as chat does "
+                   "where the cache can shift positions [default: off, as the committed runs]")
 @click.option("-t", "--threads", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("-b", "--batch-size", "n_batch", type=int, default=0, help="tokens per decode [default: 512, 32 with --tiny]")
 @click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True)
