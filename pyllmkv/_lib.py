@@ -330,7 +330,7 @@ def can_renumber(ctx) -> bool:
 
 def renumber_where_it_can(ctx, config: EvictConfig, renumber: Optional[bool]) -> EvictConfig:
     """`config` with renumber as asked; None, the default of pyllmkv's own decoders (chat, serve, pyllmkv.Llama): on
-    where the context's cache can shift positions (README, "Renumbering")."""
+    where the context's cache can shift positions (it kept more of a document's facts for a later question: README)."""
     return replace(config, renumber=can_renumber(ctx) if renumber is None else renumber)
 
 
