@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -134,18 +135,42 @@ _validate = _bind("llama_kv_evict_validate", [ctypes.POINTER(EvictParams)], ctyp
 _max_cells = _bind("llama_kv_evict_max_cells", [ctypes.POINTER(EvictParams)], ctypes.c_int32)
 
 
-# A model kept on the CPU is loaded without llama.cpp's repacked weight layouts (CPU_REPACK: quantised rows interleaved
-# for its own matmul). The fused value-norm kernel reads W_O row by row and cannot read them: it would fall back to the
-# ggml graph (4.2x slower per eviction on Qwen2.5-Coder 1.5B Q4_K_M), and the repacked copies beside the mapped file
-# almost double the resident memory (2,420 vs 1,270 MiB there). llama.cpp offers no per-tensor way out: an override to
-# the CPU buffer type still picks the repacked one.
-_REPACK_CPU_WEIGHTS = False
+# How a model kept on the CPU lays out its weights: "plain" (the default), ggml's row layout, which the fused value-norm
+# kernel reads; "repack", llama.cpp's repacked layouts (CPU_REPACK) for all but W_O, which a buffer type of pyllmkv's
+# own keeps plain; "repack-all", as stock llama.cpp loads it (the norms then run as a ggml graph). docs/results.md
+# weighs them.
+CPU_WEIGHTS = ("plain", "repack", "repack-all")
+_cpu_weights = "plain"
 _model_init = llama_cpp._internals.LlamaModel.__init__
+_plain_cpu_buffer_type = _bind("llama_kv_evict_plain_cpu_buffer_type", [], ctypes.c_void_p)
+
+
+class _BuftOverride(ctypes.Structure):  # llama_model_tensor_buft_override
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+# W_O (with its scale, where a model has one) of every layer in the plain buffer type; the list ends with a null pattern
+_PLAIN_W_O = (_BuftOverride * 2)(_BuftOverride(rb"\.attn_output\.", _plain_cpu_buffer_type()), _BuftOverride(None, None))
+
+
+@contextmanager
+def cpu_weights(layout: str):
+    """Models loaded inside this block lay out the weights they keep on the CPU as `layout`, one of CPU_WEIGHTS."""
+    global _cpu_weights
+    if layout not in CPU_WEIGHTS:
+        raise ValueError(f"unknown weight layout {layout!r}: choose one of {', '.join(CPU_WEIGHTS)}")
+    previous, _cpu_weights = _cpu_weights, layout
+    try:
+        yield
+    finally:
+        _cpu_weights = previous
 
 
 def _init_model(self, *, path_model, params, verbose=True):
-    if not _REPACK_CPU_WEIGHTS and params.n_gpu_layers == 0:
+    if params.n_gpu_layers == 0 and _cpu_weights == "plain":
         params.use_extra_bufts = False
+    elif params.n_gpu_layers == 0 and _cpu_weights == "repack" and not params.tensor_buft_overrides:
+        params.tensor_buft_overrides = ctypes.cast(_PLAIN_W_O, ctypes.c_void_p)
     _model_init(self, path_model=path_model, params=params, verbose=verbose)
 
 

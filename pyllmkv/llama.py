@@ -46,6 +46,7 @@ class Llama(llama_cpp.Llama):
         prompt_tail: bool = True,
         repeat_probe: bool = False,
         renumber: Optional[bool] = None,
+        repack: bool = False,
         n_ctx: int = 0,
         n_batch: int = 512,
         rpc_servers: Optional[str] = None,
@@ -60,7 +61,9 @@ class Llama(llama_cpp.Llama):
         (pyllmkv.session.PromptTail), else with those of each batch's end; `repeat_probe`: each eviction is scored by
         a request to repeat the text read since the last one (pyllmkv.session.RepeatProbe; an experiment,
         docs/results.md), at the cost of decoding the text twice; `renumber`: a prompt or token that follows an eviction
-        reads the kept cells renumbered from 0 (None: where the model's cache can shift positions); `n_ctx`: logical
+        reads the kept cells renumbered from 0 (None: where the model's cache can shift positions); `repack`: weights
+        kept on the CPU are repacked for llama.cpp's matmul as llama.cpp does, all but W_O (pyllmkv._lib.cpu_weights:
+        decodes faster and prefills slower on some CPUs, in more memory), else in ggml's row layout; `n_ctx`: logical
         context (0: the model's training context; may exceed it); `rpc_servers`: "HOST:PORT,..." of ggml-rpc-servers
         that the n_gpu_layers layers are split across (pyllmkv.rpc; llama-cpp-python 0.3.36 takes the argument and
         ignores it). Other arguments go to `llama_cpp.Llama`.
@@ -77,7 +80,8 @@ class Llama(llama_cpp.Llama):
             rpc.add_servers(rpc_servers)
         kwargs.setdefault("n_ubatch", n_batch)
         cells = context_size(sliding_window(model_path), self.evict_config.cells, n_batch, repeat_probe)
-        super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
+        with _lib.cpu_weights("repack" if repack else "plain"):
+            super().__init__(model_path, n_ctx=cells, n_batch=n_batch, **kwargs)
         self._eviction_off_reason = self._why_no_eviction()
         if self._eviction_off_reason:
             return

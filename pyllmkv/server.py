@@ -35,7 +35,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 def create_app(model_path: str, kv_budget: int, policy: str, window: int, n_ctx: int, n_batch: int, prompt_tail: bool = True,
                pool_kernel: int = EvictConfig.pool_kernel, granularity: str = EvictConfig.granularity,
-               renumber: Optional[bool] = None, **settings):
+               renumber: Optional[bool] = None, repack: bool = False, **settings):
     """The FastAPI app of llama_cpp.server serving model_path with a budgeted cache (pyllmkv.Llama's arguments)."""
     try:
         from llama_cpp.server import app as server_app
@@ -47,6 +47,7 @@ def create_app(model_path: str, kv_budget: int, policy: str, window: int, n_ctx:
         ) from e
 
     server_model.llama_cpp = _ModelModule(kv_budget=kv_budget, policy=policy, granularity=granularity, window=window,
-                                          pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber)
+                                          pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber,
+                                          repack=repack)
     model_settings = ModelSettings(model=model_path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, verbose=False, **settings)
     return server_app.create_app(server_settings=ServerSettings(), model_settings=[model_settings])

@@ -9,7 +9,7 @@ of prefill tokens/s and decode milliseconds per token:
 - stock: unpatched llama.cpp (bench's build) with llama.cpp's context shift (bench's StockStream), weights repacked
   as llama.cpp loads a CPU model (CPU_REPACK);
 - patched-repacked: pyllmkv's library, the same context shift and Python path, weights repacked as stock's;
-- patched: the same, weights plain, as pyllmkv loads a CPU model (pyllmkv._lib, _REPACK_CPU_WEIGHTS);
+- patched: the same, weights plain, as pyllmkv loads a CPU model (pyllmkv._lib.cpu_weights);
 - pyllmkv: pyllmkv's Session evicting with --policy (bench's PyllmkvStream), weights plain.
 """
 
@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +60,17 @@ def one_run(a, config: str) -> dict:
         from pyllmkv import _lib
 
         llama_cpp = pyllmkv.llama_cpp
-        _lib._REPACK_CPU_WEIGHTS = config == "patched-repacked"
+    layout = _lib.cpu_weights("repack-all" if config == "patched-repacked" else "plain") if config != "stock" else nullcontext()
     if config == "pyllmkv":
         from pyllmkv.session import Session
 
         evict = pyllmkv.EvictConfig.for_cells(a.budget, policy=a.policy)
-        llm = llama_cpp.Llama(model_path=a.model, n_ctx=evict.cells + N_BATCH, **common)
+        with layout:
+            llm = llama_cpp.Llama(model_path=a.model, n_ctx=evict.cells + N_BATCH, **common)
         stream = worker.PyllmkvStream(_lib, Session(llm, evict))
     else:
-        llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.budget + N_BATCH, **common)
+        with layout:
+            llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.budget + N_BATCH, **common)
         stream = worker.StockStream(llama_cpp, llm, a.budget + N_BATCH, 4)
     tokens = licence_tokens(llm, a.context)
     t0 = time.perf_counter()

@@ -224,6 +224,22 @@ def test_threads_flag_sets_generation_and_prompt_threads(llama_cpp, smollm2_path
     assert not sess.config.renumber
 
 
+def test_repack_reaches_the_model_loader(smollm2_path, monkeypatch):
+    # --repack (chat's load) and repack=True (pyllmkv.Llama): llama.cpp's repacked layouts with W_O overridden to the
+    # plain buffer type (tests/test_kernels.py reads the layout from llama.cpp's load log); by default neither
+    import pyllmkv
+    from pyllmkv import _lib
+    from pyllmkv.cli import load
+    seen, init = [], _lib._model_init
+    monkeypatch.setattr(_lib, "_model_init", lambda self, **kw: seen.append(
+        (kw["params"].use_extra_bufts, bool(kw["params"].tensor_buft_overrides))) or init(self, **kw))
+    for repack in (False, True):
+        load(Path(smollm2_path), 256, "criticalkv", "head", 32, 13, True, 128, 0, "f16", "f16", "auto", 1, -1,
+             repack=repack)
+        pyllmkv.Llama(smollm2_path, kv_budget=256, n_batch=128, repack=repack, verbose=False)
+    assert seen == [(False, False)] * 2 + [(True, True)] * 2
+
+
 def test_ctx_size_caps_the_conversation_as_serve_does(smollm2_path):
     # -c means what it means to serve (and pyllmkv.Llama's n_ctx): the most tokens a conversation holds, not the cells
     from pyllmkv.chat import Chat, ConversationFull, Sampler

@@ -5,6 +5,7 @@ dispatch as kv_stats reports it."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -196,10 +197,29 @@ def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path, monk
     # W_O dequantised by gguf-py
     np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8), rtol=1e-4)
     # repacked, as stock llama.cpp loads it: the fused kernel cannot read W_O and the graph runs
-    monkeypatch.setattr(_lib, "_REPACK_CPU_WEIGHTS", True)
-    _, _, graph, st, _ = _scores(llama_cpp, path, "f32", 101)
+    with _lib.cpu_weights("repack-all"):
+        _, _, graph, st, _ = _scores(llama_cpp, path, "f32", 101)
     assert st["value_norm_kernel"] == "ggml-graph"
     np.testing.assert_allclose(graph, norms, rtol=5e-3)  # the graph rounds V to q8_0 for its Q4_0 matmul
+
+
+def test_repack_keeps_w_o_plain_for_the_fused_kernel(llama_cpp, tmp_path, capsys):
+    # cpu_weights("repack") (--repack): llama.cpp repacks every weight of a CPU model it would (its load log names each)
+    # but W_O, which the plain buffer type keeps in the file's Q4_0, where the fused kernel reads it
+    path = write_tiny_llama(tmp_path / "q4_0.gguf", seed=5, head_dim=64, dtype="q4_0")
+    ref = TinyRef(path)
+    for layout, w_o_repacked in (("repack", False), ("repack-all", True)):
+        with _lib.cpu_weights(layout):
+            llama_cpp.Llama(model_path=path, n_ctx=64, verbose=True).close()
+        log = capsys.readouterr().err
+        assert re.search(r"repack tensor blk\.0\.attn_q\.weight", log), log
+        assert bool(re.search(r"repack tensor blk\.\d+\.attn_output\.weight", log)) == w_o_repacked
+    with _lib.cpu_weights("repack"):
+        tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101)
+    assert st["value_norm_kernel"] == "fused-cpu"
+    np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8), rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown weight layout"):
+        _lib.cpu_weights("interleaved").__enter__()
 
 
 def _compacted_rows(llama_cpp, path, cache, policy, graph: bool):

@@ -71,6 +71,12 @@ renumber_option = click.option(
          "where the model's cache can shift positions; off with serve --parallel]")
 
 
+repack_option = click.option(
+    "--repack/--no-repack", default=False, show_default=True,
+    help="lay out a CPU model's weights as llama.cpp does, repacked for its matmul, all but W_O (which the value norms "
+         "read): decodes faster and prefills slower on some CPUs, in more memory (--no-repack: ggml's row layout)")
+
+
 pool_kernel_option = click.option(
     "--pool-kernel", type=int, callback=odd, default=EvictConfig.pool_kernel, show_default=True,
     help="cells the window's scores are averaged over, and positions surprisal's scores are max-pooled over (odd; 1: "
@@ -104,6 +110,7 @@ model_options = option_group([
                       "[default: 0, chat without limit, serve the model's trained context]"),
     click.option("-b", "--batch-size", "n_batch", type=int, default=512, show_default=True, help="tokens per decode; also how far the cache may exceed the budget"),
     click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True),
+    repack_option,
     click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
     click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(CACHE_TYPES), default="f16", show_default=True),
     click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True,
@@ -131,10 +138,10 @@ def flash_attn_flag(cache_type_v: str, flash_attn: str) -> bool:
 
 def load(model: Optional[Path], budget: int, policy: str, granularity: str, window: int, pool_kernel: int, prompt_tail: bool, n_batch: int,
          n_gpu_layers: int, cache_type_k: str, cache_type_v: str, flash_attn: str, n_threads: Optional[int], seed: int,
-         rpc_servers: Optional[str] = None, renumber: Optional[bool] = None):
+         rpc_servers: Optional[str] = None, renumber: Optional[bool] = None, repack: bool = False):
     """Validates the arguments, loads the model and returns a Session with eviction enabled; `renumber` None: on where
     the model's cache can shift positions."""
-    from .._lib import KVEvictError, llama_cpp, renumber_where_it_can
+    from .._lib import KVEvictError, cpu_weights, llama_cpp, renumber_where_it_can
     from ..session import Session, context_size, sliding_window
 
     check_budget(budget, window)
@@ -153,11 +160,12 @@ def load(model: Optional[Path], budget: int, policy: str, granularity: str, wind
     fa = flash_attn_flag(cache_type_v, flash_attn)
     add_rpc_servers(rpc_servers, n_gpu_layers)
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(model), n_ctx=cells, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
-            type_k=ggml_type(cache_type_k), type_v=ggml_type(cache_type_v), flash_attn=fa, seed=seed,
-            verbose=False, **threads(n_threads),
-        )
+        with cpu_weights("repack" if repack else "plain"):
+            llm = llama_cpp.Llama(
+                model_path=str(model), n_ctx=cells, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
+                type_k=ggml_type(cache_type_k), type_v=ggml_type(cache_type_v), flash_attn=fa, seed=seed,
+                verbose=False, **threads(n_threads),
+            )
     except ValueError as e:
         raise click.ClickException(f"llama.cpp could not load {model}: {e} (a truncated or unsupported GGUF?)")
     try:

@@ -19,8 +19,8 @@ from .._lib import EvictConfig
 @click.option("-np", "--parallel", "n_parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="conversations served at once, each within its own --kv-budget: above 1, llama.cpp's llama-server "
                    "with that many slots (built on first use)")
-def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, renumber, n_ctx, n_batch, n_gpu_layers, cache_type_k,
-          cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, cache, cache_size, n_parallel):
+def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, renumber, n_ctx, n_batch, n_gpu_layers, repack,
+          cache_type_k, cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, cache, cache_size, n_parallel):
     """OpenAI-compatible server on MODEL with a KV cache of --kv-budget cells per conversation: llama-cpp-python's,
     one request at a time, or with --parallel N llama.cpp's llama-server with N slots."""
     from ..server import create_app, port_in_use
@@ -38,14 +38,15 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
                                      "serves without --renumber", param_hint="--renumber")
         if click.get_current_context().get_parameter_source("policy") == click.core.ParameterSource.DEFAULT:
             policy = EvictConfig.policy  # llama-server computes no prompt logits: the default that needs none
-        serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ctx, n_batch, n_gpu_layers,
+        serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ctx, n_batch, n_gpu_layers, repack,
                        cache_type_k, cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, n_parallel)
         return
     o.add_rpc_servers(rpc_servers, n_gpu_layers)
     try:
         app = create_app(str(model), kv_budget=budget, policy=policy, granularity=granularity, window=window,
-                         pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber, n_ctx=n_ctx, n_batch=n_batch,
-                         n_gpu_layers=n_gpu_layers, type_k=o.ggml_type(cache_type_k), type_v=o.ggml_type(cache_type_v),
+                         pool_kernel=pool_kernel, prompt_tail=prompt_tail, renumber=renumber, repack=repack, n_ctx=n_ctx,
+                         n_batch=n_batch, n_gpu_layers=n_gpu_layers, type_k=o.ggml_type(cache_type_k),
+                         type_v=o.ggml_type(cache_type_v),
                          flash_attn=o.flash_attn_flag(cache_type_v, flash_attn), seed=seed, cache=cache, cache_type="ram",
                          cache_size=cache_size, **o.threads(n_threads))
     except (RuntimeError, ValueError) as e:
@@ -56,8 +57,8 @@ def serve(model, budget, policy, granularity, window, pool_kernel, prompt_tail, 
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ctx, n_batch, n_gpu_layers, cache_type_k,
-                   cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, n_parallel):
+def serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ctx, n_batch, n_gpu_layers, repack,
+                   cache_type_k, cache_type_v, flash_attn, n_threads, seed, rpc_servers, host, port, n_parallel):
     """llama-server with n_parallel slots, each a sequence evicted to its own budget; runs until interrupted."""
     import os
 
@@ -79,6 +80,8 @@ def serve_parallel(model, budget, policy, granularity, window, pool_kernel, n_ct
     if n_ctx:
         click.echo(f"pyllmkv: with --parallel a conversation may go to the model's trained context; -c {n_ctx} is "
                    "not applied", err=True)
+    if not repack:
+        extra += ["--no-repack"]  # as chat loads a CPU model; --repack leaves llama-server's own layout, W_O included
     if n_threads:
         extra += ["-t", str(n_threads), "-tb", str(n_threads)]
     if rpc_servers:
