@@ -22,11 +22,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
-
-import numpy as np
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pyllmkv"
 CONFIGS = ("stock", "patched-repacked", "patched", "pyllmkv")
@@ -72,17 +69,8 @@ def one_run(a, config: str) -> dict:
         with layout:
             llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.budget + N_BATCH, **common)
         stream = worker.StockStream(llama_cpp, llm, a.budget + N_BATCH, 4)
-    tokens = licence_tokens(llm, a.context)
-    t0 = time.perf_counter()
-    logits = stream.decode(tokens)
-    stream.settle()
-    prefill_s = time.perf_counter() - t0
-    token = int(np.argmax(logits))
-    t0 = time.perf_counter()
-    for _ in range(a.n_decode):
-        token = int(np.argmax(stream.decode([token])))
-    decode_s = time.perf_counter() - t0
-    return {"config": config, "prefill_tps": a.context / prefill_s, "decode_ms": decode_s / a.n_decode * 1e3,
+    speed = worker.time_speed(stream, licence_tokens(llm, a.context), a.n_decode)
+    return {"config": config, "prefill_tps": speed["prefill_tps"], "decode_ms": speed["decode_s"] / a.n_decode * 1e3,
             "cells": stream.counters()["cells"], "peak_rss_mib": worker.peak_rss_mib()}
 
 

@@ -230,6 +230,23 @@ def run_ruler(job: dict) -> dict:
     return {"answers": answers, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}
 
 
+def time_speed(stream, tokens, n_decode: int) -> dict:
+    """Seconds and tokens/s of the prompt's prefill, then of n_decode greedy tokens."""
+    t0 = time.perf_counter()
+    logits = stream.decode(tokens)
+    # the prompt ends with the cache down to its budget, so the decode below measures attention over the budget;
+    # an eviction recurs every n_batch decoded tokens, and costs what t_evict_s / n_evictions says
+    stream.settle()
+    prefill_s = time.perf_counter() - t0
+    tok = int(np.argmax(logits))
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        tok = int(np.argmax(stream.decode([tok])))
+    decode_s = time.perf_counter() - t0
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "prefill_tps": len(tokens) / prefill_s,
+            "decode_tps": n_decode / decode_s}
+
+
 def run(job: dict) -> dict:
     if job["suite"] == "ruler":
         return run_ruler(job)
@@ -237,19 +254,7 @@ def run(job: dict) -> dict:
     tokens = job["tokens"]
     result: dict = {}
     if job["suite"] == "speed":
-        t0 = time.perf_counter()
-        logits = stream.decode(tokens)
-        # the prompt ends with the cache down to its budget, so the decode below measures attention over the budget;
-        # an eviction recurs every n_batch decoded tokens, and costs what t_evict_s / n_evictions says
-        stream.settle()
-        prefill_s = time.perf_counter() - t0
-        tok = int(np.argmax(logits))
-        t0 = time.perf_counter()
-        for _ in range(job["n_decode"]):
-            tok = int(np.argmax(stream.decode([tok])))
-        decode_s = time.perf_counter() - t0
-        result = {"prefill_s": prefill_s, "decode_s": decode_s, "prefill_tps": len(tokens) / prefill_s,
-                  "decode_tps": job["n_decode"] / decode_s}
+        result = time_speed(stream, tokens, job["n_decode"])
     elif job["suite"] == "needle":
         answer, _ = generate(stream, tokens, job["n_answer"], settle=job["settle_prompt"])
         result = {"answer_tokens": answer}
