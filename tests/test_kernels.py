@@ -187,7 +187,7 @@ def test_fused_pooled_maximum_on_the_real_model(llama_cpp, smollm2_path):
     np.testing.assert_allclose(fused, graph, rtol=1e-4, atol=1e-7)
 
 
-def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path, monkeypatch):
+def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path):
     # llama.cpp repacks Q4_0 weights of a CPU model for its own matmul (CPU_REPACK), in a layout the fused kernel cannot
     # read; pyllmkv loads CPU models without repacking, and the fused kernel reads W_O in the file's Q4_0
     path = write_tiny_llama(tmp_path / "q4_0.gguf", seed=5, head_dim=64, dtype="q4_0")
