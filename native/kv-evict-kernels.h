@@ -16,13 +16,19 @@ enum scoring_kernel : int32_t {
     KERNEL_GGML_GRAPH = 1, // plain ggml ops on any backend
     KERNEL_FUSED_CPU  = 2,
     KERNEL_FUSED_CUDA = 3,
+    KERNEL_FUSED_CPU_INT8 = 4, // the CPU kernel's int8 product (value norms of quantised W_O, AVX-512 VNNI)
 };
 
 // CPU: whether W_O (and its per-output scale wo_s, may be NULL) lie in host memory in ggml's row layout
 bool value_norm_cpu_supports(const ggml_tensor * wo, const ggml_tensor * wo_s);
 
-// CPU: [m, n_head] f32 norms |V_i W_O^h|_1 of the cells whose V rows (f32, [n_head_kv * head_dim, m]) are v
-ggml_tensor * value_norm_cpu_op(ggml_context * ctx, ggml_tensor * v, ggml_tensor * wo, ggml_tensor * wo_s, int64_t n_head);
+// CPU: whether this build computes the norms of a layer with this W_O in int8 (quantised W_O, AVX-512 VNNI)
+bool value_norm_cpu_int8(const ggml_tensor * wo, int64_t n_head);
+
+// CPU: [m, n_head] f32 norms |V_i W_O^h|_1 of the cells whose V rows (f32, [n_head_kv * head_dim, m]) are v; in int8
+// where value_norm_cpu_int8 allows
+ggml_tensor * value_norm_cpu_op(ggml_context * ctx, ggml_tensor * v, ggml_tensor * wo, ggml_tensor * wo_s, int64_t n_head,
+        bool int8);
 
 // CPU: whether the K cache and the query ring lie in host memory and K's type can be dequantised per head
 bool window_attn_cpu_supports(const ggml_tensor * k_cache, const ggml_tensor * ring, int64_t head_dim);

@@ -111,19 +111,21 @@ int32_t value_norms_cuda(llama_kv_evict_state & st, uint32_t stream, const std::
 #endif
 
 // Which kernel computes the norms: a fused one where the weights and cache lie on its backend, else plain ggml ops.
-// LLAMA_KV_EVICT_VALUE_NORMS=graph forces the latter
+// LLAMA_KV_EVICT_VALUE_NORMS=graph forces the latter, =f32 the CPU kernel's float product where it would run in int8
 scoring_kernel pick_value_norm_kernel(const llama_kv_evict_state & st) {
     const llama_model & model = st.lctx->get_model();
     if (graph_forced("LLAMA_KV_EVICT_VALUE_NORMS")) {
         return KERNEL_GGML_GRAPH;
     }
-    bool cpu = true, cuda = true;
+    const char * force = getenv("LLAMA_KV_EVICT_VALUE_NORMS");
+    bool cpu = true, int8 = !(force && std::string(force) == "f32"), cuda = true;
     for (uint32_t il : st.kv->get_layer_ids()) {
         const auto & layer = model.layers[il];
         cpu  = cpu && value_norm_cpu_supports(layer.wo, layer.wo_s);
+        int8 = int8 && value_norm_cpu_int8(layer.wo, model.hparams.n_head(il));
         cuda = cuda && cuda_supports(layer.wo, st.kv->get_v_storage(il));
     }
-    return cpu ? KERNEL_FUSED_CPU : cuda ? KERNEL_FUSED_CUDA : KERNEL_GGML_GRAPH;
+    return cpu ? (int8 ? KERNEL_FUSED_CPU_INT8 : KERNEL_FUSED_CPU) : cuda ? KERNEL_FUSED_CUDA : KERNEL_GGML_GRAPH;
 }
 
 } // namespace
@@ -169,9 +171,10 @@ int32_t compute_value_norms(llama_kv_evict_state & st, uint32_t stream, const st
             std::vector<ggml_tensor *> outs;
             for (uint32_t il : layer_ids) {
                 ggml_tensor * v = gather_v(g, st, stream, cell_idx, il);
-                ggml_tensor * n = kernel == KERNEL_FUSED_CPU
-                    ? value_norm_cpu_op(ctx, v, model.layers[il].wo, model.layers[il].wo_s, hparams.n_head(il)) // [m, n_head]
-                    : value_norms_graph(ctx, g, model, v, il);                                                  // [1, m, n_head]
+                ggml_tensor * n = kernel == KERNEL_GGML_GRAPH
+                    ? value_norms_graph(ctx, g, model, v, il)                                          // [1, m, n_head]
+                    : value_norm_cpu_op(ctx, v, model.layers[il].wo, model.layers[il].wo_s, hparams.n_head(il),
+                                        kernel == KERNEL_FUSED_CPU_INT8);                              // [m, n_head]
                 outs.push_back(g.output(n));
             }
             if (!g.compute(st)) {

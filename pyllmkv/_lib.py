@@ -457,7 +457,7 @@ def set_seq_data(ctx, data: bytes, seq_id: int = 0) -> None:
 
 
 
-SCORING_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda"}
+SCORING_KERNELS = {0: "none", 1: "ggml-graph", 2: "fused-cpu", 3: "fused-cuda", 4: "fused-cpu-int8"}
 
 
 def stats(ctx, seq_id: int = 0) -> dict:

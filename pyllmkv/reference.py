@@ -62,6 +62,29 @@ def value_norms(v, w_o, n_head):
     return group_mean(norms, n_kv)
 
 
+def int8_rows(x):
+    """x [..., n] rounded to 8 bits per row as the CPU kernel's int8 product does (float32 arithmetic, to nearest
+    even): (values as int64, scales [..., 1] = max |x| / 127)."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return np.rint(x * inv).astype(np.int64), (amax / np.float32(127)).astype(np.float32)
+
+
+def value_norms_int8(v, w_o, n_head):
+    """value_norms with V's rows per KV head and W_O's rows per query head (one output's head_dim inputs) rounded to
+    8 bits first, as the CPU kernel computes them for quantised W_O: exact integer products, scaled back."""
+    n_kv, hd = v.shape[1], v.shape[2]
+    group = n_head // n_kv
+    qv, sv = int8_rows(v)                                                   # [N, n_kv, hd], [N, n_kv, 1]
+    qw, sw = int8_rows(w_o.reshape(n_head, hd, -1).transpose(0, 2, 1))     # [n_head, n_embd, hd], [n_head, n_embd, 1]
+    norms = np.stack([
+        np.abs((qv[:, h // group] @ qw[h].T) * sw[h, :, 0].astype(np.float64)).sum(axis=-1) * sv[:, h // group, 0]
+        for h in range(n_head)
+    ])
+    return group_mean(norms, n_kv)
+
+
 def top_k(values, k, skip=None):
     order = sorted(
         (i for i in range(len(values)) if skip is None or not skip[i]),

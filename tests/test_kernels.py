@@ -14,7 +14,7 @@ from conftest import random_tokens
 from pyllmkv import _lib, debug
 from pyllmkv._lib import EvictConfig
 from pyllmkv.session import Session
-from pyllmkv.reference import defensive_scores, head_scores, value_norms, window_attention
+from pyllmkv.reference import defensive_scores, head_scores, value_norms, value_norms_int8, window_attention
 from tinymodel import TinyRef, write_tiny_llama
 
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q8_0": 8}  # GGML_TYPE_*
@@ -52,20 +52,29 @@ def _norms(llama_cpp, path, cache, n_tokens, kernel, **kw):
     return tokens, norms, st
 
 
-def shaped_model(tmp_path, head_dim, group, seed, dtype="f32"):
-    """A tiny model of this head dim and GQA group (n_head / n_head_kv), n_embd 128; returns (path, n_head_kv)."""
+def shaped_model(tmp_path, head_dim, group, seed, dtype="f32", n_embd=128):
+    """A tiny model of this head dim and GQA group (n_head / n_head_kv); returns (path, n_head_kv)."""
     n_head_kv = 2 if group < 8 else 1
     path = write_tiny_llama(tmp_path / "m.gguf", seed=seed, n_head=n_head_kv * group, n_head_kv=n_head_kv,
-                            head_dim=head_dim, dtype=dtype)
+                            head_dim=head_dim, dtype=dtype, n_embd=n_embd)
     return path, n_head_kv
 
 
-def norms_reference(llm, ref, n_tokens, n_prefix):
-    """The numpy value norms on the kernel's own inputs: the f32 cache's V rows, and W_O as TinyRef reads the file."""
+def norms_reference(llm, ref, n_tokens, n_prefix, int8=False):
+    """The numpy value norms on the kernel's own inputs: the f32 cache's V rows, and W_O as TinyRef reads the file;
+    with `int8`, both rounded to 8 bits as the int8 kernel does."""
+    norms = value_norms_int8 if int8 else value_norms
     return np.stack([
-        value_norms(debug.read_rows(llm, il, True, n_tokens).view(np.float32).reshape(n_tokens, ref.n_head_kv, ref.head_dim),
-                    ref.w_o(il), ref.n_head)[:, :n_prefix]
+        norms(debug.read_rows(llm, il, True, n_tokens).view(np.float32).reshape(n_tokens, ref.n_head_kv, ref.head_dim),
+              ref.w_o(il), ref.n_head)[:, :n_prefix]
         for il in range(ref.n_layer)])
+
+
+def int8_norms_expected() -> bool:
+    """Whether the CPU kernel computes the norms of quantised W_O in int8 here: the build compiles native/cpu/ for the
+    machine's CPU (GGML_NATIVE), and the int8 product needs AVX-512 VNNI."""
+    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
 
 
 # head_dim x GQA group (n_head / n_head_kv) x weight type; n_embd 128 throughout
@@ -86,6 +95,20 @@ def test_fused_norms_equal_graph_and_numpy(llama_cpp, tmp_path, head_dim, group,
     np.testing.assert_allclose(fused, graph, rtol=1e-4)
 
 
+# the int8 product of quantised W_O over head dims and GQA groups, n_embd 160 (a last tile of 32 outputs), against
+# numpy's rounding of the same inputs and, within 1 %, the floats; a head dim not a multiple of 16 keeps floats
+@pytest.mark.parametrize("head_dim, group", [(32, 2), (64, 4), (128, 8), (256, 2), (40, 2)])
+def test_fused_norms_of_quantised_w_o(llama_cpp, tmp_path, head_dim, group):
+    path, _ = shaped_model(tmp_path, head_dim, group, seed=head_dim + 3 * group, dtype="q4_0", n_embd=160)
+    ref = TinyRef(path)
+    tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101)  # 93 prefix cells: odd
+    int8 = int8_norms_expected() and head_dim % 16 == 0
+    assert st["value_norm_kernel"] == ("fused-cpu-int8" if int8 else "fused-cpu")
+    n = len(tokens)
+    np.testing.assert_allclose(norms, norms_reference(llm, ref, n, n - 8, int8), rtol=1e-5)
+    np.testing.assert_allclose(norms, norms_reference(llm, ref, n, n - 8), rtol=1e-2 if int8 else 1e-4)
+
+
 @pytest.mark.parametrize("cache", ["f16", "bf16", "q8_0"])
 def test_fused_norms_equal_graph_for_cache_types(llama_cpp, tiny64_path, cache):
     _, fused, _ = _norms(llama_cpp, tiny64_path, cache, 77, "fused-cpu")
@@ -93,11 +116,16 @@ def test_fused_norms_equal_graph_for_cache_types(llama_cpp, tiny64_path, cache):
     np.testing.assert_allclose(fused, graph, rtol=1e-4)
 
 
-def test_fused_norms_on_the_real_model(llama_cpp, smollm2_path):
-    # SmolLM2's W_O is quantized: the kernel dequantises it tile by tile with ggml's own routines
+def test_fused_norms_on_the_real_model(llama_cpp, smollm2_path, monkeypatch):
+    # SmolLM2's W_O is quantized: the kernel dequantises it tile by tile with ggml's own routines, and rounds it and V
+    # to 8 bits where the CPU has AVX-512 VNNI (LLAMA_KV_EVICT_VALUE_NORMS=f32 keeps floats)
+    _, graph, _ = _norms(llama_cpp, smollm2_path, "f16", 200, "ggml-graph")
+    _, fused, st = _norms(llama_cpp, smollm2_path, "f16", 200, "fused-cpu")
+    assert st["value_norm_kernel"] == ("fused-cpu-int8" if int8_norms_expected() else "fused-cpu")
+    np.testing.assert_allclose(fused, graph, rtol=1e-2 if int8_norms_expected() else 1e-4)
+    monkeypatch.setenv("LLAMA_KV_EVICT_VALUE_NORMS", "f32")
     _, fused, st = _norms(llama_cpp, smollm2_path, "f16", 200, "fused-cpu")
     assert st["value_norm_kernel"] == "fused-cpu"
-    _, graph, _ = _norms(llama_cpp, smollm2_path, "f16", 200, "ggml-graph")
     np.testing.assert_allclose(fused, graph, rtol=1e-4)
 
 
@@ -193,14 +221,17 @@ def test_fused_norms_on_weights_llama_cpp_would_repack(llama_cpp, tmp_path):
     path = write_tiny_llama(tmp_path / "q4_0.gguf", seed=5, head_dim=64, dtype="q4_0")
     ref = TinyRef(path)
     tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101)
-    assert st["value_norm_kernel"] == "fused-cpu"
-    # W_O dequantised by gguf-py
-    np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8), rtol=1e-4)
+    int8 = int8_norms_expected()
+    assert st["value_norm_kernel"] == ("fused-cpu-int8" if int8 else "fused-cpu")
+    # W_O dequantised by gguf-py; rounded to 8 bits with V by the int8 kernel, which is then within 1 % of the floats
+    exact = norms_reference(llm, ref, len(tokens), len(tokens) - 8)
+    np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8, int8), rtol=1e-4)
+    np.testing.assert_allclose(norms, exact, rtol=1e-2 if int8 else 1e-4)
     # repacked, as stock llama.cpp loads it: the fused kernel cannot read W_O and the graph runs
     with _lib.cpu_weights("repack-all"):
         _, _, graph, st, _ = _scores(llama_cpp, path, "f32", 101)
     assert st["value_norm_kernel"] == "ggml-graph"
-    np.testing.assert_allclose(graph, norms, rtol=5e-3)  # the graph rounds V to q8_0 for its Q4_0 matmul
+    np.testing.assert_allclose(graph, exact, rtol=5e-3)  # the graph rounds V to q8_0 for its Q4_0 matmul
 
 
 def test_repack_keeps_w_o_plain_for_the_fused_kernel(llama_cpp, tmp_path, capsys):
@@ -216,8 +247,9 @@ def test_repack_keeps_w_o_plain_for_the_fused_kernel(llama_cpp, tmp_path, capsys
         assert bool(re.search(r"repack tensor blk\.\d+\.attn_output\.weight", log)) == w_o_repacked
     with _lib.cpu_weights("repack"):
         tokens, _, norms, st, llm = _scores(llama_cpp, path, "f32", 101)
-    assert st["value_norm_kernel"] == "fused-cpu"
-    np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8), rtol=1e-4)
+    int8 = int8_norms_expected()
+    assert st["value_norm_kernel"] == ("fused-cpu-int8" if int8 else "fused-cpu")
+    np.testing.assert_allclose(norms, norms_reference(llm, ref, len(tokens), len(tokens) - 8, int8), rtol=1e-4)
     with pytest.raises(ValueError, match="unknown weight layout"):
         _lib.cpu_weights("interleaved").__enter__()
 
