@@ -29,6 +29,27 @@ namespace kv_evict {
 
 namespace {
 
+// The sizes of a value-norm op and this thread's share [i0, i1) of its cells, whose outputs it zeroes. dst [m, n_head]
+// f32; src[0] V rows f32 [n_head_kv*hd, m]; src[1] W_O [n_head*hd, n_embd]; src[2] optional f32 per-output scale.
+// The shapes give every size: hd = W_O's inputs / n_head, n_head_kv = V's row / hd.
+struct norm_op {
+    const ggml_tensor * v;
+    const ggml_tensor * wo;
+    const ggml_tensor * ws;
+    int64_t n_head, hd, n_kv, group, k_in, n_out, m, i0, i1;
+    float * out;
+
+    norm_op(const ggml_tensor * dst, int ith, int nth)
+        : v(dst->src[0]), wo(dst->src[1]), ws(dst->src[2]), n_head(dst->ne[1]), hd(wo->ne[0] / n_head),
+          n_kv(v->ne[0] / hd), group(n_head / n_kv), k_in(wo->ne[0]), n_out(wo->ne[1]), m(v->ne[1]),
+          i0(std::min<int64_t>(m, ith * ((m + nth - 1) / nth))), i1(std::min<int64_t>(m, i0 + (m + nth - 1) / nth)),
+          out((float *) dst->data) {
+        for (int64_t h = 0; h < n_head && i0 < i1; ++h) {
+            std::fill(out + h * m + i0, out + h * m + i1, 0.0f);
+        }
+    }
+};
+
 constexpr int64_t TILE  = 32; // outputs per tile: CELLS x TILE accumulators fill 16 AVX registers
 constexpr int64_t CELLS = 4;  // cells that share each loaded tile element
 
@@ -59,28 +80,12 @@ float quantize_row(const float * x, int64_t n, float mul, int8_t * q, int32_t & 
 // [head][dim / 4][output][4], as vpdpbusd multiplies 4 byte pairs per int32 lane; the V rows are signed bytes, so each
 // sum carries 128 * sum(v), taken off before scaling.
 void value_norm_cpu_int8(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
-    const ggml_tensor * v  = dst->src[0];
-    const ggml_tensor * wo = dst->src[1];
-    const ggml_tensor * ws = dst->src[2];
-    const int64_t n_head = dst->ne[1];
-    const int64_t hd     = wo->ne[0] / n_head;
-    const int64_t n_kv   = v->ne[0] / hd;
-    const int64_t group  = n_head / n_kv;
-    const int64_t n_quad = hd / 4;
-    const int64_t k_in   = wo->ne[0];
-    const int64_t n_out  = wo->ne[1];
-    const int64_t m      = v->ne[1];
-
-    const int64_t per = (m + nth - 1) / nth;
-    const int64_t i0  = std::min<int64_t>(m, ith * per);
-    const int64_t i1  = std::min<int64_t>(m, i0 + per);
+    const norm_op op(dst, ith, nth);
+    const auto & [v, wo, ws, n_head, hd, n_kv, group, k_in, n_out, m, i0, i1, out] = op;
     if (i0 >= i1) {
         return;
     }
-    float * out = (float *) dst->data;
-    for (int64_t h = 0; h < n_head; ++h) {
-        std::fill(out + h * m + i0, out + h * m + i1, 0.0f);
-    }
+    const int64_t n_quad = hd / 4;
 
     // this thread's cells per KV head: bytes (zeros for the cells past the end of the last block), scale, 128 * sum
     const int64_t n_cell = i1 - i0;
@@ -169,28 +174,12 @@ void value_norm_cpu_int8(ggml_tensor * dst, int ith, int nth, void * /*userdata*
 }
 #endif
 
-// dst [m, n_head] f32; src[0] V rows f32 [n_head_kv*hd, m]; src[1] W_O [n_head*hd, n_embd]; src[2] optional f32
-// per-output scale. The shapes give every size: hd = W_O's inputs / n_head, n_head_kv = V's row / hd.
+// The float product (the file's head says how)
 void value_norm_cpu(ggml_tensor * dst, int ith, int nth, void * /*userdata*/) {
-    const ggml_tensor * v  = dst->src[0];
-    const ggml_tensor * wo = dst->src[1];
-    const ggml_tensor * ws = dst->src[2];
-    const int64_t n_head = dst->ne[1];
-    const int64_t hd     = wo->ne[0] / n_head;
-    const int64_t group  = n_head / (v->ne[0] / hd);
-    const int64_t k_in   = wo->ne[0];
-    const int64_t n_out = wo->ne[1];
-    const int64_t m     = v->ne[1];
-
-    const int64_t per = (m + nth - 1) / nth;
-    const int64_t i0  = std::min<int64_t>(m, ith * per);
-    const int64_t i1  = std::min<int64_t>(m, i0 + per);
+    const norm_op op(dst, ith, nth);
+    const auto & [v, wo, ws, n_head, hd, n_kv, group, k_in, n_out, m, i0, i1, out] = op;
     if (i0 >= i1) {
         return;
-    }
-    float * out = (float *) dst->data;
-    for (int64_t h = 0; h < n_head; ++h) {
-        std::fill(out + h * m + i0, out + h * m + i1, 0.0f);
     }
 
     const ggml_type_traits * tt = ggml_get_type_traits(wo->type);
