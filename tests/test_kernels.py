@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -73,8 +74,12 @@ def norms_reference(llm, ref, n_tokens, n_prefix, int8=False):
 def int8_norms_expected() -> bool:
     """Whether the CPU kernel computes the norms of quantised W_O in int8 here: the build compiles native/cpu/ for the
     machine's CPU (GGML_NATIVE), and the int8 product needs AVX-512 VNNI."""
-    flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+    try:
+        flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+        return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+    except OSError:  # macOS: an Intel CPU's leaf-7 features (none on Apple silicon)
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.leaf7_features"], capture_output=True, text=True).stdout
+        return {"AVX512F", "AVX512BW", "AVX512VNNI"} <= set(out.split())
 
 
 # head_dim x GQA group (n_head / n_head_kv) x weight type; n_embd 128 throughout
