@@ -115,7 +115,7 @@ void value_norm_cpu_int8(ggml_tensor * dst, int ith, int nth, void * /*userdata*
                 tt->to_float((const char *) wo->data + (j0 + jj) * wo->nb[1], row.data(), k_in);
             }
             // a per-output scale scales the output, so it can scale the weight row instead
-            const float s = ws ? ((const float *) ws->data)[j0 + jj] : 1.0f;
+            const float s = jj < nj && ws ? ((const float *) ws->data)[j0 + jj] : 1.0f;
             for (int64_t h = 0; h < n_head; ++h) {
                 int32_t sum;
                 // an output past the end: weights 0 (bytes 128) and scale 0
