@@ -2,8 +2,10 @@
 //
 // One block per (32 cells, query head h): the cells' V rows of h's KV head stay in shared memory, W_O^h is streamed
 // OUTS output rows at a time through shared memory, each thread forms one (cell, output) dot product and keeps
-// only its |.|; a reduction over the block's output lanes gives the cells' norms. Inputs are f32 device arrays that
-// the hook's ggml graph prepared on the CUDA backend (V gathered from the cache, W_O dequantised by get_rows).
+// only its |.|; a reduction over the block's output lanes gives the cells' norms. The V rows lie hd + 1 floats apart,
+// so that a warp's 32 lanes (32 cells at one dim) read 32 shared-memory banks, not all the same one. Inputs are f32
+// device arrays that the hook's ggml graph prepared on the CUDA backend (V gathered from the cache, W_O dequantised by
+// get_rows).
 #include "kernels-cuda.h"
 
 #include <cuda_runtime.h>
@@ -17,12 +19,13 @@ constexpr int OUTS  = 8;  // output rows of W_O per step: one warp each
 __global__ void value_norm(const float * __restrict__ W, const float * __restrict__ V, float * __restrict__ out,
         int m, int n_head, int n_kv, int hd, int n_out) {
     extern __shared__ float smem[];
-    float * v_tile = smem;                  // [CELLS][hd]
-    float * w_tile = smem + CELLS * hd;     // [OUTS][hd]
-    float * part   = w_tile + OUTS * hd;    // [OUTS][CELLS]
+    const int v_stride = hd + 1;
+    float * v_tile = smem;                      // [CELLS][v_stride]
+    float * w_tile = smem + CELLS * v_stride;   // [OUTS][hd]
+    float * part   = w_tile + OUTS * hd;        // [OUTS][CELLS]
 
-    const int lane = threadIdx.x;           // cell within the block
-    const int row  = threadIdx.y;           // output within a step
+    const int lane = threadIdx.x;               // cell within the block
+    const int row  = threadIdx.y;               // output within a step
     const int h    = blockIdx.y;
     const int g    = h / (n_head / n_kv);
     const int c0   = blockIdx.x * CELLS;
@@ -30,7 +33,7 @@ __global__ void value_norm(const float * __restrict__ W, const float * __restric
 
     for (int idx = row * CELLS + lane; idx < CELLS * hd; idx += CELLS * OUTS) {
         const int c = idx / hd, d = idx % hd;
-        v_tile[idx] = c0 + c < m ? V[(size_t) (c0 + c) * n_kv * hd + g * hd + d] : 0.0f;
+        v_tile[c * v_stride + d] = c0 + c < m ? V[(size_t) (c0 + c) * n_kv * hd + g * hd + d] : 0.0f;
     }
 
     float acc = 0.0f;
@@ -43,7 +46,7 @@ __global__ void value_norm(const float * __restrict__ W, const float * __restric
         __syncthreads();
         float y = 0.0f;
         for (int d = 0; d < hd; ++d) {
-            y += w_tile[row * hd + d] * v_tile[lane * hd + d];
+            y += w_tile[row * hd + d] * v_tile[lane * v_stride + d];
         }
         acc += fabsf(y);
     }
@@ -74,7 +77,7 @@ extern "C" int pyllmkv_value_norm_cuda(const float * W, const float * V, float *
     }
     const dim3   block(CELLS, OUTS);
     const dim3   grid((m + CELLS - 1) / CELLS, n_head);
-    const size_t shared = sizeof(float) * ((size_t) (CELLS + OUTS) * hd + OUTS * CELLS);
+    const size_t shared = sizeof(float) * ((size_t) CELLS * (hd + 1) + OUTS * hd + OUTS * CELLS);
     value_norm<<<grid, block, shared>>>(W, V, out, m, n_head, n_kv, hd, n_out);
     cudaError_t err = cudaGetLastError();
     if (err == cudaSuccess) {
