@@ -64,8 +64,9 @@ private:
     const int64_t n_capture;
 };
 
-// The -ada policies' per-head mask of layer l: -inf where a KV head holds no token in the cell, for each query head,
-// added to llama.cpp's own mask (llama.cpp's mask is one per cell, shared by the heads)
+// The -ada policies' per-head mask of layer l: -inf where a KV head holds no token in the cell, one row per KV head
+// (the graph repeats it for the query heads of its group), added to llama.cpp's own mask (one per cell, shared by the
+// heads). It is filled on the host for every ubatch, so it is as small as the KV heads make it.
 class graph_input_head_mask : public llm_graph_input_i {
 public:
     graph_input_head_mask(llama_kv_evict_state * st, int64_t l, int64_t n_tokens) : st(st), l(l), n_tokens(n_tokens) {}
@@ -74,21 +75,23 @@ public:
         note_written(st, ubatch);
         // one mask per stream of the ubatch, as llama.cpp's: stream s holds the s-th run of n_tokens / n_stream tokens
         const int64_t n_cells  = mask->ne[0];
-        const int64_t n_head   = mask->ne[2];
+        const int64_t n_kv     = mask->ne[2];
         const int64_t n_stream = mask->ne[3];
-        const int64_t group    = n_head / st->n_head_kv;
-        std::vector<float> m(n_cells * n_head * n_stream, 0.0f);
+        std::vector<float> m(n_cells * n_kv * n_stream, 0.0f);
         for (int64_t s = 0; s < n_stream; ++s) {
             const llama_seq_id   seq_id = ubatch->seq_id[s * (ubatch->n_tokens / n_stream)][0];
             const kv_evict_seq & seq    = st->seqs[seq_id];
             const auto &         cells  = st->kv->get_cells(seq_id);
+            if (!seq.any_absent) {
+                continue;
+            }
             for (int64_t c = 0; c < n_cells; ++c) {
                 if (cells.is_empty(c)) {
                     continue;
                 }
-                for (int64_t h = 0; h < n_head; ++h) {
-                    if (seq.absent(l, c, cells.pos_get(c), h / group)) {
-                        m[(s * n_head + h) * n_cells + c] = -INFINITY;
+                for (int64_t g = 0; g < n_kv; ++g) {
+                    if (seq.absent(l, c, cells.pos_get(c), g)) {
+                        m[(s * n_kv + g) * n_cells + c] = -INFINITY;
                     }
                 }
             }
@@ -106,7 +109,7 @@ public:
         return params.ubatch.n_tokens == n_tokens && params.cparams.kv_evict == st;
     }
 
-    ggml_tensor * mask = nullptr; // [n_kv cells, 1, n_head, n_stream], the type of llama.cpp's mask
+    ggml_tensor * mask = nullptr; // [n_kv cells, 1, n_head_kv, n_stream], the type of llama.cpp's mask
 
 private:
     llama_kv_evict_state * st;
@@ -185,10 +188,15 @@ ggml_tensor * llama_kv_evict_attn(llama_kv_evict_state * st, ggml_context * ctx0
     const auto layer_ids = st->kv->get_layer_ids();
     const int64_t l = std::find(layer_ids.begin(), layer_ids.end(), (uint32_t) il) - layer_ids.begin();
     const int64_t n_head = q_cur->ne[1];
+    const int64_t n_kv   = st->n_head_kv;
+    const int64_t n_cell = kq_mask->ne[0];
     auto head = std::make_unique<graph_input_head_mask>(st, l, n_tokens);
-    head->mask = ggml_new_tensor_4d(ctx0, kq_mask->type, kq_mask->ne[0], 1, n_head, kq_mask->ne[3]);
+    head->mask = ggml_new_tensor_4d(ctx0, kq_mask->type, n_cell, 1, n_kv, kq_mask->ne[3]);
     ggml_set_input(head->mask);
-    ggml_tensor * mask = ggml_add(ctx0, ggml_repeat_4d(ctx0, kq_mask, kq_mask->ne[0], kq_mask->ne[1], n_head, kq_mask->ne[3]), head->mask);
+    // KV head g's row for query heads g * group ... (g + 1) * group - 1, as the attention pairs them
+    ggml_tensor * per_head = ggml_repeat_4d(ctx0, head->mask, n_cell, n_head / n_kv, n_kv, kq_mask->ne[3]);
+    per_head = ggml_reshape_4d(ctx0, per_head, n_cell, 1, n_head, kq_mask->ne[3]);
+    ggml_tensor * mask = ggml_add(ctx0, ggml_repeat_4d(ctx0, kq_mask, n_cell, kq_mask->ne[1], n_head, kq_mask->ne[3]), per_head);
     res->add_input(std::move(head));
     return mask;
 }
