@@ -194,11 +194,17 @@ ggml_tensor * llama_kv_evict_attn(llama_kv_evict_state * st, ggml_context * ctx0
     head->mask = ggml_new_tensor_4d(ctx0, kq_mask->type, n_cell, 1, n_kv, kq_mask->ne[3]);
     ggml_set_input(head->mask);
     // KV head g's row for query heads g * group ... (g + 1) * group - 1, as the attention pairs them
-    ggml_tensor * per_head = ggml_repeat_4d(ctx0, head->mask, n_cell, n_head / n_kv, n_kv, kq_mask->ne[3]);
-    per_head = ggml_reshape_4d(ctx0, per_head, n_cell, 1, n_head, kq_mask->ne[3]);
-    ggml_tensor * mask = ggml_add(ctx0, ggml_repeat_4d(ctx0, kq_mask, n_cell, kq_mask->ne[1], n_head, kq_mask->ne[3]), per_head);
+    ggml_tensor * per_head = head->mask;
+    if (n_head != n_kv) {
+        per_head = ggml_repeat_4d(ctx0, per_head, n_cell, n_head / n_kv, n_kv, kq_mask->ne[3]);
+        per_head = ggml_reshape_4d(ctx0, per_head, n_cell, 1, n_head, kq_mask->ne[3]);
+    }
     res->add_input(std::move(head));
-    return mask;
+    // a decode's mask (one token per stream) broadcasts over the heads as it is; a batch's is repeated per head first
+    if (kq_mask->ne[1] == 1) {
+        return ggml_add(ctx0, per_head, kq_mask);
+    }
+    return ggml_add(ctx0, ggml_repeat_4d(ctx0, kq_mask, n_cell, kq_mask->ne[1], n_head, kq_mask->ne[3]), per_head);
 }
 
 // the sequences a call for seq_id (-1: all) covers
