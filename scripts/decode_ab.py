@@ -44,6 +44,25 @@ def licence_tokens(llm, n: int) -> list[int]:
     return (llm.tokenize(b"", add_bos=True) + hay * (n // len(hay) + 1))[:n]
 
 
+def interleave(rounds: int, children: list[tuple[list[str], dict | None]]) -> list[dict]:
+    """Each child (arguments to this Python, environment or None) once per round, in turn, each a fresh process that
+    prints its run as JSON on its last line; the runs in order."""
+    runs = []
+    for _ in range(rounds):
+        for argv, env in children:
+            out = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(runs[-1], flush=True)
+    return runs
+
+
+def write_out(path: Path | None, runs: list[dict], medians) -> None:
+    """The command, runs and medians as JSON, if a path was given."""
+    if path:
+        command = f"python scripts/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+        path.write_text(json.dumps({"command": command, "runs": runs, "medians": medians}, indent=1) + "\n")
+
+
 def one_run(a, config: str) -> dict:
     worker = by_path("worker", PACKAGE / "bench" / "worker.py")
     common = dict(n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
@@ -97,20 +116,13 @@ def main() -> None:
     a.model = a.model or str(models.qwen25_coder_1_5b())
     args = [a.model, "--context", str(a.context), "--budget", str(a.budget), "-n", str(a.n_decode), "-t", str(a.threads),
             "--policy", a.policy, "--stock-lib", str(stock.lib_dir())]
-    runs = []
-    for _ in range(a.rounds):
-        for config in CONFIGS:
-            out = subprocess.run([sys.executable, __file__, *args, "--one", config], capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(runs[-1], flush=True)
+    runs = interleave(a.rounds, [([__file__, *args, "--one", config], None) for config in CONFIGS])
     medians = {c: {k: statistics.median(r[k] for r in runs if r["config"] == c)
                    for k in ("prefill_tps", "decode_ms", "cells", "peak_rss_mib")} for c in CONFIGS}
     for c, m in medians.items():
         print(f"{c:<17} prefill {m['prefill_tps']:6.1f} tok/s  decode {m['decode_ms']:5.1f} ms/token  "
               f"cells {m['cells']:.0f}  peak RSS {m['peak_rss_mib']:.0f} MiB")
-    if a.out:
-        a.out.write_text(json.dumps({"command": "python scripts/decode_ab.py " + " ".join(sys.argv[1:]), "runs": runs,
-                                     "medians": medians}, indent=1) + "\n")
+    write_out(a.out, runs, medians)
 
 
 if __name__ == "__main__":

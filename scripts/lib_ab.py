@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_ab import N_BATCH, PACKAGE, by_path, licence_tokens  # noqa: E402
+from decode_ab import N_BATCH, PACKAGE, by_path, interleave, licence_tokens, write_out  # noqa: E402
 
 
 def one_run(a) -> dict:
@@ -62,14 +61,8 @@ def main() -> None:
     args = [a.model, "--lib", "-", "--context", str(a.context), "--budget", str(a.budget), "-n", str(a.n_decode),
             "-t", str(a.threads)]
     configs = [(lib, policy) for policy in a.policies.split(",") for lib in a.lib]
-    runs = []
-    for _ in range(a.rounds):
-        for lib, policy in configs:
-            env = dict(os.environ, PYLLMKV_LIB_DIR=str(Path(lib).resolve()))
-            out = subprocess.run([sys.executable, __file__, *args, "--policies", policy, "--one"], env=env,
-                                 capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(runs[-1], flush=True)
+    runs = interleave(a.rounds, [([__file__, *args, "--policies", policy, "--one"],
+                                  dict(os.environ, PYLLMKV_LIB_DIR=str(Path(lib).resolve()))) for lib, policy in configs])
     medians = []
     for lib, policy in configs:
         mine = [r for r in runs if r["lib"] == str(Path(lib).resolve()) and r["policy"] == policy]
@@ -78,9 +71,7 @@ def main() -> None:
         m = medians[-1]
         print(f"{lib:<40} {policy:<16} prefill {m['prefill_tps']:6.1f} tok/s  decode {m['decode_ms']:5.2f} ms/token  "
               f"cells {m['cells']:.0f}")
-    if a.out:
-        a.out.write_text(json.dumps({"command": "python scripts/lib_ab.py " + " ".join(sys.argv[1:]), "runs": runs,
-                                     "medians": medians}, indent=1) + "\n")
+    write_out(a.out, runs, medians)
 
 
 if __name__ == "__main__":
