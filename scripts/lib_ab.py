@@ -41,7 +41,7 @@ def one_run(a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")
-    ap.add_argument("--lib", action="append", required=True, help="a build's bin folder (PYLLMKV_LIB_DIR); give two")
+    ap.add_argument("--lib", action="append", default=[], help="a build's bin folder (PYLLMKV_LIB_DIR); give two or more")
     ap.add_argument("--policies", default="criticalkv,criticalkv-ada")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--budget", type=int, default=2048)
@@ -51,21 +51,23 @@ def main() -> None:
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process's run
     ap.add_argument("-o", "--out", type=Path, help="also write the runs and medians to this JSON file")
     a = ap.parse_args()
-    if a.one:
+    if a.one:  # the library comes from PYLLMKV_LIB_DIR
         print(json.dumps(one_run(a)))
         return
+    if len(a.lib) < 2:
+        ap.error("give --lib at least twice: the builds to compare")
     sys.path.insert(0, str(PACKAGE.parent))
     from pyllmkv import models
 
     a.model = a.model or str(models.qwen25_coder_1_5b())
-    args = [a.model, "--lib", "-", "--context", str(a.context), "--budget", str(a.budget), "-n", str(a.n_decode),
+    args = [a.model, "--context", str(a.context), "--budget", str(a.budget), "-n", str(a.n_decode),
             "-t", str(a.threads)]
-    configs = [(lib, policy) for policy in a.policies.split(",") for lib in a.lib]
-    runs = interleave(a.rounds, [([__file__, *args, "--policies", policy, "--one"],
-                                  dict(os.environ, PYLLMKV_LIB_DIR=str(Path(lib).resolve()))) for lib, policy in configs])
+    configs = [(str(Path(lib).resolve()), policy) for policy in a.policies.split(",") for lib in a.lib]
+    runs = interleave(a.rounds, [([__file__, *args, "--policies", policy, "--one"], dict(os.environ, PYLLMKV_LIB_DIR=lib))
+                                 for lib, policy in configs])
     medians = []
     for lib, policy in configs:
-        mine = [r for r in runs if r["lib"] == str(Path(lib).resolve()) and r["policy"] == policy]
+        mine = [r for r in runs if r["lib"] == lib and r["policy"] == policy]
         medians.append({"lib": lib, "policy": policy, **{k: statistics.median(r[k] for r in mine)
                                                          for k in ("prefill_tps", "decode_ms", "cells")}})
         m = medians[-1]
