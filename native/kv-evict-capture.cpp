@@ -89,8 +89,9 @@ public:
                 if (cells.is_empty(c)) {
                     continue;
                 }
+                const llama_pos pos = cells.pos_get(c);
                 for (int64_t g = 0; g < n_kv; ++g) {
-                    if (seq.absent(l, c, cells.pos_get(c), g)) {
+                    if (seq.absent(l, c, pos, g)) {
                         m[(s * n_kv + g) * n_cells + c] = -INFINITY;
                     }
                 }
